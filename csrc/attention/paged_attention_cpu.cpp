@@ -1,0 +1,326 @@
+// paged_attention on the CPU: online-softmax tiling over key chunks.
+//
+// Work item = (sequence b, kv head g, query tile, key split). A tile holds the `group`
+// query heads that share kv head g for up to `q_tile` consecutive query tokens, so each key
+// and value row is read once for all of them (GQA amortisation). Keys are processed in
+// chunks of kKeyChunk: converted to fp32, scored (register-blocked dot products), folded
+// into the running softmax state (online_softmax.h, shared with the CUDA kernels), and
+// accumulated into the fp32 output rows (register-blocked axpy). When the items are too
+// few to keep every core busy (one long sequence, small decode batch), the key range is
+// split and the partial results are merged by their log-sum-exp, as the CUDA decode path
+// does.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/online_softmax.h"
+#include "attention/paged_attention.h"
+#include "common/dispatch.h"
+#include "cpu/vec.h"
+
+namespace cm3rt {
+
+namespace {
+
+using cpu::v8f;
+using cpu::load8;
+using cpu::store8;
+using cpu::splat8;
+
+constexpr int kKeyChunk = 16;       // keys scored per online-softmax step
+constexpr int kRowsPerTile = 64;    // target query rows (tokens x group heads) per item
+constexpr int kMinKeysPerSplit = 256;
+
+struct WorkItem {
+  int b, g;              // sequence, kv head
+  int q_begin, q_end;    // query tokens of the tile, relative to the sequence
+  int split, n_splits;   // key split of this item
+  int64_t partial;       // offset of this item's partial result (n_splits > 1), in rows
+};
+
+// Per-thread scratch, sized for the largest tile.
+struct Scratch {
+  std::vector<float> q, acc, k, v, s, alpha;
+  std::vector<SoftmaxState> st;
+  std::vector<int> kmax;
+  void reserve(int rows, int D) {
+    q.resize(size_t(rows) * D);
+    acc.resize(size_t(rows) * D);
+    k.resize(size_t(kKeyChunk) * D);
+    v.resize(size_t(kKeyChunk) * D);
+    s.resize(size_t(rows) * kKeyChunk);
+    alpha.resize(rows);
+    st.resize(rows);
+    kmax.resize(rows);
+  }
+};
+
+// s[r][j] = q[r] . k[j] for r < rows, j < n (q pre-scaled). 2 rows x 4 keys per block.
+template <int D>
+void score_chunk(const float* q, int rows, const float* k, int n, float* s) {
+  int r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const float* q0 = q + size_t(r) * D;
+    const float* q1 = q0 + D;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      v8f a00{}, a01{}, a02{}, a03{}, a10{}, a11{}, a12{}, a13{};
+      const float* k0 = k + size_t(j) * D;
+      for (int d = 0; d < D; d += 8) {
+        const v8f x0 = load8(q0 + d), x1 = load8(q1 + d);
+        const v8f y0 = load8(k0 + d), y1 = load8(k0 + D + d);
+        const v8f y2 = load8(k0 + 2 * D + d), y3 = load8(k0 + 3 * D + d);
+        a00 += x0 * y0; a01 += x0 * y1; a02 += x0 * y2; a03 += x0 * y3;
+        a10 += x1 * y0; a11 += x1 * y1; a12 += x1 * y2; a13 += x1 * y3;
+      }
+      float* s0 = s + size_t(r) * kKeyChunk + j;
+      float* s1 = s0 + kKeyChunk;
+      s0[0] = cpu::hsum8(a00); s0[1] = cpu::hsum8(a01); s0[2] = cpu::hsum8(a02); s0[3] = cpu::hsum8(a03);
+      s1[0] = cpu::hsum8(a10); s1[1] = cpu::hsum8(a11); s1[2] = cpu::hsum8(a12); s1[3] = cpu::hsum8(a13);
+    }
+    for (; j < n; ++j) {
+      v8f a0{}, a1{};
+      const float* kj = k + size_t(j) * D;
+      for (int d = 0; d < D; d += 8) {
+        const v8f y = load8(kj + d);
+        a0 += load8(q0 + d) * y;
+        a1 += load8(q1 + d) * y;
+      }
+      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0);
+      s[size_t(r + 1) * kKeyChunk + j] = cpu::hsum8(a1);
+    }
+  }
+  for (; r < rows; ++r) {
+    const float* q0 = q + size_t(r) * D;
+    for (int j = 0; j < n; ++j) {
+      v8f a0{}, a1{};
+      const float* kj = k + size_t(j) * D;
+      int d = 0;
+      for (; d + 16 <= D; d += 16) {
+        a0 += load8(q0 + d) * load8(kj + d);
+        a1 += load8(q0 + d + 8) * load8(kj + d + 8);
+      }
+      for (; d < D; d += 8) a0 += load8(q0 + d) * load8(kj + d);
+      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0 + a1);
+    }
+  }
+}
+
+// acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v[j] for r < rows (p stored in s).
+// Blocks of 4 rows x 16 columns stay in registers across the n keys.
+template <int D>
+void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, const float* v,
+                      int n) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    for (int d = 0; d < D; d += 16) {
+      v8f c[4][2];
+      for (int i = 0; i < 4; ++i) {
+        const v8f a = splat8(alpha[r + i]);
+        c[i][0] = load8(acc + size_t(r + i) * D + d) * a;
+        c[i][1] = load8(acc + size_t(r + i) * D + d + 8) * a;
+      }
+      for (int j = 0; j < n; ++j) {
+        const v8f v0 = load8(v + size_t(j) * D + d), v1 = load8(v + size_t(j) * D + d + 8);
+        for (int i = 0; i < 4; ++i) {
+          const v8f w = splat8(p[size_t(r + i) * kKeyChunk + j]);
+          c[i][0] += w * v0;
+          c[i][1] += w * v1;
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        store8(acc + size_t(r + i) * D + d, c[i][0]);
+        store8(acc + size_t(r + i) * D + d + 8, c[i][1]);
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    float* a = acc + size_t(r) * D;
+    for (int d = 0; d < D; d += 8) {
+      v8f c = load8(a + d) * splat8(alpha[r]);
+      for (int j = 0; j < n; ++j) c += splat8(p[size_t(r) * kKeyChunk + j]) * load8(v + size_t(j) * D + d);
+      store8(a + d, c);
+    }
+  }
+}
+
+template <typename T, int D>
+class CpuAttention {
+ public:
+  explicit CpuAttention(const PagedAttentionParams& p) : p_(p), group_(p.H / p.Hkv) {
+    q_tile_ = std::max(1, std::min(kRowsPerTile / group_, 64));
+  }
+
+  void run() {
+    plan();
+    const int max_rows = q_tile_ * group_;
+    partial_out_.resize(size_t(partial_rows_) * D);
+    partial_lse_.resize(size_t(partial_rows_));
+#pragma omp parallel
+    {
+      Scratch sc;
+      sc.reserve(max_rows, D);
+#pragma omp for schedule(dynamic, 1)
+      for (size_t i = 0; i < items_.size(); ++i) process(items_[i], sc);
+    }
+    merge_splits();
+  }
+
+ private:
+  int q_len(int b) const { return p_.cu_seqlens_q[b + 1] - p_.cu_seqlens_q[b]; }
+
+  void plan() {
+    const int threads = omp_get_max_threads();
+    int64_t base_items = 0;
+    for (int b = 0; b < p_.B; ++b) base_items += int64_t(p_.Hkv) * ((q_len(b) + q_tile_ - 1) / q_tile_);
+    const int64_t target = 4LL * threads;
+    for (int b = 0; b < p_.B; ++b) {
+      const int ql = q_len(b);
+      if (ql == 0) continue;
+      int splits = 1;
+      if (base_items < target) {
+        const int by_len = std::max(1, p_.seq_lens[b] / kMinKeysPerSplit);
+        splits = int(std::min<int64_t>(by_len, (target + base_items - 1) / base_items));
+      }
+      for (int g = 0; g < p_.Hkv; ++g)
+        for (int q0 = 0; q0 < ql; q0 += q_tile_) {
+          const int q1 = std::min(ql, q0 + q_tile_);
+          const int64_t rows = int64_t(q1 - q0) * group_;
+          for (int s = 0; s < splits; ++s) {
+            WorkItem it{b, g, q0, q1, s, splits, -1};
+            if (splits > 1) { it.partial = partial_rows_; partial_rows_ += rows; }
+            items_.push_back(it);
+          }
+        }
+    }
+  }
+
+  void process(const WorkItem& it, Scratch& sc) {
+    const int b = it.b, g = it.g;
+    const int ql = q_len(b), seq_len = p_.seq_lens[b];
+    const int rows = (it.q_end - it.q_begin) * group_;
+    const int t0 = p_.cu_seqlens_q[b];
+    const T* q = static_cast<const T*>(p_.q);
+
+    // Load the tile's query rows (row = token * group + head-in-group), pre-scaled.
+    for (int qi = it.q_begin; qi < it.q_end; ++qi)
+      for (int hh = 0; hh < group_; ++hh) {
+        const int r = (qi - it.q_begin) * group_ + hh;
+        const T* src = q + (t0 + qi) * p_.q_stride_t + (g * group_ + hh) * p_.q_stride_h;
+        float* dst = sc.q.data() + size_t(r) * D;
+        cpu::to_float_n(src, dst, D);
+        for (int d = 0; d < D; ++d) dst[d] *= p_.scale;
+        sc.kmax[r] = causal_key_count(seq_len, ql, qi, p_.causal);
+        sc.st[r] = softmax_state_init();
+      }
+    std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.0f);
+
+    // This split's key range; keys past the last row's causal limit are never needed.
+    const int per_split = (seq_len + it.n_splits - 1) / it.n_splits;
+    const int k_begin = std::min(seq_len, it.split * per_split);
+    const int k_end = std::min({seq_len, k_begin + per_split, sc.kmax[rows - 1]});
+
+    const T* kc = static_cast<const T*>(p_.k_cache);
+    const T* vc = static_cast<const T*>(p_.v_cache);
+    const int32_t* table = p_.block_tables + int64_t(b) * p_.block_table_stride;
+    std::vector<float>& s = sc.s;
+    std::vector<float>& alphas = sc.alpha;
+
+    for (int j0 = k_begin; j0 < k_end; j0 += kKeyChunk) {
+      const int n = std::min(kKeyChunk, k_end - j0);
+      for (int jj = 0; jj < n; ++jj) {
+        const int pos = j0 + jj;
+        const int64_t row = (int64_t(table[pos / p_.BS]) * p_.BS + pos % p_.BS) * p_.Hkv + g;
+        cpu::to_float_n(kc + row * D, sc.k.data() + size_t(jj) * D, D);
+        cpu::to_float_n(vc + row * D, sc.v.data() + size_t(jj) * D, D);
+      }
+      score_chunk<D>(sc.q.data(), rows, sc.k.data(), n, s.data());
+      for (int r = 0; r < rows; ++r) {
+        float* sr = s.data() + size_t(r) * kKeyChunk;
+        const int valid = std::max(0, std::min(n, sc.kmax[r] - j0));  // causal mask
+        float tile_max = -INFINITY;
+        for (int jj = 0; jj < valid; ++jj) tile_max = std::max(tile_max, sr[jj]);
+        alphas[r] = softmax_update_max(sc.st[r], tile_max);
+        // Weights exp(s - m) for valid keys, 0 for masked ones and the padding lanes.
+        float sum = 0.0f;
+        for (int j8 = 0; j8 < kKeyChunk; j8 += 8) {
+          const cpu::v8i lane = cpu::v8i{0, 1, 2, 3, 4, 5, 6, 7} + j8;
+          const cpu::v8i keep = lane < valid;
+          // Masked lanes may hold anything (even -inf - -inf): select them to 0 afterwards.
+          const v8f x = keep ? load8(sr + j8) - splat8(sc.st[r].m) : splat8(0.0f);
+          const v8f w = keep ? cpu::exp8_nonpositive(x) : splat8(0.0f);
+          store8(sr + j8, w);
+          sum += cpu::hsum8(w);
+        }
+        sc.st[r].l += sum;
+      }
+      accumulate_chunk<D>(sc.acc.data(), rows, alphas.data(), s.data(), sc.v.data(), n);
+    }
+
+    // Write the tile: final rows directly, split partials to the merge buffer.
+    T* out = static_cast<T*>(p_.out);
+    for (int r = 0; r < rows; ++r) {
+      const int qi = it.q_begin + r / group_, h = g * group_ + r % group_;
+      const float inv = softmax_inv_sum(sc.st[r]);
+      const float* a = sc.acc.data() + size_t(r) * D;
+      if (it.n_splits == 1) {
+        cpu::from_float_n(a, out + (t0 + qi) * p_.out_stride_t + h * p_.out_stride_h, D, inv);
+        if (p_.lse) p_.lse[int64_t(t0 + qi) * p_.H + h] = softmax_lse(sc.st[r]);
+      } else {
+        float* dst = partial_out_.data() + size_t(it.partial + r) * D;
+        for (int d = 0; d < D; ++d) dst[d] = a[d] * inv;
+        partial_lse_[it.partial + r] = softmax_lse(sc.st[r]);
+      }
+    }
+  }
+
+  // Merge the n_splits partial results of each split item group (consecutive in items_).
+  void merge_splits() {
+    std::vector<size_t> firsts;
+    for (size_t i = 0; i < items_.size(); ++i)
+      if (items_[i].n_splits > 1 && items_[i].split == 0) firsts.push_back(i);
+    T* out = static_cast<T*>(p_.out);
+#pragma omp parallel for schedule(static)
+    for (size_t f = 0; f < firsts.size(); ++f) {
+      const WorkItem& it0 = items_[firsts[f]];
+      const int rows = (it0.q_end - it0.q_begin) * group_;
+      const int t0 = p_.cu_seqlens_q[it0.b];
+      std::vector<float> o(D);
+      for (int r = 0; r < rows; ++r) {
+        float lse = -INFINITY;
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int s = 0; s < it0.n_splits; ++s) {
+          const WorkItem& it = items_[firsts[f] + s];
+          const float* part = partial_out_.data() + size_t(it.partial + r) * D;
+          float w_acc, w_new;
+          lse = lse_merge_weights(lse, partial_lse_[it.partial + r], w_acc, w_new);
+          for (int d = 0; d < D; ++d) o[d] = w_acc * o[d] + w_new * part[d];
+        }
+        const int qi = it0.q_begin + r / group_, h = it0.g * group_ + r % group_;
+        cpu::from_float_n(o.data(), out + (t0 + qi) * p_.out_stride_t + h * p_.out_stride_h, D, 1.0f);
+        if (p_.lse) p_.lse[int64_t(t0 + qi) * p_.H + h] = lse;
+      }
+    }
+  }
+
+  const PagedAttentionParams& p_;
+  const int group_;
+  int q_tile_;
+  std::vector<WorkItem> items_;
+  int64_t partial_rows_ = 0;
+  std::vector<float> partial_out_, partial_lse_;
+};
+
+}  // namespace
+
+void paged_attention_cpu(const PagedAttentionParams& p) {
+  CM3RT_DISPATCH_FLOAT(p.dtype, "paged_attention", T, [&] {
+    CM3RT_DISPATCH_HEAD_DIM(p.D, "paged_attention", kHeadDim, [&] {
+      CpuAttention<T, kHeadDim>(p).run();
+    });
+  });
+}
+
+}  // namespace cm3rt

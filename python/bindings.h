@@ -1,0 +1,12 @@
+// One registration function per op family; module.cpp calls them all.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace cm3rt::py_binding {
+
+void bind_attention(pybind11::module_& m);  // kv_append, paged_attention
+void bind_sampling(pybind11::module_& m);   // sample_logits
+void bind_vq(pybind11::module_& m);         // vq_nearest, vq_embed
+
+}  // namespace cm3rt::py_binding

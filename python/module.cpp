@@ -1,0 +1,21 @@
+// cm3rt._C: the pybind11 module over the torch-free kernel library in csrc/.
+#include <pybind11/pybind11.h>
+
+#include "bindings.h"
+#include "common/device.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cm3rt kernels (CPU always; CUDA when built with nvcc). Tensors in via DLPack.";
+  m.def("built_with_cuda", &cm3rt::built_with_cuda, "True if the CUDA kernels were compiled in.");
+  m.def("cuda_archs", &cm3rt::cuda_archs, "CUDA architectures compiled for ('' without CUDA).");
+  m.def("simd_level", &cm3rt::simd_level, "SIMD level the CPU kernels were compiled for.");
+  m.def("cuda_device_count", &cm3rt::cuda_device_count,
+        "CUDA devices visible to the kernels; 0 without a GPU or driver (never raises).");
+  m.def("cuda_sm_count", &cm3rt::cuda_sm_count, py::arg("device") = 0);
+  m.def("build_info", &cm3rt::build_info_string, "One-line summary of the build.");
+  cm3rt::py_binding::bind_attention(m);
+  cm3rt::py_binding::bind_sampling(m);
+  cm3rt::py_binding::bind_vq(m);
+}

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures: devices to parametrise over (CUDA skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cm3rt import ops
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and ops.cuda_available()
+
+
+CUDA_READY = _cuda_ready()
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda,
+               pytest.mark.skipif(not CUDA_READY, reason="no CUDA device (or cm3rt built without CUDA)")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param

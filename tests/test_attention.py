@@ -1,0 +1,221 @@
+"""paged_attention and kv_append against a float64 reference, on every device present."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attention_reference import make_paged_batch, reference_attention
+from cm3rt import ops
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+def run_case(device, dtype, seq_lens, q_lens, H, Hkv, D, BS, causal=True, seed=0, lse=True):
+    gen = torch.Generator().manual_seed(seed)
+    batch = make_paged_batch(seq_lens, q_lens, H, Hkv, D, BS, dtype, device, gen)
+    T = sum(q_lens)
+    out = torch.full((T, H, D), float("nan"), dtype=dtype, device=device)  # poisoned
+    scale = 1.0 / math.sqrt(D)
+    res = ops.paged_attention(
+        batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"],
+        batch["seq_lens"], batch["cu_seqlens_q"], scale=scale, causal=causal, out=out,
+        return_lse=lse,
+    )
+    got, got_lse = res if lse else (res, None)
+    assert got.data_ptr() == out.data_ptr()
+    # The reference sees the same rounded inputs the kernel saw.
+    q_used = batch["q"].cpu()
+    ref, ref_lse = reference_attention(q_used, batch["keys"], batch["values"],
+                                       seq_lens, q_lens, scale, causal)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().to(torch.float64), ref, atol=tol, rtol=tol)
+    if lse:
+        torch.testing.assert_close(got_lse.cpu().to(torch.float64), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("BS", [16, 32])
+@pytest.mark.parametrize("seq_len", [1, 7, 97, 1025])
+def test_decode_single(device, D, BS, seq_len):
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [seq_len], [1], H=8, Hkv=2, D=D, BS=BS, seed=seq_len + D)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2), (8, 1), (12, 3)])
+def test_gqa_ratios_mixed_batch(device, H, Hkv):
+    # prefill, chunked prefill after a cached prefix, decode, in one call
+    seq_lens = [97, 300, 7, 1025, 1, 64]
+    q_lens = [97, 45, 1, 1, 1, 17]
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, seq_lens, q_lens, H=H, Hkv=Hkv, D=64, BS=16, seed=H * 7 + Hkv)
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256])
+def test_head_dims_prefill(device, D):
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [33, 130], [33, 70], H=4, Hkv=2, D=D, BS=16, seed=D)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_prefill_split(device, causal):
+    # one long sequence: the CPU kernel splits the key range and merges by LSE
+    run_case(device, torch.float32, [1025], [513], H=2, Hkv=1, D=128, BS=32, causal=causal, seed=3)
+
+
+def test_zero_length_query_sequence(device):
+    # a sequence with no query rows this step contributes nothing and breaks nothing
+    run_case(device, torch.float32, [10, 20, 5], [3, 0, 5], H=4, Hkv=2, D=64, BS=16, seed=11)
+
+
+def test_noncontiguous_q_and_out(device):
+    gen = torch.Generator().manual_seed(5)
+    H, Hkv, D, BS = 4, 2, 64, 16
+    batch = make_paged_batch([40, 9], [40, 1], H, Hkv, D, BS, torch.float32, device, gen)
+    T = 41
+    # q as a slice of a fused QKV projection: token stride > H * D
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).to(device)
+    q = qkv[:, : H * D].view(T, H, D)
+    assert not q.is_contiguous()
+    out_buf = torch.full((T, H, 2 * D), float("nan"), device=device)
+    out = out_buf[:, :, :D]
+    ops.paged_attention(q, batch["k_cache"], batch["v_cache"], batch["block_tables"],
+                        batch["seq_lens"], batch["cu_seqlens_q"], out=out)
+    ref, _ = reference_attention(q.cpu(), batch["keys"], batch["values"], [40, 9], [40, 1],
+                                 1 / math.sqrt(D), True)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+    assert torch.isnan(out_buf[:, :, D:]).all()  # nothing written outside `out`
+
+
+def test_kv_append_roundtrip(device):
+    gen = torch.Generator().manual_seed(1)
+    NB, BS, Hkv, D, T = 9, 16, 2, 64, 37
+    for dtype in dtypes_for(device):
+        k_cache = torch.full((NB, BS, Hkv, D), float("nan"), dtype=dtype, device=device)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        k = torch.randn(T, Hkv, D, generator=gen).to(dtype).to(device)
+        v = torch.randn(T, Hkv, D, generator=gen).to(dtype).to(device)
+        slots = torch.randperm(NB * BS, generator=gen)[:T].to(torch.int32)
+        slots[5] = -1  # padding token: skipped
+        ops.kv_append(k, v, k_cache, v_cache, slots.to(device))
+        kc = k_cache.cpu().view(NB * BS, Hkv, D)
+        vc = v_cache.cpu().view(NB * BS, Hkv, D)
+        keep = slots >= 0
+        assert torch.equal(kc[slots[keep].long()], k.cpu()[keep])
+        assert torch.equal(vc[slots[keep].long()], v.cpu()[keep])
+        written = torch.zeros(NB * BS, dtype=torch.bool)
+        written[slots[keep].long()] = True
+        assert torch.isnan(kc[~written]).all() and torch.isnan(vc[~written]).all()
+
+
+def test_kv_append_then_attention_matches_dense(device):
+    """Prefill through kv_append, then decode steps; equals dense attention each step."""
+    gen = torch.Generator().manual_seed(9)
+    H, Hkv, D, BS, NB = 4, 2, 64, 16, 12
+    k_cache = torch.zeros(NB, BS, Hkv, D, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.randperm(NB, generator=gen)[:6].to(torch.int32).view(1, 6)
+    keys = torch.randn(70, Hkv, D, generator=gen)
+    vals = torch.randn(70, Hkv, D, generator=gen)
+    qs = torch.randn(70, H, D, generator=gen)
+    slots = (table[0, torch.arange(70) // BS] * BS + torch.arange(70) % BS).to(torch.int32)
+    # prefill 50 tokens, then 20 single-token decode steps
+    ops.kv_append(keys[:50].to(device), vals[:50].to(device), k_cache, v_cache, slots[:50].to(device))
+    steps = [(0, 50)] + [(i, i + 1) for i in range(50, 70)]
+    for a, b in steps:
+        if a > 0:
+            ops.kv_append(keys[a:b].to(device), vals[a:b].to(device), k_cache, v_cache,
+                          slots[a:b].to(device))
+        out = ops.paged_attention(
+            qs[a:b].to(device), k_cache, v_cache, table.to(device),
+            torch.tensor([b], dtype=torch.int32, device=device),
+            torch.tensor([0, b - a], dtype=torch.int32, device=device))
+        ref, _ = reference_attention(qs[a:b], [keys[:b].double()], [vals[:b].double()],
+                                     [b], [b - a], 1 / math.sqrt(D), True)
+        torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
+# ---- bad input: a clear error, never a crash or an out-of-bounds write -------------------
+
+def _small(device):
+    gen = torch.Generator().manual_seed(2)
+    return make_paged_batch([20, 5], [4, 1], 4, 2, 64, 16, torch.float32, device, gen)
+
+
+def _call(b, **over):
+    args = dict(q=b["q"], k_cache=b["k_cache"], v_cache=b["v_cache"],
+                block_tables=b["block_tables"], seq_lens=b["seq_lens"],
+                cu_seqlens_q=b["cu_seqlens_q"])
+    args.update(over)
+    return ops.paged_attention(**args, validate=True)
+
+
+def test_bad_dtype(device):
+    b = _small(device)
+    with pytest.raises(TypeError, match="'k_cache'.*same dtype"):
+        _call(b, k_cache=b["k_cache"].double())
+    with pytest.raises(TypeError, match="'block_tables' must be int32"):
+        _call(b, block_tables=b["block_tables"].long())
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        _call(b, seq_lens=[20, 5])
+
+
+def test_bad_shapes(device):
+    b = _small(device)
+    with pytest.raises(ValueError, match="'q' must have shape"):
+        _call(b, q=b["q"][:, :, :32].contiguous())
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        _call(b, q=torch.zeros(5, 3, 64, device=device))
+    with pytest.raises(ValueError, match="'cu_seqlens_q' must have shape"):
+        _call(b, cu_seqlens_q=b["cu_seqlens_q"][:2])
+    with pytest.raises(ValueError, match="'v_cache' must have shape"):
+        _call(b, v_cache=b["v_cache"][:, :8].contiguous())
+
+
+def test_bad_indices(device):
+    b = _small(device)
+    NB = b["k_cache"].shape[0]
+    bt = b["block_tables"].clone()
+    bt[0, 0] = NB  # block id out of range
+    with pytest.raises(ValueError, match=r"block_tables\[0, 0\] = .* out of range"):
+        _call(b, block_tables=bt)
+    bt = b["block_tables"].clone()
+    bt[1, 0] = -1
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\]"):
+        _call(b, block_tables=bt)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _call(b, cu_seqlens_q=torch.tensor([0, 6, 5], dtype=torch.int32, device=device),
+              q=torch.zeros(5, 4, 64, device=device))
+    with pytest.raises(ValueError, match="must equal the number of query rows"):
+        _call(b, cu_seqlens_q=torch.tensor([0, 4, 4], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\]"):
+        _call(b, seq_lens=torch.tensor([10**6, 5], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\]"):  # fewer keys than queries
+        _call(b, seq_lens=torch.tensor([2, 5], dtype=torch.int32, device=device))
+
+
+def test_kv_append_bad_slots(device):
+    k_cache = torch.zeros(4, 16, 2, 64, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    k = torch.ones(3, 2, 64, device=device)
+    with pytest.raises(ValueError, match=r"'slots'\[1\] = 64 is out of range"):
+        ops.kv_append(k, k, k_cache, v_cache,
+                      torch.tensor([0, 64, 1], dtype=torch.int32, device=device), validate=True)
+    assert k_cache.abs().sum() == 0  # nothing written
+    with pytest.raises(ValueError, match="'slots' must have shape"):
+        ops.kv_append(k, k, k_cache, v_cache, torch.tensor([0, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="'k' must have shape"):
+        ops.kv_append(torch.ones(3, 3, 64, device=device), k, k_cache, v_cache,
+                      torch.tensor([0, 1, 2], dtype=torch.int32, device=device))
+
+
+def test_build_info_reports():
+    info = ops.build_info()
+    assert info["simd"] and isinstance(info["cuda"], bool)
+    assert info["cuda_devices"] >= 0
