@@ -48,6 +48,21 @@ def _specs(module: nn.Module, prefix: str) -> list[TensorSpec]:
             for name, t in module.state_dict(keep_vars=True).items()]
 
 
+def taming_tensor_shapes(cfg: VQGANConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a full taming-layout VQGAN with this config."""
+    shapes = {}
+    for root, factory in (
+        ("encoder.", Encoder),
+        ("decoder.", Decoder),
+        ("quant_conv.", lambda c: nn.Conv2d(c.latent_channels, c.embed_dim, 1)),
+        ("post_quant_conv.", lambda c: nn.Conv2d(c.embed_dim, c.latent_channels, 1)),
+    ):
+        for name, t in _meta_module(factory, cfg).state_dict().items():
+            shapes[root + name] = tuple(t.shape)
+    shapes[CODEBOOK] = (cfg.num_embeddings, cfg.embed_dim)
+    return shapes
+
+
 def _vq_op(name: str):
     from cm3rt import ops
 
