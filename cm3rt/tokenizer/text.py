@@ -111,7 +111,8 @@ class TextTokenizer:
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"TextTokenizer: no such file: {file}")
+            raise FileNotFoundError(f"TextTokenizer: no such file: {file} (argument 'path' "
+                                    f"must be a {TOKENIZER_FILE} or a directory holding one)")
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises its own exception type
