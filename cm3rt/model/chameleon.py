@@ -228,6 +228,11 @@ class ChameleonModel(nn.Module):
             raise ValueError(f"argument 'positions' must be a tensor of shape "
                              f"{tuple(input_ids.shape)}, got "
                              f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if not isinstance(meta, StepMetadata):
+            raise TypeError(f"argument 'meta' must be a StepMetadata, got {type(meta).__name__}")
+        if meta.num_tokens != input_ids.shape[0]:
+            raise ValueError(f"argument 'meta' describes {meta.num_tokens} tokens (slots) but "
+                             f"'input_ids' holds {input_ids.shape[0]}")
         if len(kv_caches) != self.config.num_hidden_layers:
             raise ValueError(f"argument 'kv_caches' must hold {self.config.num_hidden_layers} "
                              f"(k, v) pairs, got {len(kv_caches)}")

@@ -268,7 +268,7 @@ class ImageTokenizer:
             torch.empty((0, 3, self.image_size, self.image_size))
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    def encode_pixels(self, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
         """Codes of preprocessed images ``[N, 3, R, R]`` -> int64 ``[N, num_tokens]`` (CPU)."""
         r = self.image_size
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or \
@@ -285,12 +285,16 @@ class ImageTokenizer:
             n = z.shape[0]
             flat = z.permute(0, 2, 3, 1).reshape(-1, self.config.embed_dim).float().contiguous()
             idx = vq_nearest(flat, self.codebook, self.codebook_sqnorm)  # [n*h*w], row-major
+            if bool((idx < 0).any()):  # the kernel's mark for a row with no finite distance
+                raise ValueError(f"ImageTokenizer.encode: the encoder produced non-finite "
+                                 f"latents for images {start}..{start + n - 1} (NaN/inf "
+                                 "weights or inputs)")
             out.append(idx.view(n, -1).to("cpu", torch.int64))
         if not out:
             return torch.empty((0, self.num_tokens), dtype=torch.int64)
         return torch.cat(out)
 
-    def encode(self, images: Sequence[PIL.Image.Image], batch_size: int = 8) -> torch.Tensor:
+    def encode(self, images: Sequence[PIL.Image.Image], batch_size: int = 4) -> torch.Tensor:
         """PIL images -> int64 codes ``[N, num_tokens]`` (CPU), raster order of the grid."""
         return self.encode_pixels(self.preprocess(images), batch_size)
 
