@@ -177,6 +177,8 @@ def test_engine_contract(model_dirs):
     assert not any(p.requires_grad for p in model.parameters())
     assert cfg.image_token_ids and len(cfg.image_token_ids) == 64
     assert cfg.boi_token_id is not None and cfg.eoi_token_id is not None
+    meta, _ = _meta([5], [5], [[0]], 16)
+    assert model.attention_workspace(5, meta) is None  # only the CUDA kernel needs scratch
     hidden = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
     out = model.compute_logits(hidden)
     assert out.shape == (5, cfg.vocab_size) and out.dtype == torch.float32
