@@ -121,3 +121,17 @@ def test_convert_checks_shapes_against_yaml(original, tmp_path):
     (tmp_path / "junk.yaml").write_text("model: {params: {embed_dim: 3}}")
     with pytest.raises(ValueError, match="ddconfig"):
         convert_vqgan(ckpt, tmp_path / "junk.yaml", tmp_path / "out")
+
+
+def test_cli_wiring(original, tmp_path, capsys):
+    """Through the real `cm3rt` entry point: success prints the output, errors are one line."""
+    cli = pytest.importorskip("cm3rt.cli")
+    _, ckpt, yaml_path = original
+    out = tmp_path / "via_cli"
+    assert cli.main(["convert", "vqgan", "--ckpt", str(ckpt), "--config", str(yaml_path),
+                     "--out", str(out)]) == 0
+    assert "vqgan.safetensors" in capsys.readouterr().out
+    assert cli.main(["convert", "vqgan", "--ckpt", str(tmp_path / "nope.ckpt"),
+                     "--config", str(yaml_path), "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "nope.ckpt" in err and "Traceback" not in err
