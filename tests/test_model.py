@@ -205,3 +205,16 @@ def test_hf_config_values_are_read(model_dirs):
 
     img2bpe = ChameleonImageVocabularyMapping(theirs.vocabulary_map).img2bpe
     assert list(ours.image_token_ids) == [img2bpe[c] for c in range(len(img2bpe))]
+
+
+def test_fixture_without_transformers_is_hf_layout(tmp_path):
+    """make_tiny_model_dir(use_hf=False) writes what HF itself loads without a missing or
+    unexpected key, and the two implementations agree on it."""
+    from transformers import ChameleonForConditionalGeneration
+
+    path = make_tiny_model_dir(tmp_path, use_hf=False, swin_norm=True)
+    hf, info = ChameleonForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = load_model(path)
+    ids = random_ids(model.config.vocab_size, (2, 9), seed=8)
+    assert rel_err(model.logits(ids), hf_logits(hf.eval(), ids)) <= 1e-4
