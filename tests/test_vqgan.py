@@ -259,3 +259,12 @@ def test_preprocessing_rules():
     assert x.shape == (3, 16, 16)
     with pytest.raises(TypeError, match="image"):
         image_to_tensor("not an image", 16)
+
+
+def test_undecodable_image_is_named(tmp_path):
+    path = tmp_path / "cut.png"
+    random_images(1, seed=0)[0].resize((64, 64)).save(path)
+    path.write_bytes(path.read_bytes()[:200])  # truncated: PIL opens lazily, fails on load
+    broken = PIL.Image.open(path)
+    with pytest.raises(ValueError, match=r"images\[0\].*could not be decoded"):
+        image_to_tensor(broken, 16, "images[0]")

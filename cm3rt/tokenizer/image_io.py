@@ -61,9 +61,21 @@ def resize_and_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 
 
 def image_to_tensor(image: PIL.Image.Image, size: int, name: str = "image") -> torch.Tensor:
-    """A PIL image -> float32 ``[3, size, size]`` in [-1, 1] (the VQGAN encoder's input)."""
-    image = resize_and_crop(whiten_transparency(check_image(image, name)), size)
-    arr = np.asarray(image, dtype=np.float64) / 255.0 * 2.0 - 1.0
+    """A PIL image -> float32 ``[3, size, size]`` in [-1, 1] (the VQGAN encoder's input).
+
+    Raises TypeError for a non-image and ValueError naming ``name`` for an image PIL cannot
+    decode (e.g. a truncated file opened lazily).
+    """
+    check_image(image, name)
+    try:
+        image = resize_and_crop(whiten_transparency(image), size)
+        arr = np.asarray(image, dtype=np.float64)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's decode errors
+        raise ValueError(f"argument '{name}' could not be decoded as an image: {exc}") from exc
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"argument '{name}' did not convert to RGB (mode {image.mode}, "
+                         f"array shape {arr.shape})")
+    arr = arr / 255.0 * 2.0 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).float().contiguous()
 
 
