@@ -201,7 +201,10 @@ class ImageTokenizer:
             return VQGANConfig.from_json(own)
         hf = weights.parent / "config.json"
         if hf.is_file():
-            vq = json.loads(hf.read_text(encoding="utf-8")).get("vq_config")
+            try:
+                vq = json.loads(hf.read_text(encoding="utf-8")).get("vq_config")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"ImageTokenizer: {hf} is not valid JSON: {exc}") from exc
             if vq:
                 return VQGANConfig.from_hf_dict(vq)
         raise FileNotFoundError(f"ImageTokenizer: no {VQGAN_CONFIG} (nor a config.json with "
@@ -234,7 +237,8 @@ class ImageTokenizer:
         ckpt.check(enc_specs, what=f"ImageTokenizer({what!r})")
         if has_decoder:
             dec_ckpt.check(dec_specs, what=f"ImageTokenizer decoder ({what!r})")
-        codebook = ckpt.get(prefix + CODEBOOK).to(device=device, dtype=torch.float32)
+        # copy=True: an owned tensor, not a view of the memory-mapped file
+        codebook = ckpt.get(prefix + CODEBOOK).to(device=device, dtype=torch.float32, copy=True)
         if decoder_ckpt is not None and CODEBOOK in decoder_ckpt:
             other = decoder_ckpt.get(CODEBOOK).to(device=device, dtype=torch.float32)
             if other.shape != codebook.shape or not torch.equal(other, codebook):
