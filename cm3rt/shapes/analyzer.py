@@ -143,27 +143,34 @@ def _as_rgb_array(image) -> np.ndarray:
 # ------------------------------------------------------------------------ background
 
 
+@lru_cache(maxsize=8)
+def _plane_design(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frame pixel indices, their design rows [n, 3], all pixels' design rows [h*w, 3])."""
+    frame = np.zeros((h, w), dtype=bool)
+    frame[:2, :] = frame[-2:, :] = frame[:, :2] = frame[:, -2:] = True
+    gy, gx = np.mgrid[0:h, 0:w]
+    design = np.stack([np.ones(h * w), gx.ravel() / w - 0.5, gy.ravel() / h - 0.5], axis=1)
+    idx = np.flatnonzero(frame.ravel())
+    return idx, design[idx], design
+
+
 def _fit_background(img: np.ndarray) -> np.ndarray:
     """Per-channel plane a + b x + c y fitted to the border (2 px frame), refitted once
     without the pixels far from the first fit (an object touching the border)."""
     h, w, _ = img.shape
-    frame = np.zeros((h, w), dtype=bool)
-    frame[:2, :] = frame[-2:, :] = frame[:, :2] = frame[:, -2:] = True
-    ys, xs = np.nonzero(frame)
-    design = np.stack([np.ones_like(xs), xs / w - 0.5, ys / h - 0.5], axis=1).astype(np.float64)
-    values = img[ys, xs].astype(np.float64)
-    keep = np.ones(len(xs), dtype=bool)
-    for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
-        resid = np.linalg.norm(values - design @ coef, axis=1)
-        keep = resid < max(12.0, 2.5 * float(np.median(resid)))
-        if keep.sum() < 8:
-            keep = np.ones(len(xs), dtype=bool)
-            break
-    coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
-    gy, gx = np.mgrid[0:h, 0:w]
-    grid = np.stack([np.ones((h, w)), gx / w - 0.5, gy / h - 0.5], axis=-1)
-    return (grid @ coef).astype(np.float32)  # [H, W, 3]
+    idx, d_frame, d_all = _plane_design(h, w)
+    values = img.reshape(-1, 3)[idx].astype(np.float64)
+
+    def fit(rows: np.ndarray) -> np.ndarray:
+        d = d_frame[rows]
+        return np.linalg.solve(d.T @ d + 1e-9 * np.eye(3), d.T @ values[rows])  # [3, 3]
+
+    coef = fit(np.ones(len(idx), dtype=bool))
+    resid = np.linalg.norm(values - d_frame @ coef, axis=1)
+    keep = resid < max(12.0, 2.5 * float(np.median(resid)))
+    if keep.sum() >= 16:
+        coef = fit(keep)
+    return (d_all @ coef).reshape(h, w, 3).astype(np.float32)
 
 
 def _background_name(bg: np.ndarray) -> str:
