@@ -88,7 +88,7 @@ def test_analyzer_agrees_with_renderer_on_1000_fresh_scenes():
 def test_analyzer_tolerates_blur_noise_and_colour_drift():
     # What a VQ autoencoder does to an image, roughly: the analyzer scores generations.
     rng = np.random.default_rng(SEED)
-    n, agree = 150, 0
+    n, agree = 100, 0
     for i in range(n):
         scene = scene_at(SEED + 1, i)
         img = scene.render().filter(ImageFilter.GaussianBlur(0.8))
@@ -100,7 +100,7 @@ def test_analyzer_tolerates_blur_noise_and_colour_drift():
 
 
 def test_analyzer_reads_other_image_sizes():
-    n, agree = 60, 0
+    n, agree = 30, 0
     for i in range(n):
         scene = scene_at(SEED + 2, i)
         agree += _truth(scene) == _read(analyze(scene.render(128)))
@@ -210,7 +210,6 @@ def test_random_captions_are_true_of_their_scene_and_false_of_a_changed_one():
         assert not matches(spec, _perturbed(scene, rng).objects,
                            background=scene.background), caption
         kinds["relation"] += spec.relation is not None
-        kinds["two"] += caption.split()[0] == "two" or " two " in caption
         kinds["cell"] += any(o.cell is not None for o in spec.objects)
         kinds["size"] += any(o.size is not None for o in spec.objects)
         kinds["background"] += spec.background is not None
@@ -224,8 +223,26 @@ def test_random_captions_are_true_of_their_scene_and_false_of_a_changed_one():
             flipped = [SceneObject(o.shape, o.colour, o.size, (2 - o.cell[0], 2 - o.cell[1]))
                        for o in scene.objects]
             assert not matches(spec, flipped), caption
-    for kind in ("relation", "two", "cell", "size", "background", "prefix", "bare", "with"):
+    for kind in ("relation", "cell", "size", "background", "prefix", "bare", "with"):
         assert kinds[kind] >= 10, (kind, kinds)
+
+
+def test_two_alike_objects_get_the_plural_template():
+    rng = np.random.default_rng(SEED)
+    plural = 0
+    for i in range(40):
+        shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[i % len(COLOURS)]
+        cells = rng.choice(len(CELLS), size=2, replace=False)
+        scene = Scene(tuple(SceneObject(shape, colour, "small", CELLS[int(c)]) for c in cells))
+        caption = scene.caption(rng)
+        spec = parse_caption(caption)
+        assert len(spec.objects) == 2 and matches(spec, scene.objects), caption
+        if caption.split()[-1] == ("crosses" if shape == "cross" else shape + "s"):
+            plural += 1
+            assert " two " in f" {caption} "
+            # One object of the pair is not "two".
+            assert not matches(spec, scene.objects[:1])
+    assert plural >= 5
 
 
 def test_parse_caption_on_hand_written_prompts():
@@ -270,12 +287,12 @@ def test_matches_checks_count_relation_and_background():
 def test_caption_matches_end_to_end_on_renders():
     rng = np.random.default_rng(SEED + 6)
     hits = misses = 0
-    for i in range(100):
+    for i in range(60):
         scene = scene_at(SEED + 6, i)
         img = scene.render()
         hits += caption_matches(scene.caption(rng), img)
         misses += caption_matches(_perturbed(scene, rng).describe(), img)
-    assert hits >= 99 and misses == 0
+    assert hits >= 59 and misses == 0
 
 
 # ------------------------------------------------------------------ seeds and concepts
