@@ -33,7 +33,13 @@ from cm3rt.shapes import (
     spec_of_scene,
     uses_held_out,
 )
-from cm3rt.shapes.analyzer import analyze, analyze_scene, caption_matches, matches
+from cm3rt.shapes.analyzer import (
+    AnalyzerConfig,
+    analyze,
+    analyze_scene,
+    caption_matches,
+    matches,
+)
 from cm3rt.shapes.geometry import coverage, unit_area
 from cm3rt.shapes.vocab import CELLS, TEXTURES
 
@@ -163,6 +169,10 @@ def test_analyzer_rejects_bad_input():
         analyze(np.zeros((64, 64), dtype=np.uint8))
     with pytest.raises(ValueError, match="16"):
         analyze(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="core_alpha"):
+        AnalyzerConfig(core_alpha=1.5)
+    with pytest.raises(TypeError, match="config"):
+        analyze(np.zeros((64, 64, 3), dtype=np.uint8), config={"halo": 2})
 
 
 def test_objects_never_touch_and_coverage_has_the_ideal_area():

@@ -80,6 +80,20 @@ class AnalyzerConfig:
     alpha_floor: float = 0.1
     max_shape_distance: float = 0.15
 
+    def __post_init__(self) -> None:
+        for name in ("core_alpha", "split_fraction", "alpha_floor"):
+            v = getattr(self, name)
+            if not 0.0 < float(v) <= 1.0:
+                raise ValueError(f"AnalyzerConfig.{name} must be in (0, 1], got {v!r}")
+        for name in ("max_residual", "min_area", "halo", "max_shape_distance"):
+            v = getattr(self, name)
+            if not float(v) >= 0.0:
+                raise ValueError(f"AnalyzerConfig.{name} must be >= 0, got {v!r}")
+        if not isinstance(self.min_core_pixels, int) or self.min_core_pixels < 1:
+            raise ValueError(
+                f"AnalyzerConfig.min_core_pixels must be an int >= 1, got {self.min_core_pixels!r}"
+            )
+
 
 @dataclass(frozen=True)
 class DetectedObject:
@@ -265,7 +279,6 @@ def _label_cores(core: np.ndarray, best: np.ndarray,
     return labels, colours
 
 
-
 def analyze_scene(image, config: AnalyzerConfig | None = None) -> Analysis:
     """Detect the objects and the background of a shapes-world image.
 
@@ -273,7 +286,7 @@ def analyze_scene(image, config: AnalyzerConfig | None = None) -> Analysis:
         image: PIL image or uint8 array [H, W, 3] (any size >= 16 px; 64 px is native).
         config: thresholds (``AnalyzerConfig()`` by default).
     """
-    cfg = config or AnalyzerConfig()
+    cfg = AnalyzerConfig() if config is None else config
     if not isinstance(cfg, AnalyzerConfig):
         raise TypeError(f"config must be an AnalyzerConfig, got {type(cfg).__name__}")
     img = _as_rgb_array(image)

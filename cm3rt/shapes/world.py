@@ -301,7 +301,7 @@ def sample_scene(seed: np.random.Generator | int | None = None,
         seed: an int (reproducible), a numpy Generator (consumed), or None (fresh entropy).
         config: the scene distribution (defaults to ``WorldConfig()``).
     """
-    cfg = config or WorldConfig()
+    cfg = WorldConfig() if config is None else config
     if not isinstance(cfg, WorldConfig):
         raise TypeError(f"config must be a WorldConfig, got {type(cfg).__name__}")
     rng = _as_rng(seed)
