@@ -23,11 +23,18 @@ from cm3rt.engine.kv_cache import (
     PagedKVCache,
     num_blocks_for_budget,
 )
-from cm3rt.engine.params import SamplingParams, group_seed
+from cm3rt.engine.params import SamplingParams
 from cm3rt.engine.request import Request, RequestOutput, SampleOutput, TokenEvent, TokenPrompt
 from cm3rt.engine.scheduler import Scheduler, SchedulerOutput
 from cm3rt.engine.sequence import build_prompt, default_max_new_tokens
-from cm3rt.engine.state import FINISHED, Group, RequestState, Stream, VocabInfo
+from cm3rt.engine.state import (
+    FINISHED,
+    Group,
+    RequestState,
+    VocabInfo,
+    new_request_state,
+    stream_roles,
+)
 from cm3rt.model.step import StepMetadata
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,7 @@ class Engine:
         self.scorer = scorer
         self.allowed_table = vocab.allowed_table(self.device)
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
         self._requests: dict[str, RequestState] = {}
         self._outputs: dict[str, RequestOutput] = {}
         self.graphs = None
@@ -163,21 +171,10 @@ class Engine:
             max_new = default_max_new_tokens(
                 "text_to_image" if spec.cond[-1] == self.vocab.boi_id else "interleaved",
                 self.vocab)
-        roles = [("cond", spec.cond)]
-        if p.guidance == "cfg3" and spec.image_cond is not None:
-            roles.append(("image_cond", spec.image_cond))
-        if p.guidance != "none" and spec.uncond is not None:
-            roles.append(("uncond", spec.uncond))
+        roles = stream_roles(spec, p)
         self._check_fits(roles, spec, p, max_new)
-        req = RequestState(rid, next(self._ids), request, spec, p, max_new,
-                           prompt_text=built.prompt_text, docs=built.docs)
-        for i in range(p.n):
-            streams = [Stream(role, ids, spec.content_keys.get(role)) for role, ids in roles]
-            in_image = spec.cond[-1] == self.vocab.boi_id
-            g = Group(req, i, streams, group_seed(p.seed, i), in_image)
-            req.groups.append(g)
-        for g in req.groups[1:]:
-            g.leader = req.groups[0]  # forks the leader's prompt blocks once it is computed
+        req = new_request_state(rid, next(self._arrivals), request, spec, p, max_new,
+                                self.vocab, prompt_text=built.prompt_text, docs=built.docs)
         self._requests[rid] = req
         self.scheduler.add(req)
         return rid

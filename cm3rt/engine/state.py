@@ -222,3 +222,32 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return all(g.finished for g in self.groups)
+
+
+def new_request_state(request_id: str, arrival: int, request: Request, spec: TokenPrompt,
+                      params: SamplingParams, max_new_tokens: int, vocab: VocabInfo,
+                      prompt_text: str = "", docs: list[Any] | None = None) -> RequestState:
+    """A request's state with its ``params.n`` groups of streams (cond [, image-cond],
+    uncond per the guidance). Samples 1..n-1 wait to fork sample 0's computed prompt."""
+    from cm3rt.engine.params import group_seed
+
+    req = RequestState(request_id, arrival, request, spec, params, max_new_tokens,
+                       prompt_text=prompt_text, docs=docs)
+    roles = stream_roles(spec, params)
+    in_image = spec.cond[-1] == vocab.boi_id
+    for i in range(params.n):
+        streams = [Stream(role, ids, spec.content_keys.get(role)) for role, ids in roles]
+        req.groups.append(Group(req, i, streams, group_seed(params.seed, i), in_image))
+    for g in req.groups[1:]:
+        g.leader = req.groups[0]
+    return req
+
+
+def stream_roles(spec: TokenPrompt, params: SamplingParams) -> list[tuple[str, list[int]]]:
+    """(role, prompt ids) of each stream of a group, in sampler row order."""
+    roles = [("cond", spec.cond)]
+    if params.guidance == "cfg3" and spec.image_cond is not None:
+        roles.append(("image_cond", spec.image_cond))
+    if params.guidance != "none" and spec.uncond is not None:
+        roles.append(("uncond", spec.uncond))
+    return roles
