@@ -54,7 +54,8 @@ class Engine:
             / ``allocate_kv_cache`` / ``kv_cache_bytes_per_block`` / ``config`` contract).
         processor: cm3rt Processor (text + image tokenizer) for text / image prompts and
             decoded outputs; without it requests must be :class:`TokenPrompt` ids.
-        vocab: the special ids; read from ``processor`` when omitted.
+        vocab: the special ids; read from ``processor`` (else the model config) when
+            omitted.
         block_size: tokens per KV-cache block.
         num_blocks: KV-cache blocks (overrides the memory budget).
         kv_cache_bytes: KV-cache memory budget in bytes ...
@@ -87,9 +88,10 @@ class Engine:
         self.processor = processor
         cfg = model.config
         if vocab is None:
-            if processor is None:
-                raise ValueError("Engine needs a processor or an explicit vocab=VocabInfo(...)")
-            vocab = VocabInfo.from_processor(processor, cfg.vocab_size, tokens_per_image)
+            if processor is not None:
+                vocab = VocabInfo.from_processor(processor, cfg.vocab_size, tokens_per_image)
+            else:
+                vocab = VocabInfo.from_model_config(cfg, tokens_per_image)
         if vocab.vocab_size != cfg.vocab_size:
             raise ValueError(f"vocab.vocab_size {vocab.vocab_size} != model vocab_size "
                              f"{cfg.vocab_size}")

@@ -80,6 +80,23 @@ class VocabInfo:
             infill_id=_opt_int(getattr(tt, "infill_id", None)),
         )
 
+    @classmethod
+    def from_model_config(cls, cfg, tokens_per_image: int | None = None):
+        """Read the ids from a ChameleonConfig (its ``vocabulary_map`` and ``vq_config``)."""
+        if cfg.boi_token_id is None or cfg.eoi_token_id is None or not cfg.image_token_ids:
+            raise ValueError("the model config has no image vocabulary (vocabulary_map with "
+                             "<racm3:break>, <eoss> and IMGIMG tokens); pass a processor or "
+                             "vocab=VocabInfo(...)")
+        n = tokens_per_image if tokens_per_image is not None else tokens_per_image_of(cfg)
+        vmap = cfg.vocabulary_map or {}
+        return cls(
+            vocab_size=int(cfg.vocab_size), bos_id=int(cfg.bos_token_id),
+            eos_id=int(cfg.eos_token_id), boi_id=int(cfg.boi_token_id),
+            eoi_id=int(cfg.eoi_token_id), image_token_ids=tuple(cfg.image_token_ids),
+            tokens_per_image=n, pad_id=_opt_int(cfg.pad_token_id),
+            mask_id=_opt_int(vmap.get("<mask>")), infill_id=_opt_int(vmap.get("<infill>")),
+        )
+
     def allowed_table(self, device) -> torch.Tensor:
         """bool [3, V]: the allowed tokens of MASK_IMAGE, MASK_TEXT, MASK_TEXT_ONLY."""
         V = self.vocab_size
@@ -95,6 +112,19 @@ class VocabInfo:
         table[MASK_TEXT_ONLY] = text
         table[MASK_TEXT_ONLY, self.boi_id] = False
         return table.to(device)
+
+
+def tokens_per_image_of(cfg) -> int:
+    """Image tokens per image from a config's ``vq_config``: the VQGAN downsamples by
+    2^(levels - 1), so a ``resolution`` px image gives ``(resolution / 2^(L-1))^2`` codes
+    (Chameleon: 512 px, 5 levels -> 32 x 32 = 1024)."""
+    vq = cfg.vq_config or {}
+    res = int(vq.get("resolution", 512))
+    levels = len(vq.get("channel_multiplier", (1, 1, 2, 2, 4)))
+    side = res // (2 ** (levels - 1))
+    if side < 1:
+        raise ValueError(f"vq_config: resolution {res} with {levels} levels leaves no tokens")
+    return side * side
 
 
 def _opt_int(v) -> int | None:
