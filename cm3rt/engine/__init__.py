@@ -6,6 +6,7 @@ sampling streams (CFG / CFG3 / CD-K) and the request / output types.
 """
 
 from cm3rt.engine.engine import Engine, SamplingError
+from cm3rt.engine.generate import generate, get_engine
 from cm3rt.engine.kv_cache import BlockPool, CacheStats, KVCacheManager
 from cm3rt.engine.params import GUIDANCE_MODES, SamplingParams, group_seed
 from cm3rt.engine.request import (
@@ -36,5 +37,7 @@ __all__ = [
     "TokenEvent",
     "TokenPrompt",
     "VocabInfo",
+    "generate",
+    "get_engine",
     "group_seed",
 ]
