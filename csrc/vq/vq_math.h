@@ -12,9 +12,9 @@ namespace cm3rt {
 // Distance up to the per-row constant ||z||^2: ||e||^2 - 2 z.e.
 CM3RT_HD float vq_score(float sqnorm, float dot) { return fmaf(-2.0f, dot, sqnorm); }
 
-// A score competes when it is below +inf (NaN never does). Scanning codes in increasing j
-// with a strict "<" keeps the lowest j among equal scores.
-CM3RT_HD bool vq_better(float score, float best) { return score < best; }
+// Only finite scores compete (NaN / inf in z make every score of the row non-finite, and the
+// row gets -1). Scanning codes in increasing j with a strict "<" keeps the lowest j of a tie.
+CM3RT_HD bool vq_better(float score, float best) { return (score < best) & (score > -INFINITY); }
 
 // Order-preserving packing of (score, j) into one uint64 for merging partial results with
 // atomicMin / min: smaller score first, then smaller j. -0 packs like +0.
