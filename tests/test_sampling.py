@@ -15,10 +15,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from sampling_reference import GroupSpec, chi_square_pvalue, final_distribution
 
 from cm3rt import ops
 from cm3rt._ext import _C
-from sampling_reference import GroupSpec, chi_square_pvalue, final_distribution
 
 ALPHA = 1e-4
 N_DRAWS = 20000
@@ -47,7 +47,7 @@ def case_seed(name: str) -> int:
 def draw_many(rows: torch.Tensor, spec: GroupSpec, device: str, n: int = N_DRAWS,
               seed: int = 1234, allowed=None, allowed_bits=None):
     """n draws of one group: the group repeated n times in one call, step = 0..n-1."""
-    S, V = rows.shape
+    S = rows.shape[0]
     logits = rows.to(device).repeat(n, 1)  # [n*S, V], groups adjacent
     steps = torch.arange(n, dtype=torch.int64, device=device)
     tokens, logprobs = ops.sample_logits(
@@ -226,7 +226,7 @@ def _mixed_batch(V: int, seed: int, device: str):
 
 
 def _call_batch(specs, rows, seeds, steps, device):
-    as_t = lambda xs, dt: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+    as_t = lambda xs, dt: torch.tensor(xs, dtype=dt, device=device)
     return ops.sample_logits(
         torch.cat(rows).to(device),
         as_t([r.shape[0] for r in rows], torch.int32),
@@ -376,8 +376,8 @@ def test_bad_scalar_arguments(device, kwargs, err, match):
 
 def test_bad_tensor_arguments(device):
     logits = _ok_logits(device, R=6, V=40)
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
+    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)
     base = {"seed": 0, "step": 0, "validate": True}
     cases = [
         ({"streams": i32([2, 2, 1])}, ValueError, "sum to 5"),
