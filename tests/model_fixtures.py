@@ -1,7 +1,8 @@
 """Tiny random Chameleon model directories for tests (no downloads).
 
 ``make_tiny_model_dir(tmp_path, **overrides)`` writes an HF-layout directory the way a real
-one looks, using HF transformers' own ``save_pretrained`` for the decoder:
+one looks, using HF transformers' own ``save_pretrained`` for the decoder (``use_hf=False``
+writes the same layout without importing transformers, for tests that only need a model):
 
     config.json            HF ChameleonConfig, with vocabulary_map and vq_config
     model.safetensors      HF weight names (model.layers.*, lm_head, model.vqmodel.* encoder)
@@ -98,22 +99,59 @@ def tiny_tokenizer_json(num_codes: int, bpe_merges: int = 64, with_infill: bool 
     return tok.to_str()
 
 
+def _random_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    r = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if name.endswith("embedding.weight"):  # VQ codebook
+        return r
+    if "norm" in name and name.endswith("weight"):
+        return 1.0 + 0.2 * r
+    if name.endswith("bias"):
+        return 0.1 * r
+    if len(shape) >= 2:
+        return r / (r[0].numel() ** 0.5)  # ~ N(0, 1/fan_in)
+    return r
+
+
 def _randomise_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("embedding.weight"):  # VQ codebook
-                p.copy_(r)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            elif p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(r / fan_in ** 0.5)
-            else:
-                p.copy_(r)
+            p.copy_(_random_value(name, tuple(p.shape), gen))
+
+
+def _direct_checkpoint(cfg: dict[str, Any], vq: dict[str, Any], seed: int
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """HF-named decoder tensors and the VQ-VAE's encoder half, without transformers."""
+    from cm3rt.tokenizer.vqgan_config import VQGANConfig
+    from cm3rt.tokenizer.vqgan_modules import Encoder
+
+    gen = torch.Generator().manual_seed(seed)
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = h // nq
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+              "lm_head.weight": (v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (nq * d, h), p + "self_attn.k_proj.weight": (nkv * d, h),
+            p + "self_attn.v_proj.weight": (nkv * d, h), p + "self_attn.o_proj.weight": (h, nq * d),
+            p + "self_attn.q_norm.weight": (nq, d), p + "self_attn.q_norm.bias": (nq, d),
+            p + "self_attn.k_norm.weight": (nkv, d), p + "self_attn.k_norm.bias": (nkv, d),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter)})
+    decoder = {n: _random_value(n, s, gen) for n, s in shapes.items()}
+    vcfg = VQGANConfig.from_hf_dict(vq)
+    vq_shapes = {f"encoder.{n}": tuple(t.shape) for n, t in Encoder(vcfg).state_dict().items()}
+    vq_shapes.update({
+        "quantize.embedding.weight": (vcfg.num_embeddings, vcfg.embed_dim),
+        "quant_conv.weight": (vcfg.embed_dim, vcfg.latent_channels, 1, 1),
+        "quant_conv.bias": (vcfg.embed_dim,),
+        "post_quant_conv.weight": (vcfg.latent_channels, vcfg.embed_dim, 1, 1),
+        "post_quant_conv.bias": (vcfg.latent_channels,)})
+    vq_state = {n: _random_value(n, s, gen) for n, s in vq_shapes.items()}
+    return decoder, vq_state
 
 
 def make_tiny_model_dir(tmp_path: str | Path, **overrides: Any) -> Path:
@@ -125,10 +163,10 @@ def make_tiny_model_dir(tmp_path: str | Path, **overrides: Any) -> Path:
     sharded checkpoint); ``save_dtype`` (dtype of the saved decoder weights);
     ``with_infill`` (False: no ``<mask>`` / ``<infill>`` tokens); ``write_vqgan`` (False:
     no vqgan.safetensors, only HF's encoder half); ``vocab_size`` (default: tokenizer size
-    rounded up to 64).
+    rounded up to 64); ``use_hf`` (False: write the same layout directly, without importing
+    transformers, which is much faster to import; same names, shapes and config fields).
     """
     from safetensors.torch import save_file
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     overrides = dict(overrides)
     seed = overrides.pop("seed", 0)
@@ -137,6 +175,7 @@ def make_tiny_model_dir(tmp_path: str | Path, **overrides: Any) -> Path:
     save_dtype = overrides.pop("save_dtype", None)
     with_infill = overrides.pop("with_infill", True)
     write_vqgan = overrides.pop("write_vqgan", True)
+    use_hf = overrides.pop("use_hf", True)
     vq = {**TINY_VQ, **overrides.pop("vq", {})}
     out = Path(tmp_path) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -148,30 +187,47 @@ def make_tiny_model_dir(tmp_path: str | Path, **overrides: Any) -> Path:
 
     cfg_kwargs = {**TINY_CONFIG, **overrides}
     rope_theta = cfg_kwargs.pop("rope_theta")
-    cfg = ChameleonConfig(
-        vocab_size=vocab_size,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        vocabulary_map=vocab,
-        vq_config=vq,
-        **cfg_kwargs,
-    )
-    model = ChameleonForConditionalGeneration(cfg).eval()
-    _randomise_(model, seed)
-    if save_dtype is not None:
-        model = model.to(save_dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    if use_hf:
+        from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+        cfg = ChameleonConfig(
+            vocab_size=vocab_size,
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+            vocabulary_map=vocab,
+            vq_config=vq,
+            **cfg_kwargs,
+        )
+        model = ChameleonForConditionalGeneration(cfg).eval()
+        _randomise_(model, seed)
+        if save_dtype is not None:
+            model = model.to(save_dtype)
+        model.save_pretrained(out, **kwargs)
+        vq_state = {k: v.float().contiguous() for k, v in model.model.vqmodel.state_dict().items()}
+    else:
+        if max_shard_size:
+            raise ValueError("make_tiny_model_dir: max_shard_size needs use_hf=True")
+        config = {"architectures": ["ChameleonForConditionalGeneration"],
+                  "model_type": "chameleon", "vocab_size": vocab_size, "hidden_act": "silu",
+                  "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+                  "vocabulary_map": vocab, "vq_config": vq, **cfg_kwargs}
+        decoder_tensors, vq_state = _direct_checkpoint(config, vq, seed)
+        tensors = {**decoder_tensors, **{f"model.vqmodel.{k}": t for k, t in vq_state.items()}}
+        if save_dtype is not None:
+            tensors = {k: t.to(save_dtype) for k, t in tensors.items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     if write_vqgan:
-        # The full taming-layout VQGAN: HF's encoder half as saved, plus a random decoder.
+        # The full taming-layout VQGAN: the checkpoint's encoder half plus a random decoder.
         from cm3rt.tokenizer.vqgan_config import VQGANConfig
         from cm3rt.tokenizer.vqgan_modules import Decoder
 
         vcfg = VQGANConfig.from_hf_dict(vq)
         decoder = Decoder(vcfg)
         _randomise_(decoder, seed + 1)
-        tensors = {k: v.float().contiguous()
-                   for k, v in model.model.vqmodel.state_dict().items()}
+        tensors = dict(vq_state)
         tensors.update({f"decoder.{k}": v.contiguous() for k, v in decoder.state_dict().items()})
         save_file(tensors, str(out / "vqgan.safetensors"))
         vcfg.save_json(out / "vqgan_config.json")

@@ -177,6 +177,8 @@ def test_engine_contract(model_dirs):
     assert not any(p.requires_grad for p in model.parameters())
     assert cfg.image_token_ids and len(cfg.image_token_ids) == 64
     assert cfg.boi_token_id is not None and cfg.eoi_token_id is not None
+    meta, _ = _meta([5], [5], [[0]], 16)
+    assert model.attention_workspace(5, meta) is None  # only the CUDA kernel needs scratch
     hidden = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
     out = model.compute_logits(hidden)
     assert out.shape == (5, cfg.vocab_size) and out.dtype == torch.float32
@@ -203,3 +205,16 @@ def test_hf_config_values_are_read(model_dirs):
 
     img2bpe = ChameleonImageVocabularyMapping(theirs.vocabulary_map).img2bpe
     assert list(ours.image_token_ids) == [img2bpe[c] for c in range(len(img2bpe))]
+
+
+def test_fixture_without_transformers_is_hf_layout(tmp_path):
+    """make_tiny_model_dir(use_hf=False) writes what HF itself loads without a missing or
+    unexpected key, and the two implementations agree on it."""
+    from transformers import ChameleonForConditionalGeneration
+
+    path = make_tiny_model_dir(tmp_path, use_hf=False, swin_norm=True)
+    hf, info = ChameleonForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = load_model(path)
+    ids = random_ids(model.config.vocab_size, (2, 9), seed=8)
+    assert rel_err(model.logits(ids), hf_logits(hf.eval(), ids)) <= 1e-4

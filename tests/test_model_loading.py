@@ -14,7 +14,7 @@ import torch
 from model_fixtures import make_tiny_model_dir
 from safetensors.torch import load_file, save_file
 
-from cm3rt.model import load_model
+from cm3rt.model import StepMetadata, load_model
 from cm3rt.model.checkpoint import SafetensorsCheckpoint
 
 
@@ -153,10 +153,21 @@ def test_token_ids_outside_vocabulary(good_dir):
         model.logits(torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="int64"):
         model.logits(torch.tensor([[1.0, 2.0]]))
+    meta = StepMetadata(slots=torch.zeros(1, dtype=torch.int32),
+                        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                        seq_lens=torch.ones(1, dtype=torch.int32),
+                        cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32),
+                        max_q_len=1, max_seq_len=1)
+    caches = model.allocate_kv_cache(1, 16)
+    pos = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="input_ids"):  # forward_step checks on CPU too
-        meta_ids = torch.tensor([v + 5])
-        model.forward_step(meta_ids, torch.zeros(1, dtype=torch.int64), None,
-                           model.allocate_kv_cache(1, 16))
+        model.forward_step(torch.tensor([v + 5]), pos, meta, caches)
+    with pytest.raises(TypeError, match="meta"):
+        model.forward_step(torch.tensor([3]), pos, None, caches)
+    with pytest.raises(ValueError, match="meta"):
+        model.forward_step(torch.tensor([3, 4]), torch.zeros(2, dtype=torch.int64), meta, caches)
+    with pytest.raises(ValueError, match="kv_caches"):
+        model.forward_step(torch.tensor([3]), pos, meta, caches[:1])
 
 
 def test_tied_embeddings_without_lm_head(broken):
@@ -178,7 +189,7 @@ def test_tied_embeddings_without_lm_head(broken):
 _MEMORY_SCRIPT = textwrap.dedent("""
     import sys, threading, time
     import torch
-    from cm3rt.model import load_model
+    from cm3rt.model import StepMetadata, load_model
 
     def anon_kb():
         for line in open("/proc/self/status"):

@@ -75,6 +75,7 @@ class ChameleonDecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # [NB, BS, Hkv, D] each
         meta: StepMetadata,
         cfg: ChameleonConfig,
+        workspace: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = h.shape[0]
         d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -91,7 +92,7 @@ class ChameleonDecoderLayer(nn.Module):
         o = ops.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
             scale=1.0 / math.sqrt(d), causal=True,
-            max_q_len=meta.max_q_len, max_seq_len=meta.max_seq_len,
+            max_q_len=meta.max_q_len, max_seq_len=meta.max_seq_len, workspace=workspace,
         )
         return F.linear(o.view(t, nq * d), self.o_proj)
 
@@ -106,14 +107,15 @@ class ChameleonDecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: StepMetadata,
         cfg: ChameleonConfig,
+        workspace: torch.Tensor | None = None,
     ) -> torch.Tensor:
         eps = cfg.rms_norm_eps
         if cfg.swin_norm:
-            a = self.attention(x, cos, sin, kv_cache, meta, cfg)
+            a = self.attention(x, cos, sin, kv_cache, meta, cfg, workspace)
             x = x + rms_norm(a, self.input_layernorm, eps)
             return x + rms_norm(self.mlp(x), self.post_attention_layernorm, eps)
         x = x + self.attention(rms_norm(x, self.input_layernorm, eps), cos, sin, kv_cache,
-                               meta, cfg)
+                               meta, cfg, workspace)
         return x + self.mlp(rms_norm(x, self.post_attention_layernorm, eps))
 
 
@@ -186,6 +188,14 @@ class ChameleonModel(nn.Module):
             for _ in range(c.num_hidden_layers)
         ]
 
+    def attention_workspace(self, num_tokens: int, meta: StepMetadata) -> torch.Tensor | None:
+        """Scratch the CUDA attention kernel needs for a step of this shape (None on CPU or
+        when the kernel plans no split); pass it to :meth:`forward_step` as ``workspace``."""
+        c = self.config
+        q = torch.empty((num_tokens, c.num_attention_heads, c.head_dim), dtype=self.dtype,
+                        device=self.device)
+        return ops.paged_attention_workspace(q, meta.num_seqs, meta.max_q_len, meta.max_seq_len)
+
     # ----------------------------------------------------------------- forward
     def check_token_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
         """Raise ValueError unless every id lies in ``[0, vocab_size)`` (synchronises)."""
@@ -207,6 +217,7 @@ class ChameleonModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         *,
         validate: bool | None = None,
+        workspace: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One batched step over ``T`` packed tokens; returns hidden states ``[T, hidden]``.
 
@@ -218,6 +229,9 @@ class ChameleonModel(nn.Module):
             kv_caches: from :meth:`allocate_kv_cache`; this step's keys/values are written.
             validate: range-check ``input_ids`` (default: on CPU yes, on CUDA no, since it
                 synchronises; the engine checks prompts once with :meth:`check_token_ids`).
+            workspace: CUDA split-KV scratch for the attention kernel, from
+                :meth:`attention_workspace` (every layer reuses it, in stream order); keeps a
+                decode step free of that allocation, e.g. for CUDA-graph capture.
 
         The hidden states are *before* the final norm; :meth:`compute_logits` applies it.
         """
@@ -228,6 +242,11 @@ class ChameleonModel(nn.Module):
             raise ValueError(f"argument 'positions' must be a tensor of shape "
                              f"{tuple(input_ids.shape)}, got "
                              f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if not isinstance(meta, StepMetadata):
+            raise TypeError(f"argument 'meta' must be a StepMetadata, got {type(meta).__name__}")
+        if meta.num_tokens != input_ids.shape[0]:
+            raise ValueError(f"argument 'meta' describes {meta.num_tokens} tokens (slots) but "
+                             f"'input_ids' holds {input_ids.shape[0]}")
         if len(kv_caches) != self.config.num_hidden_layers:
             raise ValueError(f"argument 'kv_caches' must hold {self.config.num_hidden_layers} "
                              f"(k, v) pairs, got {len(kv_caches)}")
@@ -238,7 +257,7 @@ class ChameleonModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         x = F.embedding(input_ids, self.embed_tokens)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, self.config)
+            x = layer(x, cos, sin, kv_cache, meta, self.config, workspace)
         return x
 
     @torch.inference_mode()

@@ -121,6 +121,10 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def files(self) -> list[Path]:
+        """The files this checkpoint reads, sorted."""
+        return sorted(set(self._where.values()) | set(self._handles))
+
     def file_of(self, name: str) -> Path:
         """The file holding tensor ``name``."""
         return self._where[name]
