@@ -73,7 +73,9 @@ def document_ids(doc: Document, text_tok: Any) -> list[int]:
 
 def retrieve_prefix(bank: MemoryBank | str | Path, text: str | None,
                     images: Sequence[Image.Image] | None, k: int, max_tokens: int,
-                    processor: Any) -> tuple[list[int], list[Document]]:
+                    processor: Any, *, max_score: float | None = 0.9,
+                    dedupe: float | None = 0.95, prefer_multimodal: bool = True,
+                    candidates: int | None = None) -> tuple[list[int], list[Document]]:
     """Search ``bank`` for the prompt and lay the chosen documents out as token ids.
 
     Args:
@@ -82,6 +84,8 @@ def retrieve_prefix(bank: MemoryBank | str | Path, text: str | None,
         k: how many documents to retrieve (0: none).
         max_tokens: budget for the prefix; as many whole documents as fit, best first.
         processor: the model's Processor (its text tokenizer maps codes to vocab ids).
+        max_score, dedupe, prefer_multimodal, candidates: selection rules, as in
+            :meth:`MemoryBank.search`.
 
     Returns:
         (prefix token ids, the documents placed, in order).
@@ -99,7 +103,8 @@ def retrieve_prefix(bank: MemoryBank | str | Path, text: str | None,
         raise TypeError(f"bank: expected a MemoryBank or a path, got {type(bank).__name__}")
     if image_tok is not None and bank.manifest.image_tokenizer is not None:
         bank.manifest.check_tokenizer(TokenizerIdentity.of(image_tok), bank.path)
-    docs = bank.search(text=text or None, image=list(images or []), k=k)
+    docs = bank.search(text=text or None, image=list(images or []), k=k, candidates=candidates,
+                       max_score=max_score, dedupe=dedupe, prefer_multimodal=prefer_multimodal)
     prefix: list[int] = []
     placed: list[Document] = []
     for doc in docs:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import faiss_index as fi
 from .clip import ClipEncoder, EncoderIdentity
-from .manifest import DATABASE, INDEX, Manifest, TokenizerIdentity
+from .manifest import DATABASE, INDEX, MANIFEST, Manifest, TokenizerIdentity
 from .select import MULTIMODAL, SelectionParams, select_documents
 from .sources import SourceDoc, check_image, load_image, read_source
 from .store import DocStore
@@ -145,18 +145,29 @@ class MemoryBank:
         out = Path(out)
         if not isinstance(encoder, ClipEncoder):
             raise TypeError(f"encoder: expected a ClipEncoder, got {type(encoder).__name__}")
+        new_dir = not out.exists()
         if out.is_dir() and any(out.iterdir()):
             bank = cls.open(out, encoder, image_tokenizer, writable=True)
+            created = False
             if bank.manifest.index != index:
                 bank.close()
                 raise ValueError(f"index: the bank at {out} uses index {bank.manifest.index!r}, "
                                  f"got {index!r}")
         else:
             bank = cls.create(out, encoder, image_tokenizer, index=index)
+            created = True
         try:
             bank.add(source, batch_size=batch_size, progress=progress)
-        except BaseException:
+        except Exception:
             bank.close()
+            if created:  # a failed first build leaves no empty bank behind
+                for name in (MANIFEST, DATABASE, DATABASE + "-journal", INDEX):
+                    (out / name).unlink(missing_ok=True)
+                if new_dir and not any(out.iterdir()):
+                    out.rmdir()
+            raise
+        except BaseException:
+            bank.close()  # interrupted: committed batches stay, a rerun resumes
             raise
         return bank
 
