@@ -3,9 +3,10 @@
 // Work item = (sequence b, kv head g, query tile, key split). A tile holds the `group`
 // query heads that share kv head g for up to `q_tile` consecutive query tokens, so each key
 // and value row is read once for all of them (GQA amortisation). Keys are processed in
-// chunks of kKeyChunk: converted to fp32, scored (register-blocked dot products), folded
+// chunks of kKeyChunk (never crossing a page block): scored (register-blocked dot products), folded
 // into the running softmax state (online_softmax.h, shared with the CUDA kernels), and
-// accumulated into the fp32 output rows (register-blocked axpy). When the items are too
+// accumulated into the fp32 output rows (register-blocked axpy). K and V are read straight
+// from the cache in their own dtype and widened in registers: no copies. When the items are too
 // few to keep every core busy (one long sequence, small decode batch), the key range is
 // split and the partial results are merged by their log-sum-exp, as the CUDA decode path
 // does.
@@ -42,14 +43,12 @@ struct WorkItem {
 
 // Per-thread scratch, sized for the largest tile.
 struct Scratch {
-  std::vector<float> q, acc, k, v, s, alpha;
+  std::vector<float> q, acc, s, alpha;
   std::vector<SoftmaxState> st;
   std::vector<int> kmax;
   void reserve(int rows, int D) {
     q.resize(size_t(rows) * D);
     acc.resize(size_t(rows) * D);
-    k.resize(size_t(kKeyChunk) * D);
-    v.resize(size_t(kKeyChunk) * D);
     s.resize(size_t(rows) * kKeyChunk);
     alpha.resize(rows);
     st.resize(rows);
@@ -57,62 +56,63 @@ struct Scratch {
   }
 };
 
-// s[r][j] = q[r] . k[j] for r < rows, j < n (q pre-scaled). 2 rows x 4 keys per block.
-template <int D>
-void score_chunk(const float* q, int rows, const float* k, int n, float* s) {
+// s[r][j] = q[r] . k[j] for r < rows, j < n. q: fp32 rows (pre-scaled), stride D; k: key
+// rows of the cache dtype, `k_stride` elements apart. Blocks of 2 rows x 4 keys keep 8
+// accumulators in registers and are reduced together (reduce8x8).
+template <int D, typename T>
+void score_chunk(const float* q, int rows, const T* k, int64_t k_stride, int n, float* s) {
   int r = 0;
   for (; r + 2 <= rows; r += 2) {
     const float* q0 = q + size_t(r) * D;
     const float* q1 = q0 + D;
+    float* s0 = s + size_t(r) * kKeyChunk;
+    float* s1 = s0 + kKeyChunk;
     int j = 0;
     for (; j + 4 <= n; j += 4) {
       v8f a00{}, a01{}, a02{}, a03{}, a10{}, a11{}, a12{}, a13{};
-      const float* k0 = k + size_t(j) * D;
+      const T* k0 = k + j * k_stride;
+      const T* k1 = k0 + k_stride;
+      const T* k2 = k1 + k_stride;
+      const T* k3 = k2 + k_stride;
       for (int d = 0; d < D; d += 8) {
         const v8f x0 = load8(q0 + d), x1 = load8(q1 + d);
-        const v8f y0 = load8(k0 + d), y1 = load8(k0 + D + d);
-        const v8f y2 = load8(k0 + 2 * D + d), y3 = load8(k0 + 3 * D + d);
+        const v8f y0 = load8(k0 + d), y1 = load8(k1 + d);
+        const v8f y2 = load8(k2 + d), y3 = load8(k3 + d);
         a00 += x0 * y0; a01 += x0 * y1; a02 += x0 * y2; a03 += x0 * y3;
         a10 += x1 * y0; a11 += x1 * y1; a12 += x1 * y2; a13 += x1 * y3;
       }
-      float* s0 = s + size_t(r) * kKeyChunk + j;
-      float* s1 = s0 + kKeyChunk;
-      s0[0] = cpu::hsum8(a00); s0[1] = cpu::hsum8(a01); s0[2] = cpu::hsum8(a02); s0[3] = cpu::hsum8(a03);
-      s1[0] = cpu::hsum8(a10); s1[1] = cpu::hsum8(a11); s1[2] = cpu::hsum8(a12); s1[3] = cpu::hsum8(a13);
+      const v8f sums = cpu::reduce8x8(a00, a01, a02, a03, a10, a11, a12, a13);
+      for (int i = 0; i < 4; ++i) { s0[j + i] = sums[i]; s1[j + i] = sums[4 + i]; }
     }
     for (; j < n; ++j) {
       v8f a0{}, a1{};
-      const float* kj = k + size_t(j) * D;
+      const T* kj = k + j * k_stride;
       for (int d = 0; d < D; d += 8) {
         const v8f y = load8(kj + d);
         a0 += load8(q0 + d) * y;
         a1 += load8(q1 + d) * y;
       }
-      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0);
-      s[size_t(r + 1) * kKeyChunk + j] = cpu::hsum8(a1);
+      s0[j] = cpu::hsum8(a0);
+      s1[j] = cpu::hsum8(a1);
     }
   }
   for (; r < rows; ++r) {
     const float* q0 = q + size_t(r) * D;
     for (int j = 0; j < n; ++j) {
-      v8f a0{}, a1{};
-      const float* kj = k + size_t(j) * D;
-      int d = 0;
-      for (; d + 16 <= D; d += 16) {
-        a0 += load8(q0 + d) * load8(kj + d);
-        a1 += load8(q0 + d + 8) * load8(kj + d + 8);
-      }
-      for (; d < D; d += 8) a0 += load8(q0 + d) * load8(kj + d);
-      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0 + a1);
+      v8f a0{};
+      const T* kj = k + j * k_stride;
+      for (int d = 0; d < D; d += 8) a0 += load8(q0 + d) * load8(kj + d);
+      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0);
     }
   }
 }
 
-// acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v[j] for r < rows (p stored in s).
-// Blocks of 4 rows x 16 columns stay in registers across the n keys.
-template <int D>
-void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, const float* v,
-                      int n) {
+// acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v[j] for r < rows (p in s, stride kKeyChunk;
+// v rows of the cache dtype, `v_stride` apart). Blocks of 4 rows x 16 columns stay in
+// registers across the n keys.
+template <int D, typename T>
+void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, const T* v,
+                      int64_t v_stride, int n) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
     for (int d = 0; d < D; d += 16) {
@@ -123,7 +123,8 @@ void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, 
         c[i][1] = load8(acc + size_t(r + i) * D + d + 8) * a;
       }
       for (int j = 0; j < n; ++j) {
-        const v8f v0 = load8(v + size_t(j) * D + d), v1 = load8(v + size_t(j) * D + d + 8);
+        const T* vj = v + j * v_stride + d;
+        const v8f v0 = load8(vj), v1 = load8(vj + 8);
         for (int i = 0; i < 4; ++i) {
           const v8f w = splat8(p[size_t(r + i) * kKeyChunk + j]);
           c[i][0] += w * v0;
@@ -140,7 +141,7 @@ void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, 
     float* a = acc + size_t(r) * D;
     for (int d = 0; d < D; d += 8) {
       v8f c = load8(a + d) * splat8(alpha[r]);
-      for (int j = 0; j < n; ++j) c += splat8(p[size_t(r) * kKeyChunk + j]) * load8(v + size_t(j) * D + d);
+      for (int j = 0; j < n; ++j) c += splat8(p[size_t(r) * kKeyChunk + j]) * load8(v + j * v_stride + d);
       store8(a + d, c);
     }
   }
@@ -228,15 +229,14 @@ class CpuAttention {
     std::vector<float>& s = sc.s;
     std::vector<float>& alphas = sc.alpha;
 
-    for (int j0 = k_begin; j0 < k_end; j0 += kKeyChunk) {
-      const int n = std::min(kKeyChunk, k_end - j0);
-      for (int jj = 0; jj < n; ++jj) {
-        const int pos = j0 + jj;
-        const int64_t row = (int64_t(table[pos / p_.BS]) * p_.BS + pos % p_.BS) * p_.Hkv + g;
-        cpu::to_float_n(kc + row * D, sc.k.data() + size_t(jj) * D, D);
-        cpu::to_float_n(vc + row * D, sc.v.data() + size_t(jj) * D, D);
-      }
-      score_chunk<D>(sc.q.data(), rows, sc.k.data(), n, s.data());
+    const int64_t key_stride = int64_t(p_.Hkv) * D;  // between keys of one block
+    for (int j0 = k_begin, n = 0; j0 < k_end; j0 += n) {
+      // A chunk never crosses a page block, so its keys are key_stride apart in the cache.
+      n = std::min({kKeyChunk, p_.BS - j0 % p_.BS, k_end - j0});
+      const int64_t first = (int64_t(table[j0 / p_.BS]) * p_.BS + j0 % p_.BS) * p_.Hkv + g;
+      const T* k_rows = kc + first * D;
+      const T* v_rows = vc + first * D;
+      score_chunk<D>(sc.q.data(), rows, k_rows, key_stride, n, s.data());
       for (int r = 0; r < rows; ++r) {
         float* sr = s.data() + size_t(r) * kKeyChunk;
         const int valid = std::max(0, std::min(n, sc.kmax[r] - j0));  // causal mask
@@ -256,7 +256,7 @@ class CpuAttention {
         }
         sc.st[r].l += sum;
       }
-      accumulate_chunk<D>(sc.acc.data(), rows, alphas.data(), s.data(), sc.v.data(), n);
+      accumulate_chunk<D>(sc.acc.data(), rows, alphas.data(), s.data(), v_rows, key_stride, n);
     }
 
     // Write the tile: final rows directly, split partials to the merge buffer.

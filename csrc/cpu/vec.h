@@ -8,6 +8,10 @@
 
 #include "common/dtype.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace cm3rt::cpu {
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -24,6 +28,43 @@ inline float hmax8(v8f v) {
   float m = v[0];
   for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
   return m;
+}
+
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+
+// Loads 8 consecutive elements of any kernel dtype widened to fp32.
+inline v8f load8(const bf16_t* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8i w = __builtin_convertvector(h, v8i) << 16;
+  v8f f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+inline v8f load8(const half_t* p) {
+#if defined(__F16C__)
+  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  v8f v;
+  for (int i = 0; i < 8; ++i) v[i] = to_float(p[i]);
+  return v;
+#endif
+}
+
+// Horizontal sums of 8 vectors at once: lane i of the result = sum of the lanes of a[i].
+// Three shuffle+add levels instead of eight separate horizontal sums.
+inline v8f reduce8x8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
+#define CM3RT_PAIRSUM(x, y)                                               \
+  (__builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +             \
+   __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15))
+  const v8f b01 = CM3RT_PAIRSUM(a0, a1), b23 = CM3RT_PAIRSUM(a2, a3);
+  const v8f b45 = CM3RT_PAIRSUM(a4, a5), b67 = CM3RT_PAIRSUM(a6, a7);
+  const v8f c03 = CM3RT_PAIRSUM(b01, b23), c47 = CM3RT_PAIRSUM(b45, b67);
+  return CM3RT_PAIRSUM(c03, c47);
+#undef CM3RT_PAIRSUM
 }
 
 // exp(x) for x <= 0 (softmax weights), relative error ~2e-7 on [-87, 0]; lanes below -87

@@ -1,0 +1,52 @@
+"""Shared benchmark helpers: robust timing, the machine's copy bandwidth, result table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device="cpu", min_time: float = 0.3, min_reps: int = 3,
+            max_reps: int = 200) -> float:
+    """Median seconds of fn() after one warm-up, repeated for >= min_time (and >= min_reps)."""
+    fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_COPY_BW: dict[str, float] = {}
+
+
+def copy_bandwidth(device="cpu", nbytes: int = 256 << 20) -> float:
+    """Bytes/s of a large device-to-same-device copy (read + write counted), measured once."""
+    key = str(torch.device(device))
+    if key not in _COPY_BW:
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        t = time_fn(lambda: dst.copy_(src), device, min_time=0.5)
+        _COPY_BW[key] = 2 * nbytes / t
+    return _COPY_BW[key]
+
+
+RESULTS: list[dict] = []
+
+
+def record(**row) -> None:
+    """Adds a row to the table printed at the end of the benchmark session."""
+    RESULTS.append(row)
+    print("  ".join(f"{k}={v}" for k, v in row.items()))

@@ -1,0 +1,42 @@
+"""Benchmark session plumbing: a device fixture and the derived-numbers table at the end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default=None,
+                     help="cpu or cuda (default: cuda when available, else cpu)")
+
+
+@pytest.fixture(scope="session")
+def bench_device(request) -> str:
+    dev = request.config.getoption("--bench-device")
+    if dev is None:
+        from cm3rt import ops
+        dev = "cuda" if torch.cuda.is_available() and ops.cuda_available() else "cpu"
+    return dev
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("cm3rt derived benchmark numbers")
+    keys: list[str] = []
+    for row in RESULTS:
+        for k in row:
+            if k not in keys:
+                keys.append(k)
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in RESULTS)) for k in keys}
+    tr.write_line("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in RESULTS:
+        tr.write_line("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
