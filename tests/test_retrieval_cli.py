@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 from retrieval_fixtures import make_tiny_clip, random_image
 
+from cm3rt.cli import main as run
 from cm3rt.retrieval.bank import MemoryBank
-from cm3rt.retrieval.cli import register_cli
-
-
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cm3rt")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def test_build_then_search(tmp_path, capsys) -> None:
@@ -57,10 +49,10 @@ def test_errors_are_readable(tmp_path, capsys) -> None:
     code = run(["bank", "build", str(src), "--out", str(tmp_path / "bank"), "--encoder",
                 str(cfg), "--weights", str(w), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "without an image tokenizer" in err
+    assert code == 1 and "without an image tokenizer" in err
     assert not (tmp_path / "bank").exists()  # a failed first build leaves nothing behind
-    assert run(["bank", "search", str(tmp_path / "nope"), "q"]) == 2
+    assert run(["bank", "search", str(tmp_path / "nope"), "q"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert run(["bank", "build", str(src), "--out", str(tmp_path / "b2"), "--encoder",
-                str(cfg), "--no-progress"]) == 2
+                str(cfg), "--no-progress"]) == 1
     assert "weights" in capsys.readouterr().err

@@ -1,16 +1,14 @@
 """`cm3rt bank build|search`: build a memory bank from a folder/JSONL, query it.
 
-The lead's cm3rt/cli.py calls ``register_cli(subparsers)``; each command sets
-``args.func(args) -> int`` (the exit status).
+cm3rt/cli.py calls ``register_cli(subparsers)``; each command sets ``args.handler(args) ->
+int`` (the exit status). Errors a person can fix are raised as ValueError / TypeError /
+FileNotFoundError / RuntimeError, which cm3rt/cli.py prints as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +31,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", default="cpu")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.set_defaults(func=_build)
+    b.set_defaults(handler=_build)
 
     s = sub.add_parser("search", help="query a bank", description="Print the documents a query "
                        "retrieves: id, score, modality, source, caption.")
@@ -51,7 +49,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="do not prefer image+text documents")
     _encoder_args(s, default=None)
     s.add_argument("--device", default="cpu")
-    s.set_defaults(func=_search)
+    s.set_defaults(handler=_search)
     return bank
 
 
@@ -68,7 +66,7 @@ def _load_image_tokenizer(path: str | None):
     try:
         from cm3rt.tokenizer import ImageTokenizer
     except ImportError as e:
-        raise ImportError(f"--image-tokenizer: cm3rt.tokenizer is unavailable: {e}") from e
+        raise RuntimeError(f"--image-tokenizer: cm3rt.tokenizer is unavailable: {e}") from e
     return ImageTokenizer.from_pretrained(path)
 
 
@@ -76,15 +74,13 @@ def _build(args: argparse.Namespace) -> int:
     from .bank import MemoryBank
     from .clip import ClipEncoder
 
-    def run() -> int:
-        encoder = ClipEncoder(args.encoder, weights=args.weights, device=args.device)
-        tok = _load_image_tokenizer(args.image_tokenizer)
-        with MemoryBank.build(args.source, args.out, encoder, tok, index=args.index,
-                              batch_size=args.batch_size, progress=not args.no_progress) as bank:
-            print(f"bank {Path(args.out)}: {len(bank)} documents, index {bank.manifest.index}")
-        return 0
-
-    return _guard(run)
+    _require_retrieval_packages()
+    encoder = ClipEncoder(args.encoder, weights=args.weights, device=args.device)
+    tok = _load_image_tokenizer(args.image_tokenizer)
+    with MemoryBank.build(args.source, args.out, encoder, tok, index=args.index,
+                          batch_size=args.batch_size, progress=not args.no_progress) as bank:
+        print(f"bank {Path(args.out)}: {len(bank)} documents, index {bank.manifest.index}")
+    return 0
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -92,43 +88,28 @@ def _search(args: argparse.Namespace) -> int:
     from .clip import ClipEncoder
     from .sources import load_image
 
-    def run() -> int:
-        encoder = None
-        if args.encoder is not None:
-            encoder = ClipEncoder(args.encoder, weights=args.weights, device=args.device)
-        images = [load_image(Path(p)) for p in args.image]
-        if not args.query and not images:
-            raise ValueError("query: expected query text or --image, got neither")
-        with MemoryBank.open(args.bank, encoder=encoder, device=args.device) as bank:
-            docs = bank.search(text=args.query, image=images, k=args.k,
-                               candidates=args.candidates, max_score=args.max_score,
-                               dedupe=args.dedupe,
-                               prefer_multimodal=not args.no_prefer_multimodal)
-        if not docs:
-            print("no documents")
-        for d in docs:
-            caption = (d.caption or "").replace("\n", " ")
-            print(f"{d.id:>8}  {d.score:7.4f}  {d.modality:<10}  {d.source}  {caption}")
-        return 0
-
-    return _guard(run)
+    _require_retrieval_packages()
+    encoder = None
+    if args.encoder is not None:
+        encoder = ClipEncoder(args.encoder, weights=args.weights, device=args.device)
+    images = [load_image(Path(p)) for p in args.image]
+    if not args.query and not images:
+        raise ValueError("query: expected query text or --image, got neither")
+    with MemoryBank.open(args.bank, encoder=encoder, device=args.device) as bank:
+        docs = bank.search(text=args.query, image=images, k=args.k,
+                           candidates=args.candidates, max_score=args.max_score,
+                           dedupe=args.dedupe, prefer_multimodal=not args.no_prefer_multimodal)
+    if not docs:
+        print("no documents")
+    for d in docs:
+        caption = (d.caption or "").replace("\n", " ")
+        print(f"{d.id:>8}  {d.score:7.4f}  {d.modality:<10}  {d.source}  {caption}")
+    return 0
 
 
-def _guard(run) -> int:
-    try:
-        return run()
-    except _USER_ERRORS as e:
-        print(f"cm3rt bank: error: {e}", file=sys.stderr)
-        return 2
+def _require_retrieval_packages() -> None:
+    import importlib.util
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m cm3rt.retrieval.cli bank ...``)."""
-    parser = argparse.ArgumentParser(prog="cm3rt")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for module, package in (("faiss", "faiss-cpu"), ("open_clip", "open_clip_torch")):
+        if importlib.util.find_spec(module) is None:
+            raise RuntimeError(f"memory banks need {package}: pip install 'cm3rt[retrieval]'")
