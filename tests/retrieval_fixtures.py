@@ -75,7 +75,8 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def clustered_embeddings(rng: np.random.Generator, n: int, dim: int, clusters: int = 2000,
-                         noise: float = 0.08) -> np.ndarray:
-    """CLIP-like unit vectors: noisy copies of random topic directions."""
+                         noise: float = 0.64) -> np.ndarray:
+    """CLIP-like unit vectors: random topic directions plus noise of norm ~``noise``."""
     centres = unit(rng.standard_normal((clusters, dim)))
-    return unit(centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim)))
+    sigma = noise / np.sqrt(dim)
+    return unit(centres[rng.integers(0, clusters, n)] + sigma * rng.standard_normal((n, dim)))

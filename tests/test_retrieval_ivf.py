@@ -29,6 +29,7 @@ def test_ivf_recall_at_10_against_flat(tmp_path) -> None:
     # are the one distribution no inverted-list index is built for.
     docs = clustered_embeddings(rng, n, dim)
     queries = unit(docs[rng.integers(0, n, 200)] + 0.08 * rng.standard_normal((200, dim)))
+    # (noise of norm 0.64 around a document, as between documents of one topic)
     ident = EncoderIdentity(arch="synthetic", embed_dim=dim, digest="s" * 64)
     bank = MemoryBank.create(tmp_path / "ivf", ident, index="ivf")
     for start in range(0, n, 25_000):
