@@ -40,12 +40,18 @@ def open_cached(path: str | Path, device: str = "cpu") -> MemoryBank:
 
 def _tokenizers(processor: Any) -> tuple[Any, Any]:
     """(text tokenizer, image tokenizer) of a Processor."""
-    text_tok = next((getattr(processor, a) for a in ("text_tokenizer", "text_tok", "tokenizer")
-                     if getattr(processor, a, None) is not None), None)
-    image_tok = next((getattr(processor, a) for a in ("image_tokenizer", "image_tok")
-                      if getattr(processor, a, None) is not None), None)
-    if text_tok is None or not all(hasattr(text_tok, a) for a in
-                                   ("encode", "code_to_id", "boi_id", "eoi_id")):
+    def find(names: tuple[str, ...], needs: tuple[str, ...]) -> Any:
+        for name in names:
+            tok = getattr(processor, name, None)
+            if tok is not None and all(hasattr(tok, a) for a in needs):
+                return tok
+        return None
+
+    # cm3rt.tokenizer.Processor keeps them as .text / .image
+    text_tok = find(("text", "text_tokenizer", "tokenizer"),
+                    ("encode", "code_to_id", "boi_id", "eoi_id"))
+    image_tok = find(("image", "image_tokenizer"), ("identity", "num_tokens", "codebook_size"))
+    if text_tok is None:
         raise TypeError(f"processor: expected a Processor with a text tokenizer (encode, "
                         f"code_to_id, boi_id, eoi_id), got {type(processor).__name__}")
     return text_tok, image_tok

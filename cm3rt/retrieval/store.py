@@ -109,13 +109,13 @@ class DocStore:
             self.conn.execute("COMMIT")
 
     def _decode_embeddings(self, blobs: Sequence[bytes]) -> np.ndarray:
-        out = np.empty((len(blobs), self.embed_dim), dtype=np.float32)
-        for i, b in enumerate(blobs):
-            if len(b) != 4 * self.embed_dim:
-                raise ValueError(f"path: {self.path} holds an embedding of {len(b)} bytes, "
-                                 f"expected {4 * self.embed_dim}")
-            out[i] = np.frombuffer(b, dtype="<f4")
-        return out
+        size = 4 * self.embed_dim
+        bad = next((len(b) for b in blobs if len(b) != size), None)
+        if bad is not None:
+            raise ValueError(f"path: {self.path} holds an embedding of {bad} bytes, "
+                             f"expected {size}")
+        flat = np.frombuffer(b"".join(blobs), dtype="<f4")
+        return flat.reshape(len(blobs), self.embed_dim).astype(np.float32)  # a writable copy
 
     def embedding_range(self, start: int, stop: int) -> np.ndarray:
         """Embeddings of ids start..stop-1, float32 [stop-start, E]."""
