@@ -33,9 +33,14 @@ using cpu::splat8;
 constexpr int kKeyChunk = 16;       // keys scored per online-softmax step
 constexpr int kRowsPerTile = 64;    // target query rows (tokens x group heads) per item
 constexpr int kMinKeysPerSplit = 256;
+// Sequences with at most this many query rows (decode, speculative verify) are one item
+// for all kv heads: a key row of all heads is contiguous in the cache ([BS, Hkv, D] per
+// block), so the item streams through memory instead of striding by Hkv * D.
+constexpr int kAllHeadsMaxQLen = 4;
 
 struct WorkItem {
-  int b, g;              // sequence, kv head
+  int b;                 // sequence
+  int g0, g1;            // kv heads [g0, g1) of the item
   int q_begin, q_end;    // query tokens of the tile, relative to the sequence
   int split, n_splits;   // key split of this item
   int64_t partial;       // offset of this item's partial result (n_splits > 1), in rows
@@ -56,12 +61,59 @@ struct Scratch {
   }
 };
 
+// Software prefetch of n rows of row_bytes each, `stride` elements apart.
+template <typename T>
+inline void prefetch_rows(const T* rows, int64_t stride, int n, int row_bytes) {
+  for (int j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows + j * stride);
+    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
 // s[r][j] = q[r] . k[j] for r < rows, j < n. q: fp32 rows (pre-scaled), stride D; k: key
-// rows of the cache dtype, `k_stride` elements apart. Blocks of 2 rows x 4 keys keep 8
-// accumulators in registers and are reduced together (reduce8x8).
+// rows of the cache dtype, `k_stride` elements apart. Blocks of 4 rows x 2 keys (then
+// 2 x 4 for the remainder) keep 8 accumulators in registers, reduced together (reduce8x8).
 template <int D, typename T>
 void score_chunk(const float* q, int rows, const T* k, int64_t k_stride, int n, float* s) {
   int r = 0;
+  // 4 rows x 2 keys: each key element is loaded (and widened) once per 4 query rows.
+  for (; r + 4 <= rows; r += 4) {
+    const float* q0 = q + size_t(r) * D;
+    float* s0 = s + size_t(r) * kKeyChunk;
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      v8f a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+      const T* k0 = k + j * k_stride;
+      const T* k1 = k0 + k_stride;
+      for (int d = 0; d < D; d += 8) {
+        const v8f y0 = load8(k0 + d), y1 = load8(k1 + d);
+        const v8f x0 = load8(q0 + d), x1 = load8(q0 + D + d);
+        const v8f x2 = load8(q0 + 2 * D + d), x3 = load8(q0 + 3 * D + d);
+        a00 += x0 * y0; a01 += x0 * y1; a10 += x1 * y0; a11 += x1 * y1;
+        a20 += x2 * y0; a21 += x2 * y1; a30 += x3 * y0; a31 += x3 * y1;
+      }
+      const v8f sums = cpu::reduce8x8(a00, a01, a10, a11, a20, a21, a30, a31);
+      for (int i = 0; i < 4; ++i) {
+        s0[i * kKeyChunk + j] = sums[2 * i];
+        s0[i * kKeyChunk + j + 1] = sums[2 * i + 1];
+      }
+    }
+    for (; j < n; ++j) {
+      v8f a0{}, a1{}, a2{}, a3{};
+      const T* kj = k + j * k_stride;
+      for (int d = 0; d < D; d += 8) {
+        const v8f y = load8(kj + d);
+        a0 += load8(q0 + d) * y;
+        a1 += load8(q0 + D + d) * y;
+        a2 += load8(q0 + 2 * D + d) * y;
+        a3 += load8(q0 + 3 * D + d) * y;
+      }
+      s0[j] = cpu::hsum8(a0);
+      s0[kKeyChunk + j] = cpu::hsum8(a1);
+      s0[2 * kKeyChunk + j] = cpu::hsum8(a2);
+      s0[3 * kKeyChunk + j] = cpu::hsum8(a3);
+    }
+  }
   for (; r + 2 <= rows; r += 2) {
     const float* q0 = q + size_t(r) * D;
     const float* q1 = q0 + D;
@@ -156,13 +208,12 @@ class CpuAttention {
 
   void run() {
     plan();
-    const int max_rows = q_tile_ * group_;
     partial_out_.resize(size_t(partial_rows_) * D);
     partial_lse_.resize(size_t(partial_rows_));
 #pragma omp parallel
     {
       Scratch sc;
-      sc.reserve(max_rows, D);
+      sc.reserve(max_rows_, D);
 #pragma omp for schedule(dynamic, 1)
       for (size_t i = 0; i < items_.size(); ++i) process(items_[i], sc);
     }
@@ -171,11 +222,15 @@ class CpuAttention {
 
  private:
   int q_len(int b) const { return p_.cu_seqlens_q[b + 1] - p_.cu_seqlens_q[b]; }
+  static int rows_of(const WorkItem& it, int group) {
+    return (it.q_end - it.q_begin) * group * (it.g1 - it.g0);
+  }
 
   void plan() {
     const int threads = omp_get_max_threads();
+    auto tiles_of = [&](int ql) { return ql <= kAllHeadsMaxQLen ? 1 : p_.Hkv * ((ql + q_tile_ - 1) / q_tile_); };
     int64_t base_items = 0;
-    for (int b = 0; b < p_.B; ++b) base_items += int64_t(p_.Hkv) * ((q_len(b) + q_tile_ - 1) / q_tile_);
+    for (int b = 0; b < p_.B; ++b) base_items += q_len(b) > 0 ? tiles_of(q_len(b)) : 0;
     const int64_t target = 4LL * threads;
     for (int b = 0; b < p_.B; ++b) {
       const int ql = q_len(b);
@@ -185,12 +240,15 @@ class CpuAttention {
         const int by_len = std::max(1, p_.seq_lens[b] / kMinKeysPerSplit);
         splits = int(std::min<int64_t>(by_len, (target + base_items - 1) / base_items));
       }
-      for (int g = 0; g < p_.Hkv; ++g)
-        for (int q0 = 0; q0 < ql; q0 += q_tile_) {
-          const int q1 = std::min(ql, q0 + q_tile_);
-          const int64_t rows = int64_t(q1 - q0) * group_;
-          for (int s = 0; s < splits; ++s) {
-            WorkItem it{b, g, q0, q1, s, splits, -1};
+      const bool all_heads = ql <= kAllHeadsMaxQLen;
+      const int heads_per_item = all_heads ? p_.Hkv : 1;
+      const int tile = all_heads ? ql : q_tile_;
+      for (int g = 0; g < p_.Hkv; g += heads_per_item)
+        for (int q0 = 0; q0 < ql; q0 += tile) {
+          for (int sp = 0; sp < splits; ++sp) {
+            WorkItem it{b, g, g + heads_per_item, q0, std::min(ql, q0 + tile), sp, splits, -1};
+            const int rows = rows_of(it, group_);
+            max_rows_ = std::max(max_rows_, rows);
             if (splits > 1) { it.partial = partial_rows_; partial_rows_ += rows; }
             items_.push_back(it);
           }
@@ -198,51 +256,71 @@ class CpuAttention {
     }
   }
 
+  // Row r of an item: kv head g0 + r / rows_per_head, then token, then head within group.
+  struct RowId { int qi, h; };
+  RowId row_id(const WorkItem& it, int r) const {
+    const int rows_per_head = (it.q_end - it.q_begin) * group_;
+    const int g = it.g0 + r / rows_per_head, rem = r % rows_per_head;
+    return {it.q_begin + rem / group_, g * group_ + rem % group_};
+  }
+
   void process(const WorkItem& it, Scratch& sc) {
-    const int b = it.b, g = it.g;
+    const int b = it.b;
     const int ql = q_len(b), seq_len = p_.seq_lens[b];
-    const int rows = (it.q_end - it.q_begin) * group_;
+    const int rows = rows_of(it, group_);
+    const int rows_per_head = (it.q_end - it.q_begin) * group_;
     const int t0 = p_.cu_seqlens_q[b];
     const T* q = static_cast<const T*>(p_.q);
 
-    // Load the tile's query rows (row = token * group + head-in-group), pre-scaled.
-    for (int qi = it.q_begin; qi < it.q_end; ++qi)
-      for (int hh = 0; hh < group_; ++hh) {
-        const int r = (qi - it.q_begin) * group_ + hh;
-        const T* src = q + (t0 + qi) * p_.q_stride_t + (g * group_ + hh) * p_.q_stride_h;
-        float* dst = sc.q.data() + size_t(r) * D;
-        cpu::to_float_n(src, dst, D);
-        for (int d = 0; d < D; ++d) dst[d] *= p_.scale;
-        sc.kmax[r] = causal_key_count(seq_len, ql, qi, p_.causal);
-        sc.st[r] = softmax_state_init();
-      }
+    for (int r = 0; r < rows; ++r) {  // load the query rows, pre-scaled
+      const RowId id = row_id(it, r);
+      float* dst = sc.q.data() + size_t(r) * D;
+      cpu::to_float_n(q + (t0 + id.qi) * p_.q_stride_t + id.h * p_.q_stride_h, dst, D);
+      for (int d = 0; d < D; ++d) dst[d] *= p_.scale;
+      sc.kmax[r] = causal_key_count(seq_len, ql, id.qi, p_.causal);
+      sc.st[r] = softmax_state_init();
+    }
     std::fill(sc.acc.begin(), sc.acc.begin() + size_t(rows) * D, 0.0f);
 
-    // This split's key range; keys past the last row's causal limit are never needed.
+    // This split's key range; keys past the last token's causal limit are never needed.
     const int per_split = (seq_len + it.n_splits - 1) / it.n_splits;
     const int k_begin = std::min(seq_len, it.split * per_split);
-    const int k_end = std::min({seq_len, k_begin + per_split, sc.kmax[rows - 1]});
+    const int k_last = causal_key_count(seq_len, ql, it.q_end - 1, p_.causal);
+    const int k_end = std::min({seq_len, k_begin + per_split, k_last});
 
     const T* kc = static_cast<const T*>(p_.k_cache);
     const T* vc = static_cast<const T*>(p_.v_cache);
     const int32_t* table = p_.block_tables + int64_t(b) * p_.block_table_stride;
-    std::vector<float>& s = sc.s;
-    std::vector<float>& alphas = sc.alpha;
-
+    float* s = sc.s.data();
     const int64_t key_stride = int64_t(p_.Hkv) * D;  // between keys of one block
+    const int item_row_bytes = (it.g1 - it.g0) * D * int(sizeof(T));
+    auto chunk_len = [&](int j) { return std::min({kKeyChunk, p_.BS - j % p_.BS, k_end - j}); };
+    // Element offset of key j, kv head g0, in the caches.
+    auto key_offset = [&](int j) {
+      return ((int64_t(table[j / p_.BS]) * p_.BS + j % p_.BS) * p_.Hkv + it.g0) * D;
+    };
+
     for (int j0 = k_begin, n = 0; j0 < k_end; j0 += n) {
       // A chunk never crosses a page block, so its keys are key_stride apart in the cache.
-      n = std::min({kKeyChunk, p_.BS - j0 % p_.BS, k_end - j0});
-      const int64_t first = (int64_t(table[j0 / p_.BS]) * p_.BS + j0 % p_.BS) * p_.Hkv + g;
-      const T* k_rows = kc + first * D;
-      const T* v_rows = vc + first * D;
-      score_chunk<D>(sc.q.data(), rows, k_rows, key_stride, n, s.data());
+      n = chunk_len(j0);
+      const int64_t first = key_offset(j0);
+      // Blocks are scattered: fetch the next chunk while this one computes.
+      if (j0 + n < k_end) {
+        const int64_t next = key_offset(j0 + n);
+        prefetch_rows(kc + next, key_stride, chunk_len(j0 + n), item_row_bytes);
+        prefetch_rows(vc + next, key_stride, chunk_len(j0 + n), item_row_bytes);
+      }
+      for (int g = it.g0; g < it.g1; ++g) {
+        const int r0 = (g - it.g0) * rows_per_head;
+        score_chunk<D>(sc.q.data() + size_t(r0) * D, rows_per_head,
+                       kc + first + (g - it.g0) * D, key_stride, n, s + size_t(r0) * kKeyChunk);
+      }
       for (int r = 0; r < rows; ++r) {
-        float* sr = s.data() + size_t(r) * kKeyChunk;
+        float* sr = s + size_t(r) * kKeyChunk;
         const int valid = std::max(0, std::min(n, sc.kmax[r] - j0));  // causal mask
         float tile_max = -INFINITY;
         for (int jj = 0; jj < valid; ++jj) tile_max = std::max(tile_max, sr[jj]);
-        alphas[r] = softmax_update_max(sc.st[r], tile_max);
+        sc.alpha[r] = softmax_update_max(sc.st[r], tile_max);
         // Weights exp(s - m) for valid keys, 0 for masked ones and the padding lanes.
         float sum = 0.0f;
         for (int j8 = 0; j8 < kKeyChunk; j8 += 8) {
@@ -256,18 +334,23 @@ class CpuAttention {
         }
         sc.st[r].l += sum;
       }
-      accumulate_chunk<D>(sc.acc.data(), rows, alphas.data(), s.data(), v_rows, key_stride, n);
+      for (int g = it.g0; g < it.g1; ++g) {
+        const int r0 = (g - it.g0) * rows_per_head;
+        accumulate_chunk<D>(sc.acc.data() + size_t(r0) * D, rows_per_head, sc.alpha.data() + r0,
+                            s + size_t(r0) * kKeyChunk, vc + first + (g - it.g0) * D,
+                            key_stride, n);
+      }
     }
 
-    // Write the tile: final rows directly, split partials to the merge buffer.
+    // Write the item: final rows directly, split partials to the merge buffer.
     T* out = static_cast<T*>(p_.out);
     for (int r = 0; r < rows; ++r) {
-      const int qi = it.q_begin + r / group_, h = g * group_ + r % group_;
+      const RowId id = row_id(it, r);
       const float inv = softmax_inv_sum(sc.st[r]);
       const float* a = sc.acc.data() + size_t(r) * D;
       if (it.n_splits == 1) {
-        cpu::from_float_n(a, out + (t0 + qi) * p_.out_stride_t + h * p_.out_stride_h, D, inv);
-        if (p_.lse) p_.lse[int64_t(t0 + qi) * p_.H + h] = softmax_lse(sc.st[r]);
+        cpu::from_float_n(a, out + (t0 + id.qi) * p_.out_stride_t + id.h * p_.out_stride_h, D, inv);
+        if (p_.lse) p_.lse[int64_t(t0 + id.qi) * p_.H + id.h] = softmax_lse(sc.st[r]);
       } else {
         float* dst = partial_out_.data() + size_t(it.partial + r) * D;
         for (int d = 0; d < D; ++d) dst[d] = a[d] * inv;
@@ -285,7 +368,7 @@ class CpuAttention {
 #pragma omp parallel for schedule(static)
     for (size_t f = 0; f < firsts.size(); ++f) {
       const WorkItem& it0 = items_[firsts[f]];
-      const int rows = (it0.q_end - it0.q_begin) * group_;
+      const int rows = rows_of(it0, group_);
       const int t0 = p_.cu_seqlens_q[it0.b];
       std::vector<float> o(D);
       for (int r = 0; r < rows; ++r) {
@@ -298,9 +381,10 @@ class CpuAttention {
           lse = lse_merge_weights(lse, partial_lse_[it.partial + r], w_acc, w_new);
           for (int d = 0; d < D; ++d) o[d] = w_acc * o[d] + w_new * part[d];
         }
-        const int qi = it0.q_begin + r / group_, h = it0.g * group_ + r % group_;
-        cpu::from_float_n(o.data(), out + (t0 + qi) * p_.out_stride_t + h * p_.out_stride_h, D, 1.0f);
-        if (p_.lse) p_.lse[int64_t(t0 + qi) * p_.H + h] = lse;
+        const RowId id = row_id(it0, r);
+        cpu::from_float_n(o.data(), out + (t0 + id.qi) * p_.out_stride_t + id.h * p_.out_stride_h,
+                          D, 1.0f);
+        if (p_.lse) p_.lse[int64_t(t0 + id.qi) * p_.H + id.h] = lse;
       }
     }
   }
@@ -308,6 +392,7 @@ class CpuAttention {
   const PagedAttentionParams& p_;
   const int group_;
   int q_tile_;
+  int max_rows_ = 0;
   std::vector<WorkItem> items_;
   int64_t partial_rows_ = 0;
   std::vector<float> partial_out_, partial_lse_;
