@@ -356,3 +356,66 @@ def pack_allowed_bits(allowed: torch.Tensor) -> torch.Tensor:
     # two's complement wrap into int32 (bit 31 set -> negative)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
+
+
+# ---- VQ codebook --------------------------------------------------------------------------------
+
+
+def vq_nearest(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    codebook_sqnorm: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Index of the nearest code for every row: ``argmin_j ||z_i - e_j||^2``.
+
+    Fused distance + argmin (no ``[N, K]`` distance matrix is ever formed), ties to the
+    lowest ``j``. Scores are ``||e_j||^2 - 2 z_i . e_j`` in float32; a row without a finite
+    score (NaN or inf in ``z``) gets -1.
+
+    Args:
+        z: ``[N, C]`` (last dim contiguous); float32 on CPU, float32 / bfloat16 / float16 on
+            CUDA.
+        codebook: ``[K, C]``, same dtype and device as ``z``.
+        codebook_sqnorm: optional float32 ``[K]`` of ``||e_j||^2``; computed by the kernel when
+            omitted (pass it when the codebook is reused, to save that work).
+        out: optional int64 ``[N]`` output.
+
+    Returns:
+        int64 ``[N]`` code indices.
+    """
+    _require_tensor("z", z)
+    _require_tensor("codebook", codebook)
+    if z.dim() != 2:
+        raise ValueError(f"vq_nearest: argument 'z' must be [N, C], got shape {tuple(z.shape)}")
+    if out is None:
+        out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    _C.vq_nearest(_dl(z), _dl(codebook), _dl_opt(codebook_sqnorm), _dl(out), _stream(z))
+    return out
+
+
+def vq_embed(
+    idx: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Code vectors of ``idx``: ``out[..., :] = codebook[idx[...], :]`` (shape ``idx.shape +
+    (C,)``, the codebook's dtype).
+
+    ``idx`` is int32 or int64 of any shape. CPU indices are always range-checked (ValueError
+    naming the position); CUDA ones with ``validate=True`` (synchronises); an out-of-range
+    CUDA index yields a zero row, never an out-of-bounds read.
+    """
+    _require_tensor("idx", idx)
+    _require_tensor("codebook", codebook)
+    if codebook.dim() != 2:
+        raise ValueError(f"vq_embed: argument 'codebook' must be [K, C], got shape "
+                         f"{tuple(codebook.shape)}")
+    if out is None:
+        out = torch.empty(*idx.shape, codebook.shape[1], dtype=codebook.dtype,
+                          device=codebook.device)
+    _C.vq_embed(_dl(idx.contiguous()), _dl(codebook), _dl(out), bool(validate), _stream(codebook))
+    return out

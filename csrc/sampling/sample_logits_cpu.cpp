@@ -22,13 +22,15 @@ namespace cm3rt {
 
 namespace {
 
-constexpr int kChunk = 4096;  // tokens per work item of a split row
+constexpr int kChunk = 4096;         // tokens per work item of a split row
+constexpr int kMinSplitRow = 32768;  // shorter rows are not split (fork/join would cost more)
 
 using Hist = std::array<uint64_t, kRadixBins>;
 
 // Runs body(t0, t1, acc) over [0, V) into `out`: in one piece, or in chunks on the OpenMP team
 // with per-chunk accumulators merged in chunk order (a fixed order: results never depend on
-// the thread count).
+// the thread count). Dynamic scheduling: on a busy machine a descheduled thread's chunks are
+// taken over by the others.
 template <typename Acc, typename Body, typename Merge>
 void reduce_row(int V, bool par, Acc& out, Body&& body, Merge&& merge) {
   if (!par) {
@@ -37,7 +39,7 @@ void reduce_row(int V, bool par, Acc& out, Body&& body, Merge&& merge) {
   }
   const int nchunks = (V + kChunk - 1) / kChunk;
   std::vector<Acc> parts(static_cast<size_t>(nchunks));  // value-initialised: identity
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int ch = 0; ch < nchunks; ++ch)
     body(ch * kChunk, std::min(V, (ch + 1) * kChunk), parts[size_t(ch)]);
   for (const Acc& a : parts) merge(out, a);
@@ -68,6 +70,60 @@ struct GroupRows {
                        bad);
   }
 };
+
+// Pass 1 over tokens [t0, t1): z into zb, the max key and the bad-input flag. MODE and MASK
+// are compile-time so the loop body is straight-line selects and vectorises.
+// MASK: 0 none, 1 bool bytes, 2 packed bits.
+template <int MODE, int MASK, typename T>
+void score_chunk(const GroupRows<T>& g, int t0, int t1, float* zb, uint32_t& max_key,
+                 bool& bad) {
+  const T* c = g.c;
+  const T* i = g.i;
+  const T* u = g.u;
+  const uint8_t* al = g.allowed;
+  const uint32_t* bits = g.bits;
+  const float s_txt = g.cfg.cfg_scale, s_img = g.cfg.cfg_image_scale;
+  const float cd_min = g.cd_min, inv_t = g.inv_t;
+  uint32_t mk = max_key;
+  int any_bad = 0;
+#pragma omp simd reduction(max : mk) reduction(| : any_bad)
+  for (int t = t0; t < t1; ++t) {
+    bool ok = true;
+    if (MASK == 1) ok = al[t] != 0;
+    if (MASK == 2) ok = ((bits[t >> 5] >> (t & 31)) & 1u) != 0;
+    const float cv = to_float(c[t]);
+    const float iv = MODE == kModeCfg3 ? to_float(i[t]) : 0.0f;
+    const float uv = MODE != kModeNone ? to_float(u[t]) : 0.0f;
+    bool b = false;
+    float z = token_score(MODE, cv, iv, uv, s_txt, s_img, cd_min, inv_t, b);
+    z = ok ? z : -INFINITY;
+    any_bad |= int(ok && b);
+    zb[t] = z;
+    const uint32_t key = float_key(z);
+    mk = key > mk ? key : mk;
+  }
+  max_key = mk;
+  bad = bad || any_bad != 0;
+}
+
+template <int MODE, typename T>
+void score_chunk_mask(const GroupRows<T>& g, int t0, int t1, float* zb, uint32_t& max_key,
+                      bool& bad) {
+  if (g.allowed) score_chunk<MODE, 1>(g, t0, t1, zb, max_key, bad);
+  else if (g.bits) score_chunk<MODE, 2>(g, t0, t1, zb, max_key, bad);
+  else score_chunk<MODE, 0>(g, t0, t1, zb, max_key, bad);
+}
+
+template <typename T>
+void score_range(const GroupRows<T>& g, int t0, int t1, float* zb, uint32_t& max_key,
+                 bool& bad) {
+  switch (g.cfg.mode) {
+    case kModeCfg: score_chunk_mask<kModeCfg>(g, t0, t1, zb, max_key, bad); break;
+    case kModeCfg3: score_chunk_mask<kModeCfg3>(g, t0, t1, zb, max_key, bad); break;
+    case kModeCdk: score_chunk_mask<kModeCdk>(g, t0, t1, zb, max_key, bad); break;
+    default: score_chunk_mask<kModeNone>(g, t0, t1, zb, max_key, bad); break;
+  }
+}
 
 // cdk: the k-th largest cond logit among allowed tokens with a finite cond logit, or -inf when
 // fewer than k such tokens exist (then every allowed token passes the plausibility filter).
@@ -103,36 +159,66 @@ float cdk_kth_cond_logit(const GroupRows<T>& g, int V, bool par) {
 
 struct MaxStat {
   uint32_t best_key = 0;  // below key(-inf): "nothing seen"
-  int best_t = -1;
   bool bad = false;
 };
 
 void merge_max(MaxStat& a, const MaxStat& b) {
-  if (b.best_key > a.best_key) { a.best_key = b.best_key; a.best_t = b.best_t; }  // a precedes b
+  a.best_key = b.best_key > a.best_key ? b.best_key : a.best_key;
   a.bad = a.bad || b.bad;
 }
 
 // Radix search over the row buffer: candidates and their weights from `cand(t, key, weight)`.
-// The first pass's histogram may be given (fused into an earlier pass).
+// The first pass's histogram may be given (fused into an earlier pass). The second pass scans
+// the row once more and keeps the tokens in the chosen top bucket; the last passes run over
+// that short list only.
 template <typename Cand>
 RadixState radix_search(int V, bool par, double limit, const Hist* first, Cand&& cand) {
+  struct Item {
+    uint32_t key;
+    uint64_t w;
+  };
+  struct Part {
+    Hist hist{};
+    std::vector<Item> items;
+  };
   RadixState s = radix_init();
-  for (int pass = 0; pass < kRadixPasses; ++pass) {
-    Hist h{};
-    if (pass == 0 && first) {
-      h = *first;
-    } else {
-      reduce_row(V, par, h,
-                 [&](int t0, int t1, Hist& acc) {
-                   for (int t = t0; t < t1; ++t) {
-                     uint32_t key;
-                     uint64_t w;
-                     if (cand(t, key, w) && radix_matches(s, key)) acc[radix_bin(key, pass)] += w;
-                   }
-                 },
-                 merge_hist);
-    }
-    radix_choose(s, h.data(), limit, pass);  // a candidate always exists here (the max token)
+  Hist h{};
+  if (first) {
+    h = *first;
+  } else {
+    reduce_row(V, par, h,
+               [&](int t0, int t1, Hist& acc) {
+                 for (int t = t0; t < t1; ++t) {
+                   uint32_t key;
+                   uint64_t w;
+                   if (cand(t, key, w)) acc[radix_bin(key, 0)] += w;
+                 }
+               },
+               merge_hist);
+  }
+  radix_choose(s, h.data(), limit, 0);  // a candidate always exists here (the max token)
+  Part list;
+  reduce_row(V, par, list,
+             [&](int t0, int t1, Part& acc) {
+               for (int t = t0; t < t1; ++t) {
+                 uint32_t key;
+                 uint64_t w;
+                 if (cand(t, key, w) && radix_matches(s, key)) {
+                   acc.hist[radix_bin(key, 1)] += w;
+                   acc.items.push_back(Item{key, w});
+                 }
+               }
+             },
+             [](Part& a, const Part& b) {
+               merge_hist(a.hist, b.hist);
+               a.items.insert(a.items.end(), b.items.begin(), b.items.end());
+             });
+  radix_choose(s, list.hist.data(), limit, 1);
+  for (int pass = 2; pass < kRadixPasses; ++pass) {
+    Hist hp{};
+    for (const Item& it : list.items)
+      if (radix_matches(s, it.key)) hp[radix_bin(it.key, pass)] += it.w;
+    radix_choose(s, hp.data(), limit, pass);
   }
   return s;
 }
@@ -159,23 +245,20 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   if (cfg.mode == kModeCdk)
     rows.cd_min = cdk_min_logit(cdk_kth_cond_logit(rows, V, par), cfg.cd_alpha);
 
-  // Pass 1: z into the buffer; max (lowest id on ties) and the bad-input flag.
+  // Pass 1: z into the buffer; the max and the bad-input flag.
   buf.resize(size_t(V));
   float* zb = buf.data();
   MaxStat mx;
   reduce_row(V, par, mx,
              [&](int t0, int t1, MaxStat& acc) {
-               for (int t = t0; t < t1; ++t) {
-                 const float z = rows.score(t, acc.bad);
-                 zb[t] = z;
-                 const uint32_t key = float_key(z);
-                 if (key > acc.best_key) { acc.best_key = key; acc.best_t = t; }
-               }
+               score_range(rows, t0, t1, zb, acc.best_key, acc.bad);
              },
              merge_max);
   if (mx.bad || mx.best_key <= kKeyNegInf) return;  // NaN / +inf input, or nothing allowed
-  if (greedy) {
-    p.tokens[g] = mx.best_t;
+  if (greedy) {  // the lowest id holding the max
+    int t = 0;
+    while (float_key(zb[t]) != mx.best_key) ++t;
+    p.tokens[g] = t;
     p.logprobs[g] = 0.0f;
     return;
   }
@@ -202,6 +285,7 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   reduce_row(V, par, ms,
              [&](int t0, int t1, MassStat& acc) {
                uint64_t total = 0;
+#pragma omp simd reduction(+ : total)
                for (int t = t0; t < t1; ++t) {
                  const float z = zb[t];
                  const float w = float_key(z) >= k_min_key ? exp_nonpos(z - zmax) : 0.0f;
@@ -238,24 +322,33 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   auto kept_weight = [&](int t) {
     return float_bits(zb[t]) >= p_min_bits ? weight_fixed(zb[t]) : uint64_t(0);
   };
-  int t0 = 0, t1 = V;
+  auto chunk_mass = [&](int t0, int t1) {
+    uint64_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int t = t0; t < t1; ++t) s += kept_weight(t);
+    return s;
+  };
+  // Chunk masses (in parallel when splitting the row), then a scan of the one chunk that
+  // holds the target.
+  constexpr int kDrawChunk = 1024;
+  const int nchunks = (V + kDrawChunk - 1) / kDrawChunk;
   uint64_t run = 0;
-  if (par) {  // chunk masses in parallel, then scan only the chunk that holds the target
-    const int nchunks = (V + kChunk - 1) / kChunk;
-    std::vector<uint64_t> sums(size_t(nchunks), 0);
-#pragma omp parallel for schedule(static)
-    for (int ch = 0; ch < nchunks; ++ch) {
-      uint64_t s = 0;
-      for (int t = ch * kChunk; t < std::min(V, (ch + 1) * kChunk); ++t) s += kept_weight(t);
-      sums[size_t(ch)] = s;
-    }
-    int ch = 0;
+  int ch = 0;
+  if (par) {
+    std::vector<uint64_t> sums(static_cast<size_t>(nchunks));
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int k = 0; k < nchunks; ++k)
+      sums[size_t(k)] = chunk_mass(k * kDrawChunk, std::min(V, (k + 1) * kDrawChunk));
     while (ch < nchunks - 1 && run + sums[size_t(ch)] <= target) run += sums[size_t(ch++)];
-    t0 = ch * kChunk;
-    t1 = std::min(V, t0 + kChunk);
+  } else {
+    for (; ch < nchunks - 1; ++ch) {
+      const uint64_t m = chunk_mass(ch * kDrawChunk, std::min(V, (ch + 1) * kDrawChunk));
+      if (run + m > target) break;
+      run += m;
+    }
   }
   int token = -1;
-  for (int t = t0; t < t1; ++t) {
+  for (int t = ch * kDrawChunk; t < std::min(V, (ch + 1) * kDrawChunk); ++t) {
     run += kept_weight(t);
     if (run > target) { token = t; break; }
   }
@@ -275,7 +368,7 @@ void sample_all(const SampleLogitsParams& p) {
     r += p.streams.at(g);
   }
   const int threads = omp_get_max_threads();
-  if (p.G >= threads || p.V < 2 * kChunk) {
+  if (p.G >= threads || p.V < kMinSplitRow) {
 #pragma omp parallel if (p.G > 1)
     {
       std::vector<float> buf;

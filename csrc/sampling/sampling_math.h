@@ -52,8 +52,9 @@ CM3RT_HD float add_rn(float a, float b) {
 // finite key.
 CM3RT_HD uint32_t float_key(float f) {
   uint32_t u = float_bits(f);
-  if (u == 0x80000000u) u = 0u;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  u = (u == 0x80000000u) ? 0u : u;
+  // sign set: flip all bits; else set the sign bit (branch-free, so CPU loops vectorise)
+  return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
 }
 CM3RT_HD float key_float(uint32_t k) {
   return bits_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
@@ -64,7 +65,8 @@ constexpr uint32_t kKeyNegInf = 0x007FFFFFu;
 // exp(x) for x <= 0 (Cody-Waite reduction, degree-6 polynomial; max rel. error ~2 ulp).
 // x < -87 (including -inf) and NaN give 0.
 CM3RT_HD float exp_nonpos(float x) {
-  if (!(x >= -87.0f)) return 0.0f;
+  const bool under = !(x >= -87.0f);
+  x = under ? -87.0f : x;  // select, not branch: CPU loops over it vectorise
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = fmaf(x, 1.44269504088896341f, magic) - magic;
   float r = fmaf(n, -0.693359375f, x);
@@ -79,7 +81,8 @@ CM3RT_HD float exp_nonpos(float x) {
   p = fmaf(p, r2, r);
   p = add_rn(p, 1.0f);
   const int e = int(n) + 127;  // n in [-126, 0]: a normal power of two
-  return mul_rn(p, bits_float(uint32_t(e) << 23));
+  const float y = mul_rn(p, bits_float(uint32_t(e) << 23));
+  return under ? 0.0f : y;
 }
 
 // log(x) for x > 0 finite (Cephes logf polynomial; max rel. error ~2 ulp). 0 -> -inf.
@@ -118,11 +121,12 @@ CM3RT_HD float log_pos(float x) {
   return fmaf(fe, 0.693359375f, r);
 }
 
-// Fixed-point weight of a token: floor(w * 2^40) for w = exp(z - max) in [0, 1].
-CM3RT_HD uint64_t weight_fixed(float w) { return uint64_t(mul_rn(w, kWeightScale)); }
+// Fixed-point weight of a token: floor(w * 2^40) for w = exp(z - max) in [0, 1] (the product
+// is exact; the value fits int64, whose conversion is one instruction on the CPU).
+CM3RT_HD uint64_t weight_fixed(float w) { return uint64_t(int64_t(mul_rn(w, kWeightScale))); }
 
 // ---- inputs ----------------------------------------------------------------------------------
-CM3RT_HD bool is_nan_or_posinf(float x) { return x != x || x == INFINITY; }
+CM3RT_HD bool is_nan_or_posinf(float x) { return (x != x) | (x == INFINITY); }
 
 // Allowed-token test; either mask may be absent (nullptr).
 CM3RT_HD bool token_allowed(const uint8_t* allowed_row, const uint32_t* bits_row, int t) {
@@ -177,28 +181,23 @@ CM3RT_HD bool group_config_valid(const GroupConfig& c) {
 // flagged; the value returned is -inf).
 CM3RT_HD float token_score(int32_t mode, float c, float i, float u, float s_txt, float s_img,
                            float cd_min, float inv_t, bool& bad) {
+  // Selects and bitwise |, & rather than early returns and short-circuits: the CPU kernel
+  // instantiates it per mode inside `omp simd` loops, which then vectorise.
   const bool use_u = mode != kModeNone, use_i = mode == kModeCfg3;
-  if (is_nan_or_posinf(c) || (use_u && is_nan_or_posinf(u)) || (use_i && is_nan_or_posinf(i))) {
-    bad = true;
-    return -INFINITY;
-  }
-  if (c == -INFINITY || (use_u && u == -INFINITY) || (use_i && i == -INFINITY)) return -INFINITY;
-  float l;
-  switch (mode) {
-    case kModeCfg: l = fmaf(s_txt, c - u, u); break;
-    case kModeCfg3: l = fmaf(s_txt, c - i, fmaf(s_img, i - u, u)); break;
-    case kModeCdk:
-      if (!(c >= cd_min)) return -INFINITY;
-      l = c - u;
-      break;
-    default: l = c; break;
+  const bool bad_in = is_nan_or_posinf(c) | (use_u & is_nan_or_posinf(u)) |
+                      (use_i & is_nan_or_posinf(i));
+  bool drop = (c == -INFINITY) | (use_u & (u == -INFINITY)) | (use_i & (i == -INFINITY));
+  float l = c;
+  if (mode == kModeCfg) l = fmaf(s_txt, c - u, u);
+  if (mode == kModeCfg3) l = fmaf(s_txt, c - i, fmaf(s_img, i - u, u));
+  if (mode == kModeCdk) {
+    drop = drop | !(c >= cd_min);
+    l = c - u;
   }
   const float z = mul_rn(l, inv_t);
-  if (is_nan_or_posinf(z)) {
-    bad = true;
-    return -INFINITY;
-  }
-  return z;
+  const bool b = bad_in | (!drop & is_nan_or_posinf(z));
+  bad = bad | b;
+  return (drop | b) ? -INFINITY : z;
 }
 
 // cdk's keep rule p_e(t) >= alpha * p_e(k-th) in logit form: c_t >= c_(k) + log(alpha)
