@@ -116,7 +116,8 @@ def naive_generate(model, tp: TokenPrompt, p: SamplingParams, max_new: int,
                 temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                 cfg_scale=p.cfg_scale, cfg_image_scale=p.cfg_image_scale,
                 cd_alpha=p.cd_alpha, cd_k=p.cd_k,
-                allowed=naive_allowed(in_image, tp.allow_images), seed=seed, step=len(gen))
+                allowed_bits=ops.pack_allowed_bits(naive_allowed(in_image, tp.allow_images)),
+                seed=seed, step=len(gen))
             t = int(tok[0])
             assert t >= 0
             new = [t]
