@@ -29,14 +29,13 @@ from cm3rt.engine.scheduler import Scheduler, SchedulerOutput
 from cm3rt.engine.sequence import build_prompt, default_max_new_tokens
 from cm3rt.engine.state import (
     FINISHED,
-    Group,
     RequestState,
     VocabInfo,
     new_request_state,
     processor_parts,
     stream_roles,
 )
-from cm3rt.model.step import StepMetadata
+from cm3rt.engine.step_inputs import build_step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -311,98 +310,30 @@ class Engine:
 
     # --- one forward + sample -----------------------------------------------------------
     def _run_model(self, out: SchedulerOutput) -> tuple[list[int], list[float]]:
-        chunks = out.chunks
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        cu = [0]
-        row_of: dict[int, int] = {}
-        mb = max(len(c.stream.blocks) for c in chunks)
-        tables = []
-        for b, c in enumerate(chunks):
-            s, start, n = c.stream, c.start, c.n
-            ids.extend(s.tokens[start:start + n])
-            pos.extend(range(start, start + n))
-            blocks = s.blocks
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
-            seq_lens.append(start + n)
-            cu.append(cu[-1] + n)
-            row_of[id(s)] = cu[-1] - 1  # the stream's last token this step
-            tables.append(blocks + [0] * (mb - len(blocks)))
-
-        # Rows of the logits that each sampling group reads, group rows adjacent.
-        rows: list[int] = []
-        nstreams: list[int] = []
-        modes: list[str] = []
-        guidance_by_group: list[SamplingParams] = []
-        for g in out.samples:
-            src = g.leader if g.leader is not None else g
-            use = src.streams if g.guided() else src.streams[:1]
-            rows.extend(row_of[id(s)] for s in use)
-            nstreams.append(len(use))
-            modes.append(g.req.params.guidance if g.guided() else "none")
-            guidance_by_group.append(g.req.params)
+        x = build_step_inputs(out, self.block_size, self.device)
         if not out.samples:
             # A pure-prefill step (chunks that stop short of the end): no sampling.
-            self._forward_eager(ids, pos, slots, tables, seq_lens, cu, chunks, rows=None)
+            with torch.inference_mode():
+                self.model.forward_step(x.ids, x.pos, x.meta, self.cache.layers)
             return [], []
-
         logits = None
         if self.graphs is not None and out.is_pure_decode:
-            logits_all = self.graphs.run(
-                torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                torch.tensor(slots, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32),
-                torch.tensor(seq_lens, dtype=torch.int32))
+            logits_all = self.graphs.run(x.ids, x.pos, x.meta.slots, x.meta.block_tables,
+                                         x.meta.seq_lens)
             if logits_all is not None:
-                logits = logits_all.index_select(
-                    0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
+                logits = logits_all.index_select(0, x.rows)
         if logits is None:
-            logits = self._forward_eager(ids, pos, slots, tables, seq_lens, cu, chunks, rows)
-        return self._sample(out.samples, logits, nstreams, modes, guidance_by_group)
-
-    def _forward_eager(self, ids, pos, slots, tables, seq_lens, cu, chunks, rows):
-        dev = self.device
-        ip = torch.tensor([ids, pos], dtype=torch.long).to(dev, non_blocking=True)
-        meta_host = torch.tensor(slots + seq_lens + cu, dtype=torch.int32)
-        meta_dev = meta_host.to(dev, non_blocking=True)
-        T, B = len(slots), len(seq_lens)
-        meta = StepMetadata(
-            slots=meta_dev[:T], block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
-            seq_lens=meta_dev[T:T + B], cu_seqlens_q=meta_dev[T + B:],
-            max_q_len=max(c.n for c in chunks), max_seq_len=max(seq_lens),
-        )
-        with torch.inference_mode():
-            hidden = self.model.forward_step(ip[0], ip[1], meta, self.cache.layers)
-            if rows is None:
-                return None
-            sel = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-            return self.model.compute_logits(hidden.index_select(0, sel))
-
-    def _sample(self, groups: list[Group], logits: torch.Tensor, nstreams: list[int],
-                modes: list[str], params: list[SamplingParams]):
-        dev = self.device
-        f32 = torch.float32
-
-        def vec(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        kinds = vec([g.mask_kind() for g in groups], torch.long)
+            with torch.inference_mode():
+                hidden = self.model.forward_step(x.ids, x.pos, x.meta, self.cache.layers)
+                logits = self.model.compute_logits(hidden.index_select(0, x.rows))
         tokens, logprobs = ops.sample_logits(
-            logits, vec(nstreams, torch.int32),
-            mode=vec([_MODE_CODE[m] for m in modes], torch.int32),
-            temperature=vec([p.temperature for p in params], f32),
-            top_k=vec([p.top_k for p in params], torch.int32),
-            top_p=vec([p.top_p for p in params], f32),
-            cfg_scale=vec([p.cfg_scale for p in params], f32),
-            cfg_image_scale=vec([p.cfg_image_scale for p in params], f32),
-            cd_alpha=vec([p.cd_alpha for p in params], f32),
-            cd_k=vec([p.cd_k for p in params], torch.int32),
-            allowed_bits=self.allowed_bits.index_select(0, kinds),
-            seed=vec([g.seed for g in groups], torch.int64),
-            step=vec([len(g.generated) for g in groups], torch.int64),
+            logits, x.streams, mode=x.mode, temperature=x.temperature, top_k=x.top_k,
+            top_p=x.top_p, cfg_scale=x.cfg_scale, cfg_image_scale=x.cfg_image_scale,
+            cd_alpha=x.cd_alpha, cd_k=x.cd_k,
+            allowed_bits=self.allowed_bits.index_select(0, x.mask_kind),
+            seed=x.seed, step=x.step,
         )
+        # The step's one synchronisation: the host needs the tokens to schedule the next.
         return tokens.tolist(), logprobs.tolist()
 
     # --- outputs ------------------------------------------------------------------------
@@ -479,5 +410,3 @@ class Engine:
         for s, segs in zip(samples, pieces):
             s.segments = [tt.decode(x) if kind == "txt" else images[x] for kind, x in segs]
 
-
-_MODE_CODE = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}
