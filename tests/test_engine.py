@@ -350,3 +350,24 @@ def test_decode_graphs_match_eager_steps(model_dir, device):
         assert tokens_of(x) == tokens_of(y)
     for req, out in zip(reqs(), a):
         assert tokens_of(out) == expected(m, req)
+
+
+def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
+    eng = make_engine(model)
+    real = model.forward_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_step", flaky)
+    outs = eng.generate([text_to_image(90, "cfg"), text_request(91)])
+    assert all(isinstance(o.error, RuntimeError) for o in outs)
+    assert "simulated device failure" in str(outs[0].error)
+    assert eng.pool.num_free == eng.pool.num_blocks
+    monkeypatch.setattr(model, "forward_step", real)
+    (ok,) = eng.generate([text_to_image(92, "cfg")])
+    assert tokens_of(ok) == expected(model, text_to_image(92, "cfg"))

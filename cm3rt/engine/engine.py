@@ -228,8 +228,19 @@ class Engine:
         if out.empty:
             return events
         self.num_steps += 1
-        self.cache.copy_blocks(out.copies)
-        tokens, logprobs = self._run_model(out)
+        try:
+            self.cache.copy_blocks(out.copies)
+            tokens, logprobs = self._run_model(out)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # The step failed as a whole (e.g. out of device memory): fail the requests it
+            # carried, free their blocks, keep the engine consistent for the others.
+            for req in {id(c.group.req): c.group.req for c in out.chunks}.values():
+                if req.status != FINISHED:
+                    self.scheduler.abort(req, RuntimeError(
+                        f"request {req.request_id!r} failed in a model step: {exc}"))
+                    events.append(self._final_event(req))
+            log.warning("engine step failed: %s", exc)
+            return events
         self.scheduler.commit(out)
         touched: list[RequestState] = []
         for g, tok, lp in zip(out.samples, tokens, logprobs):
