@@ -33,6 +33,7 @@ from cm3rt.engine.state import (
     RequestState,
     VocabInfo,
     new_request_state,
+    processor_parts,
     stream_roles,
 )
 from cm3rt.model.step import StepMetadata
@@ -441,7 +442,7 @@ class Engine:
         """Split each sample into text runs and complete image spans; decode all images of
         the request in one batch."""
         v = self.vocab
-        tt = self.processor.text_tokenizer
+        tt, it = processor_parts(self.processor)
         pieces: list[list] = []
         codes: list[list[int]] = []
         for s in samples:
@@ -472,7 +473,6 @@ class Engine:
             pieces.append(segs)
         images: list = []
         if codes:
-            it = self.processor.image_tokenizer
             code_idx = tt.id_to_code(torch.tensor(codes, dtype=torch.long))
             images = list(it.decode(code_idx))
         for s, segs in zip(samples, pieces):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cm3rt.engine.request import TASKS, Request, TokenPrompt
-from cm3rt.engine.state import VocabInfo
+from cm3rt.engine.state import VocabInfo, processor_parts
 
 try:  # PIL is a runtime dependency; keep the import error readable if it is missing
     from PIL import Image as _PILImage
@@ -92,8 +92,7 @@ class _Encoder:
     def __init__(self, processor, vocab: VocabInfo):
         self.processor = processor
         self.vocab = vocab
-        self.text_tok = getattr(processor, "text_tokenizer", None)
-        self.image_tok = getattr(processor, "image_tokenizer", None)
+        self.text_tok, self.image_tok = processor_parts(processor)
         self._codes: dict[int, list[int]] = {}
 
     def prepare_images(self, images: list) -> None:

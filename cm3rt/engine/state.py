@@ -62,8 +62,7 @@ class VocabInfo:
     @classmethod
     def from_processor(cls, processor, vocab_size: int, tokens_per_image: int | None = None):
         """Read the ids from a cm3rt Processor (text + image tokenizer)."""
-        tt = processor.text_tokenizer
-        it = getattr(processor, "image_tokenizer", None)
+        tt, it = processor_parts(processor)
         n = tokens_per_image
         if n is None:
             if it is None:
@@ -125,6 +124,21 @@ def tokens_per_image_of(cfg) -> int:
     if side < 1:
         raise ValueError(f"vq_config: resolution {res} with {levels} levels leaves no tokens")
     return side * side
+
+
+def processor_parts(processor) -> tuple[Any, Any]:
+    """(text tokenizer, image tokenizer or None) of a cm3rt Processor (``.text`` /
+    ``.image``) or any object with ``.text_tokenizer`` / ``.image_tokenizer``."""
+    text = getattr(processor, "text", None)
+    if text is None or isinstance(text, str):
+        text = getattr(processor, "text_tokenizer", None)
+    image = getattr(processor, "image", None)
+    if image is None:
+        image = getattr(processor, "image_tokenizer", None)
+    if text is None or not hasattr(text, "encode") or not hasattr(text, "boi_id"):
+        raise TypeError(f"argument 'processor' must be a cm3rt Processor (text + image "
+                        f"tokenizer), got {type(processor).__name__}")
+    return text, image
 
 
 def _opt_int(v) -> int | None:

@@ -93,6 +93,11 @@ __device__ uint64_t block_exclusive_scan(uint64_t v, SharedState& sh, uint64_t* 
 }
 
 // ---- radix search pieces ---------------------------------------------------------------------
+// uint64_t is unsigned long here; CUDA's 64-bit atomicAdd takes unsigned long long.
+__device__ __forceinline__ void hist_add(uint64_t* bin, uint64_t w) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(bin), static_cast<unsigned long long>(w));
+}
+
 __device__ __forceinline__ void hist_clear(SharedState& sh) {
   for (int b = threadIdx.x; b < kRadixBins; b += kThreads) sh.hist[b] = 0;
   __syncthreads();
@@ -212,7 +217,7 @@ __device__ float cdk_kth(const DevRows<T>& r, int V, int k, SharedState& sh) {
       for (int j = 0; j < VEC; ++j) {
         if (!token_allowed(r.allowed, r.bits, base + j) || !(fabsf(c[j]) < INFINITY)) continue;
         const uint32_t key = float_key(c[j]);
-        if (radix_matches(s, key)) atomicAdd(&sh.hist[radix_bin(key, pass)], 1ull);
+        if (radix_matches(s, key)) hist_add(&sh.hist[radix_bin(key, pass)], 1ull);
       }
     }
     __syncthreads();
@@ -301,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(SampleLogitsPar
         for (int k = 0; k < VEC; ++k) {
           const uint32_t key = float_key(z[k]);
           if (key > kKeyNegInf && radix_matches(s, key))
-            atomicAdd(&sh.hist[radix_bin(key, pass)], 1ull);
+            hist_add(&sh.hist[radix_bin(key, pass)], 1ull);
         }
       }
       radix_choose_block(sh, double(cfg.top_k), pass);
@@ -324,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(SampleLogitsPar
       const float w = weight_of(z[k]);
       const uint64_t wf = weight_fixed(w);
       mass += wf;
-      if (use_top_p && wf) atomicAdd(&sh.hist[radix_bin(float_bits(w), 0)], wf);
+      if (use_top_p && wf) hist_add(&sh.hist[radix_bin(float_bits(w), 0)], wf);
     }
   }
   const uint64_t total = block_reduce<false>(mass, sh);
@@ -347,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(SampleLogitsPar
             const float w = weight_of(z[k]);
             const uint32_t key = float_bits(w);
             const uint64_t wf = weight_fixed(w);
-            if (wf && radix_matches(s, key)) atomicAdd(&sh.hist[radix_bin(key, pass)], wf);
+            if (wf && radix_matches(s, key)) hist_add(&sh.hist[radix_bin(key, pass)], wf);
           }
         }
       }

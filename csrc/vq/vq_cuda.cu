@@ -149,7 +149,7 @@ void launch_nearest(const VqNearestParams& p, cudaStream_t s) {
   const int grid_y = (p.K + codes_per_split - 1) / codes_per_split;
   auto* packed = reinterpret_cast<uint64_t*>(p.out);
   vq_fill_kernel<<<(p.N + 255) / 256, 256, 0, s>>>(packed, p.N);
-  const dim3 grid(unsigned(blocks_x), unsigned(grid_y));
+  const dim3 grid{unsigned(blocks_x), unsigned(grid_y), 1u};
   if (p.sqnorm)
     vq_nearest_kernel<T, false><<<grid, kVqThreads, 0, s>>>(p, packed, codes_per_split);
   else
