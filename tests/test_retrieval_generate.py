@@ -16,7 +16,7 @@ from cm3rt.engine.generate import generate
 from cm3rt.model import load_pretrained
 from cm3rt.retrieval.bank import MemoryBank
 from cm3rt.retrieval.clip import ClipEncoder
-from cm3rt.tokenizer import ImageTokenizer, Processor, TextTokenizer
+from cm3rt.tokenizer import ImageTokenizer, TextTokenizer
 
 PROMPT = "a red circle"
 
@@ -38,23 +38,8 @@ pytestmark = pytest.mark.skipif(
            "generate on this build (sampling bug, reported to the lead)")
 
 
-class _Processor(Processor):
-    """The engine reads .text_tokenizer / .image_tokenizer, the Processor has .text / .image
-    (branches written in parallel); alias them until one side adopts the other's names."""
-
-    @property
-    def text_tokenizer(self):
-        return self.text
-
-    @property
-    def image_tokenizer(self):
-        return self.image
-
-
 def make_engine(model_dir, **kw) -> Engine:
     model, proc = load_pretrained(model_dir)
-    if not hasattr(proc, "text_tokenizer"):
-        proc = _Processor(proc.text, proc.image)
     return Engine(model, proc, **kw)
 
 
