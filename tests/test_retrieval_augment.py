@@ -128,3 +128,42 @@ def test_errors(bank_dir) -> None:
         retrieve_prefix(42, "x", None, 2, 100, Processor(GridTokenizer()))
     with pytest.raises(ValueError, match="expected text"):
         retrieve_prefix(path, None, None, 2, 100, Processor(GridTokenizer()))
+
+
+def test_layout_with_the_model_tokenizers(tmp_path) -> None:
+    """retrieve_prefix with cm3rt.tokenizer's Processor, TextTokenizer and VQGAN codes."""
+    from model_fixtures import make_tiny_model_dir
+    from PIL import Image
+
+    from cm3rt.model import load_pretrained
+
+    model_dir = make_tiny_model_dir(tmp_path, use_hf=False)
+    _, proc = load_pretrained(model_dir)
+    text_tok, image_tok = proc.text, proc.image
+    cfg, w = make_tiny_clip(tmp_path / "clip", seed=8)
+    enc = ClipEncoder(str(cfg), weights=w)
+    rng = np.random.default_rng(6)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, cap in enumerate(["a red circle", "a blue square"]):
+        random_image(rng, (16, 16)).save(src / f"d{i}.png")
+        (src / f"d{i}.txt").write_text(cap)
+    (src / "t.txt").write_text("round things")
+    with MemoryBank.build(src, tmp_path / "bank", enc, image_tok, progress=False) as bank:
+        chosen = bank.search(text="a red circle", k=3, max_score=None, dedupe=None)
+        prefix, docs = retrieve_prefix(bank, "a red circle", None, 3, 10_000, proc,
+                                       max_score=None, dedupe=None)
+    assert [d.id for d in docs] == [d.id for d in chosen] and len(docs) == 3
+    want = []
+    for d in chosen:
+        want += text_tok.encode(d.caption)
+        if d.modality != "text":
+            with Image.open(src / d.source) as im:
+                codes = image_tok.encode([im.copy()])[0]
+            want += proc.image_ids(codes)  # boi, image-token ids, eoi
+    assert prefix == want
+    # The bank refuses a processor whose VQGAN is another one.
+    other_dir = make_tiny_model_dir(tmp_path / "other", use_hf=False, seed=99)
+    _, other = load_pretrained(other_dir)
+    with pytest.raises(ValueError, match="image tokenizer"):
+        retrieve_prefix(tmp_path / "bank", "a red circle", None, 2, 10_000, other)
