@@ -371,3 +371,15 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, 
     monkeypatch.setattr(model, "forward_step", real)
     (ok,) = eng.generate([text_to_image(92, "cfg")])
     assert tokens_of(ok) == expected(model, text_to_image(92, "cfg"))
+
+
+def test_step_by_step_use_keeps_no_outputs_behind(model):
+    eng = make_engine(model)
+    rid = eng.add_request(text_request(95, max_new=4))
+    finals = []
+    while eng.has_unfinished():
+        finals += [e.output for e in eng.step() if e.output is not None]
+    assert [o.request_id for o in finals] == [rid] and finals[0].ok
+    assert not eng._outputs and not eng._requests
+    with pytest.raises(ValueError, match="unknown"):
+        eng.run_until_done([rid])

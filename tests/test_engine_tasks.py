@@ -51,7 +51,6 @@ def streams_of(eng: Engine, req: Request) -> dict[str, list[int]]:
     state = eng._requests[rid]
     out = {s.role: list(s.tokens) for s in state.groups[0].streams}
     eng.abort(rid)
-    eng._outputs.pop(rid)
     return out
 
 

@@ -62,7 +62,8 @@ class Engine:
         kv_cache_fraction: ... or as a fraction of the device's free memory (default 0.5,
             capped at what ``max_num_seqs`` full-length streams could use).
         max_num_seqs: most streams (cond / uncond / image-cond) running at once.
-        max_num_batched_tokens: token budget of one step.
+        max_num_batched_tokens: token budget of one step (raised to max_num_seqs if lower,
+            so every decoding stream fits one step).
         enable_prefix_caching: reuse cached full blocks of equal prefixes.
         scorer: best-of-n: ``scorer(prompt_text, images) -> scores``; samples are ranked by
             the score of their first image, best first.
@@ -84,6 +85,12 @@ class Engine:
                 raise ValueError(f"argument '{name}' must be an int >= 1, got {v!r}")
         if scorer is not None and not callable(scorer):
             raise TypeError(f"argument 'scorer' must be callable, got {type(scorer).__name__}")
+        missing = [a for a in ("config", "device", "forward_step", "compute_logits",
+                               "allocate_kv_cache", "kv_cache_bytes_per_block")
+                   if not hasattr(model, a)]
+        if missing:
+            raise TypeError(f"argument 'model' must be a ChameleonModel (or have its step "
+                            f"API); {type(model).__name__} lacks {missing}")
         self.model = model
         self.processor = processor
         cfg = model.config
@@ -125,7 +132,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, RequestState] = {}
-        self._outputs: dict[str, RequestOutput] = {}
+        self._outputs: dict[str, RequestOutput] = {}  # finished, for run_until_done callers
+        self._awaited: set[str] = set()
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
@@ -271,11 +279,19 @@ class Engine:
     def run_until_done(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         """Step until the given requests finished; returns their outputs in order."""
         ids = list(request_ids)
-        while any(i not in self._outputs for i in ids):
-            if not self.scheduler.has_work:
-                raise RuntimeError("engine idle while requests are unfinished (internal error)")
-            self.step()
-        return [self._outputs.pop(i) for i in ids]
+        unknown = [i for i in ids if i not in self._requests and i not in self._outputs]
+        if unknown:
+            raise ValueError(f"unknown (or already collected) request ids: {unknown}")
+        self._awaited.update(ids)
+        try:
+            while any(i not in self._outputs for i in ids):
+                if not self.scheduler.has_work:
+                    raise RuntimeError("engine idle while requests are unfinished "
+                                       "(internal error)")
+                self.step()
+            return [self._outputs.pop(i) for i in ids]
+        finally:
+            self._awaited.difference_update(ids)
 
     def generate(self, requests: Iterable[Request | str | TokenPrompt],
                  params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -306,7 +322,6 @@ class Engine:
         except BaseException:
             for rid in ids:
                 self.abort(rid)
-                self._outputs.pop(rid, None)
             raise
         pending = set(ids)
         while pending:
@@ -316,7 +331,6 @@ class Engine:
                 if ev.request_id in pending:
                     if ev.output is not None:
                         pending.discard(ev.request_id)
-                        self._outputs.pop(ev.request_id, None)
                     yield ev
 
     # --- one forward + sample -----------------------------------------------------------
@@ -356,7 +370,8 @@ class Engine:
                 out.samples = self._samples_of(req)
             except (RuntimeError, ValueError, TypeError, OSError) as exc:  # report, keep serving
                 out.error = exc
-        self._outputs[req.request_id] = out
+        if req.request_id in self._awaited:
+            self._outputs[req.request_id] = out  # others get it from the step's events
         req.output = out
         self._requests.pop(req.request_id, None)
         return out
