@@ -315,6 +315,13 @@ std::vector<float> log_pos_hook(const std::vector<float>& x) {
   return y;
 }
 
+// Both fixed-point weight forms, for every value given (they must agree bit for bit).
+std::vector<std::array<uint64_t, 2>> weight_fixed_hook(const std::vector<float>& w) {
+  std::vector<std::array<uint64_t, 2>> out(w.size());
+  for (size_t i = 0; i < w.size(); ++i) out[i] = {weight_fixed(w[i]), weight_fixed_halves(w[i])};
+  return out;
+}
+
 }  // namespace
 
 void bind_sampling(py::module_& m) {
@@ -329,6 +336,8 @@ void bind_sampling(py::module_& m) {
         "Test hook: Philox4x32-10 of the sampler on the host.");
   m.def("_exp_nonpos", &exp_nonpos_hook, py::arg("x"), "Test hook: the sampler's exp (x <= 0).");
   m.def("_log_pos", &log_pos_hook, py::arg("x"), "Test hook: the sampler's log (x > 0).");
+  m.def("_weight_fixed", &weight_fixed_hook, py::arg("w"),
+        "Test hook: the two forms of the sampler's fixed-point weight floor(w * 2^40).");
   m.attr("SAMPLE_MODE_NAMES") = py::make_tuple("none", "cfg", "cfg3", "cdk");
 }
 

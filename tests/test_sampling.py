@@ -98,6 +98,16 @@ def test_deterministic_exp_log_accuracy():
     assert _C._log_pos([0.0])[0] == -math.inf
 
 
+def test_weight_fixed_forms_agree():
+    # floor(w * 2^40), once through int64 and once from two exact 20-bit halves (vector loops)
+    gen = np.random.default_rng(0)
+    w = np.concatenate([gen.random(20000), np.exp(-gen.random(20000) * 40), [0.0, 1.0, 2**-40,
+                        2**-41, 1 - 2**-24, 2**-20, 3 * 2**-21]]).astype(np.float32)
+    got = np.array(_C._weight_fixed(w.tolist()), dtype=np.uint64)
+    want = np.floor(w.astype(np.float64) * 2.0**40).astype(np.uint64)
+    assert np.array_equal(got[:, 0], want) and np.array_equal(got[:, 1], want)
+
+
 # ---- distributions, each step in isolation and combined ----------------------------------------
 
 CASES = [
