@@ -260,7 +260,10 @@ void sample_logits(py::handle logits_obj, py::handle streams_obj, py::handle mod
   // (token -1, logprob NaN), never read out of range.
   validate_scalars(op, mode, temperature, top_k, top_p, cfg_scale, cfg_image_scale, cd_alpha,
                    cd_k);
-  if (!logits.is_cuda() || validate)
+  const bool any_group_tensor = streams.is_tensor || mode.is_tensor || temperature.is_tensor ||
+      top_k.is_tensor || top_p.is_tensor || cfg_scale.is_tensor || cfg_image_scale.is_tensor ||
+      cd_alpha.is_tensor || cd_k.is_tensor;
+  if (!logits.is_cuda() || validate || !any_group_tensor)  // numbers only: no device traffic
     validate_groups(op, int(G), R, streams, mode, temperature, top_k, top_p, cfg_scale,
                     cfg_image_scale, cd_alpha, cd_k);
   if (G == 0) return;
