@@ -97,7 +97,7 @@ void score_chunk(const GroupRows<T>& g, int t0, int t1, float* zb, uint32_t& max
     bool b = false;
     float z = token_score(MODE, cv, iv, uv, s_txt, s_img, cd_min, inv_t, b);
     z = ok ? z : -INFINITY;
-    any_bad |= int(ok && b);
+    any_bad |= int(ok & b);  // bitwise: GCC 12 miscompiles `ok && b` here (mixed-width masks)
     zb[t] = z;
     const uint32_t key = float_key(z);
     mk = key > mk ? key : mk;
