@@ -219,3 +219,100 @@ def test_build_info_reports():
     info = ops.build_info()
     assert info["simd"] and isinstance(info["cuda"], bool)
     assert info["cuda_devices"] >= 0
+
+
+# ---- CUDA-only paths: split-KV decode batches, bad block ids, workspace, graph capture ------
+
+def _cuda_only():
+    from conftest import CUDA_READY
+    return pytest.mark.skipif(not CUDA_READY, reason="no CUDA device (or cm3rt built without CUDA)")
+
+
+def _check(out, lse, batch, seq_lens, q_lens, D, causal, dtype, skip_rows=()):
+    ref, ref_lse = reference_attention(batch["q"].cpu(), batch["keys"], batch["values"],
+                                       seq_lens, q_lens, 1 / math.sqrt(D), causal)
+    keep = torch.ones(ref.shape[0], dtype=torch.bool)
+    keep[list(skip_rows)] = False
+    torch.testing.assert_close(out.cpu().double()[keep], ref[keep], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse.cpu().double()[keep], ref_lse[keep], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@_cuda_only()
+@pytest.mark.parametrize("D", [80, 256])
+def test_cuda_decode_batch_split_kv(D):
+    # max_q_len=1 selects the split-KV decode kernel: 12 query heads on 1 kv head (3 head
+    # chunks per CTA group), a sequence with no query row, long and tiny sequences
+    seq_lens, q_lens = [1500, 600, 2, 900], [1, 0, 1, 1]
+    gen = torch.Generator().manual_seed(D)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        batch = make_paged_batch(seq_lens, q_lens, 12, 1, D, 16, dtype, "cuda", gen)
+        out = torch.full((3, 12, D), float("nan"), dtype=dtype, device="cuda")
+        _, lse = ops.paged_attention(
+            batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"],
+            batch["seq_lens"], batch["cu_seqlens_q"], out=out, return_lse=True,
+            max_q_len=1, max_seq_len=max(seq_lens))
+        _check(out, lse, batch, seq_lens, q_lens, D, True, dtype)
+
+
+@pytest.mark.cuda
+@_cuda_only()
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_bad_block_id_gives_nan_rows(decode):
+    # without validate, a block id out of range must not be read: rows that attend a key of
+    # that block come out NaN (output and lse), every other row stays exact
+    gen = torch.Generator().manual_seed(77)
+    seq_lens, q_lens = ([1000, 50], [1, 1]) if decode else ([100, 50], [100, 10])
+    for dtype in (torch.float32, torch.bfloat16):
+        batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, dtype, "cuda", gen)
+        NB = batch["k_cache"].shape[0]
+        bt = batch["block_tables"].clone()
+        bt[0, 40 if decode else 3] = -3 if decode else NB + 5
+        T = sum(q_lens)
+        out = torch.full((T, 4, 64), 0.0, dtype=dtype, device="cuda")
+        _, lse = ops.paged_attention(
+            batch["q"], batch["k_cache"], batch["v_cache"], bt, batch["seq_lens"],
+            batch["cu_seqlens_q"], out=out, return_lse=True, max_q_len=1 if decode else None)
+        # decode: row 0 attends every key of sequence 0; prefill: rows 48.. reach block 3
+        bad_rows = [0] if decode else list(range(48, 100))
+        assert torch.isnan(out[bad_rows].float()).all() and torch.isnan(lse[bad_rows]).all()
+        _check(out, lse, batch, seq_lens, q_lens, 64, True, dtype, skip_rows=bad_rows)
+
+
+@pytest.mark.cuda
+@_cuda_only()
+def test_cuda_workspace_too_small_raises():
+    gen = torch.Generator().manual_seed(3)
+    batch = make_paged_batch([2000], [1], 8, 2, 64, 16, torch.float16, "cuda", gen)
+    assert ops.paged_attention_workspace(batch["q"], 1, 1, 2000) is not None  # a split plan
+    with pytest.raises(ValueError, match="argument 'workspace' must hold at least"):
+        ops.paged_attention(batch["q"], batch["k_cache"], batch["v_cache"],
+                            batch["block_tables"], batch["seq_lens"], batch["cu_seqlens_q"],
+                            max_q_len=1, max_seq_len=2000,
+                            workspace=torch.empty(16, dtype=torch.uint8, device="cuda"))
+
+
+@pytest.mark.cuda
+@_cuda_only()
+def test_cuda_decode_step_graph_capture():
+    # the decode path allocates nothing and never synchronises: it captures and replays
+    gen = torch.Generator().manual_seed(4)
+    seq_lens, q_lens = [1200, 333], [1, 1]
+    batch = make_paged_batch(seq_lens, q_lens, 8, 2, 128, 16, torch.bfloat16, "cuda", gen)
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"],
+            batch["seq_lens"], batch["cu_seqlens_q"])
+    ws = ops.paged_attention_workspace(batch["q"], 2, 1, 1200)
+    out = torch.empty(2, 8, 128, dtype=torch.bfloat16, device="cuda")
+    eager = ops.paged_attention(*args, max_q_len=1, max_seq_len=1200, workspace=ws).clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        ops.paged_attention(*args, out=out, max_q_len=1, max_seq_len=1200, workspace=ws)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(*args, out=out, max_q_len=1, max_seq_len=1200, workspace=ws)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

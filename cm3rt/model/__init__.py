@@ -1,0 +1,20 @@
+"""The Chameleon decoder on cm3rt's paged kernels, and its HF-layout loader.
+
+    model = load_model("path/to/chameleon", dtype=torch.bfloat16, device="cuda")
+    logits = model.logits(input_ids)            # [B, L] -> float32 [B, L, V]
+    hidden = model.forward_step(ids, positions, meta, kv_caches)   # the engine's step
+"""
+
+from cm3rt.model.chameleon import ChameleonDecoderLayer, ChameleonModel
+from cm3rt.model.config import ChameleonConfig
+from cm3rt.model.loader import load_model, load_pretrained
+from cm3rt.model.step import StepMetadata
+
+__all__ = [
+    "ChameleonConfig",
+    "ChameleonDecoderLayer",
+    "ChameleonModel",
+    "StepMetadata",
+    "load_model",
+    "load_pretrained",
+]

@@ -1,0 +1,312 @@
+"""The Chameleon decoder over cm3rt's paged KV cache.
+
+Layout of one layer (HF ``ChameleonDecoderLayer``; ``swin_norm`` moves the norms after the
+sublayers, HF ``ChameleonSwinDecoderLayer``):
+
+    plain:  x += attn(rms(x));  x += mlp(rms(x))
+    swin:   x += rms(attn(x));  x += rms(mlp(x))
+
+    attn(h): qkv = h @ Wqkv^T (one GEMM; q, k, v rows concatenated at load)
+             q, k = qk_layer_norm(q), qk_layer_norm(k); q, k = rope(q), rope(k)
+             kv_append(k, v -> cache at meta.slots); o = paged_attention(q, cache)
+             return o @ Wo^T
+    mlp(h):  (silu(g) * u) @ Wdown^T with [g; u] = h @ Wgate_up^T (one GEMM)
+
+Weights are plain tensors in the model dtype (float32 / bfloat16 / float16), never trained
+here: every parameter has ``requires_grad=False`` and the forward runs under
+``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3rt import ops
+from cm3rt.model.config import ChameleonConfig
+from cm3rt.model.layers import (
+    apply_rope,
+    qk_layer_norm,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    swiglu,
+)
+from cm3rt.model.step import StepMetadata
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Block size of the throw-away cache that ``logits`` builds (any size the kernels accept).
+_LOGITS_BLOCK_SIZE = 16
+
+
+def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialised on purpose: the loader copies every element from the checkpoint, so a
+    # zero fill would only touch (and on CPU commit) the pages one extra time.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ChameleonDecoderLayer(nn.Module):
+    """Weights of one decoder layer (fused QKV and gate/up projections)."""
+
+    def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.input_layernorm = _weight((h,), dtype, device)
+        self.post_attention_layernorm = _weight((h,), dtype, device)
+        self.qkv_proj = _weight(((nq + 2 * nkv) * d, h), dtype, device)  # rows [q; k; v]
+        self.q_norm_weight = _weight((nq, d), dtype, device)
+        self.q_norm_bias = _weight((nq, d), dtype, device)
+        self.k_norm_weight = _weight((nkv, d), dtype, device)
+        self.k_norm_bias = _weight((nkv, d), dtype, device)
+        self.o_proj = _weight((h, nq * d), dtype, device)
+        self.gate_up_proj = _weight((2 * cfg.intermediate_size, h), dtype, device)  # [g; u]
+        self.down_proj = _weight((h, cfg.intermediate_size), dtype, device)
+
+    def attention(
+        self,
+        h: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, D/2] float32
+        sin: torch.Tensor,  # [T, D/2] float32
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # [NB, BS, Hkv, D] each
+        meta: StepMetadata,
+        cfg: ChameleonConfig,
+        workspace: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = h.shape[0]
+        d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = F.linear(h, self.qkv_proj)
+        q = qkv[:, : nq * d].view(t, nq, d)
+        k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
+        v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # strided view: the kernels take it
+        q = apply_rope(qk_layer_norm(q, self.q_norm_weight, self.q_norm_bias, cfg.qk_norm_eps),
+                       cos, sin)
+        k = apply_rope(qk_layer_norm(k, self.k_norm_weight, self.k_norm_bias, cfg.qk_norm_eps),
+                       cos, sin)
+        k_cache, v_cache = kv_cache
+        ops.kv_append(k, v, k_cache, v_cache, meta.slots)
+        o = ops.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+            scale=1.0 / math.sqrt(d), causal=True,
+            max_q_len=meta.max_q_len, max_seq_len=meta.max_seq_len, workspace=workspace,
+        )
+        return F.linear(o.view(t, nq * d), self.o_proj)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(swiglu(F.linear(h, self.gate_up_proj)), self.down_proj)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: StepMetadata,
+        cfg: ChameleonConfig,
+        workspace: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        eps = cfg.rms_norm_eps
+        if cfg.swin_norm:
+            a = self.attention(x, cos, sin, kv_cache, meta, cfg, workspace)
+            x = x + rms_norm(a, self.input_layernorm, eps)
+            return x + rms_norm(self.mlp(x), self.post_attention_layernorm, eps)
+        x = x + self.attention(rms_norm(x, self.input_layernorm, eps), cos, sin, kv_cache,
+                               meta, cfg, workspace)
+        return x + self.mlp(rms_norm(x, self.post_attention_layernorm, eps))
+
+
+class ChameleonModel(nn.Module):
+    """Chameleon decoder: ``forward_step`` for the engine, ``logits`` for whole sequences.
+
+    Construct through :func:`cm3rt.model.load_model`; the constructor only allocates
+    (uninitialised) weights of the right shapes, dtype and device.
+    """
+
+    def __init__(
+        self,
+        config: ChameleonConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"argument 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        device = torch.device(device)
+        self.config = config
+        v, h = config.vocab_size, config.hidden_size
+        self.embed_tokens = _weight((v, h), dtype, device)
+        self.layers = nn.ModuleList(
+            ChameleonDecoderLayer(config, dtype, device) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = _weight((h,), dtype, device)
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else _weight(
+            (v, h), dtype, device)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta).to(device),
+            persistent=False,
+        )
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights, activations and KV cache."""
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device the weights live on."""
+        return self.embed_tokens.device
+
+    # ----------------------------------------------------------------- KV cache
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one cache block takes over all layers, K and V together."""
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"argument 'block_size' must be a positive int, got {block_size!r}")
+        c = self.config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim * elem
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hkv, D]``.
+
+        Uninitialised: attention only reads the slots ``kv_append`` wrote.
+        """
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"argument '{name}' must be a positive int, got {value!r}")
+        c = self.config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        return [
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    def attention_workspace(self, num_tokens: int, meta: StepMetadata) -> torch.Tensor | None:
+        """Scratch the CUDA attention kernel needs for a step of this shape (None on CPU or
+        when the kernel plans no split); pass it to :meth:`forward_step` as ``workspace``."""
+        c = self.config
+        q = torch.empty((num_tokens, c.num_attention_heads, c.head_dim), dtype=self.dtype,
+                        device=self.device)
+        return ops.paged_attention_workspace(q, meta.num_seqs, meta.max_q_len, meta.max_seq_len)
+
+    # ----------------------------------------------------------------- forward
+    def check_token_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        """Raise ValueError unless every id lies in ``[0, vocab_size)`` (synchronises)."""
+        if input_ids.numel() == 0:
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"argument '{name}' must hold token ids in [0, {self.config.vocab_size}), "
+                f"got values in [{lo}, {hi}]"
+            )
+
+    @torch.inference_mode()
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: StepMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        validate: bool | None = None,
+        workspace: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One batched step over ``T`` packed tokens; returns hidden states ``[T, hidden]``.
+
+        Args:
+            input_ids: int64 ``[T]`` token ids (prefill chunks and decode tokens, packed in
+                the order of ``meta.cu_seqlens_q``).
+            positions: int64 ``[T]`` position of each token in its sequence (RoPE).
+            meta: slots / block tables / lengths of the step (see :class:`StepMetadata`).
+            kv_caches: from :meth:`allocate_kv_cache`; this step's keys/values are written.
+            validate: range-check ``input_ids`` (default: on CPU yes, on CUDA no, since it
+                synchronises; the engine checks prompts once with :meth:`check_token_ids`).
+            workspace: CUDA split-KV scratch for the attention kernel, from
+                :meth:`attention_workspace` (every layer reuses it, in stream order); keeps a
+                decode step free of that allocation, e.g. for CUDA-graph capture.
+
+        The hidden states are *before* the final norm; :meth:`compute_logits` applies it.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
+            raise ValueError(f"argument 'input_ids' must be a 1-D tensor [T], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if not isinstance(positions, torch.Tensor) or positions.shape != input_ids.shape:
+            raise ValueError(f"argument 'positions' must be a tensor of shape "
+                             f"{tuple(input_ids.shape)}, got "
+                             f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if not isinstance(meta, StepMetadata):
+            raise TypeError(f"argument 'meta' must be a StepMetadata, got {type(meta).__name__}")
+        if meta.num_tokens != input_ids.shape[0]:
+            raise ValueError(f"argument 'meta' describes {meta.num_tokens} tokens (slots) but "
+                             f"'input_ids' holds {input_ids.shape[0]}")
+        if len(kv_caches) != self.config.num_hidden_layers:
+            raise ValueError(f"argument 'kv_caches' must hold {self.config.num_hidden_layers} "
+                             f"(k, v) pairs, got {len(kv_caches)}")
+        if validate is None:
+            validate = not input_ids.is_cuda
+        if validate:
+            self.check_token_ids(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta, self.config, workspace)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``."""
+        if hidden.dim() != 2 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"argument 'hidden' must be [N, {self.config.hidden_size}], got "
+                             f"{tuple(hidden.shape)}")
+        h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Causal forward of whole sequences ``[B, L]`` -> float32 logits ``[B, L, V]``.
+
+        Runs :meth:`forward_step` once over a temporary paged cache (one prefill of every
+        sequence), so it exercises exactly the engine's code path.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"argument 'input_ids' must be a torch.Tensor, got "
+                            f"{type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"argument 'input_ids' must be [B, L] with L >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"argument 'input_ids' must be int64 or int32, got {input_ids.dtype}")
+        ids = input_ids.to(self.device, torch.int64)
+        self.check_token_ids(ids)
+        b, seq_len = ids.shape
+        bs = _LOGITS_BLOCK_SIZE
+        blocks_per_seq = -(-seq_len // bs)
+        caches = self.allocate_kv_cache(b * blocks_per_seq, bs)
+        dev = self.device
+        # Sequence i owns blocks i*nb .. (i+1)*nb - 1, so token j sits in slot i*nb*bs + j.
+        tok = torch.arange(seq_len, device=dev, dtype=torch.int32)
+        seq = torch.arange(b, device=dev, dtype=torch.int32)
+        meta = StepMetadata(
+            slots=(seq[:, None] * (blocks_per_seq * bs) + tok[None, :]).reshape(-1),
+            block_tables=(seq[:, None] * blocks_per_seq
+                          + torch.arange(blocks_per_seq, device=dev, dtype=torch.int32)),
+            seq_lens=torch.full((b,), seq_len, device=dev, dtype=torch.int32),
+            cu_seqlens_q=torch.arange(b + 1, device=dev, dtype=torch.int32) * seq_len,
+            max_q_len=seq_len,
+            max_seq_len=seq_len,
+        )
+        positions = tok.long().repeat(b)
+        hidden = self.forward_step(ids.reshape(-1), positions, meta, caches, validate=False)
+        return self.compute_logits(hidden).view(b, seq_len, -1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # nn.Module protocol
+        """Same as :meth:`logits`."""
+        return self.logits(input_ids)

@@ -1,0 +1,171 @@
+"""``load_model``: an HF-layout Chameleon directory -> :class:`ChameleonModel`.
+
+The directory holds ``config.json`` and ``model.safetensors`` (or a sharded index) with HF's
+weight names (``model.layers.{i}.self_attn.q_proj.weight`` ...). q/k/v rows are copied
+straight into the fused QKV weight and gate/up into the fused gate/up weight, so no layer is
+ever materialised twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cm3rt.model.chameleon import SUPPORTED_DTYPES, ChameleonModel
+from cm3rt.model.checkpoint import SafetensorsCheckpoint, TensorSpec
+from cm3rt.model.config import ChameleonConfig
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A supported weight dtype from a torch dtype or its name (``"bf16"``, ``"float16"``)."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPE_NAMES:
+            raise ValueError(f"argument 'dtype' must be one of {sorted(_DTYPE_NAMES)}, "
+                             f"got {dtype!r}")
+        return _DTYPE_NAMES[dtype.lower()]
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"argument 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A usable torch device; ValueError for CUDA when no CUDA device is visible."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"argument 'device' is not a device: {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"argument 'device' is {device!r} but no CUDA device is available")
+        from cm3rt import ops  # only needed for CUDA
+
+        if not ops.cuda_available():
+            raise ValueError(f"argument 'device' is {device!r} but cm3rt was built without "
+                             "CUDA kernels")
+    elif dev.type != "cpu":
+        raise ValueError(f"argument 'device' must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _prefix(ckpt: SafetensorsCheckpoint) -> str:
+    # ChameleonForConditionalGeneration nests the decoder under "model."; ChameleonModel
+    # saved on its own does not.
+    if "model.embed_tokens.weight" in ckpt:
+        return "model."
+    if "embed_tokens.weight" in ckpt:
+        return ""
+    return "model."  # report the names the common layout expects as missing
+
+
+def weight_specs(model: ChameleonModel, prefix: str = "model.",
+                 lm_head_name: str = "lm_head.weight") -> list[TensorSpec]:
+    """Every checkpoint tensor the model reads, with the parameter slice it lands in."""
+    cfg = model.config
+    d, nq, nkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, \
+        cfg.intermediate_size
+    h = cfg.hidden_size
+    specs = [TensorSpec(f"{prefix}embed_tokens.weight", (cfg.vocab_size, h), model.embed_tokens),
+             TensorSpec(f"{prefix}norm.weight", (h,), model.norm)]
+    if not cfg.tie_word_embeddings:
+        specs.append(TensorSpec(lm_head_name, (cfg.vocab_size, h), model.lm_head))
+    q_rows, kv_rows = nq * d, nkv * d
+    for i, layer in enumerate(model.layers):
+        p = f"{prefix}layers.{i}."
+        qkv = layer.qkv_proj
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (h,), layer.input_layernorm),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,),
+                       layer.post_attention_layernorm),
+            TensorSpec(p + "self_attn.q_proj.weight", (q_rows, h), qkv[:q_rows]),
+            TensorSpec(p + "self_attn.k_proj.weight", (kv_rows, h),
+                       qkv[q_rows:q_rows + kv_rows]),
+            TensorSpec(p + "self_attn.v_proj.weight", (kv_rows, h), qkv[q_rows + kv_rows:]),
+            TensorSpec(p + "self_attn.o_proj.weight", (h, q_rows), layer.o_proj),
+            TensorSpec(p + "self_attn.q_norm.weight", (nq, d), layer.q_norm_weight),
+            TensorSpec(p + "self_attn.q_norm.bias", (nq, d), layer.q_norm_bias),
+            TensorSpec(p + "self_attn.k_norm.weight", (nkv, d), layer.k_norm_weight),
+            TensorSpec(p + "self_attn.k_norm.bias", (nkv, d), layer.k_norm_bias),
+            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), layer.gate_up_proj[:inter]),
+            TensorSpec(p + "mlp.up_proj.weight", (inter, h), layer.gate_up_proj[inter:]),
+            TensorSpec(p + "mlp.down_proj.weight", (h, inter), layer.down_proj),
+        ]
+    return specs
+
+
+def _check_unexpected(ckpt: SafetensorsCheckpoint, specs: list[TensorSpec], prefix: str,
+                      path: Path) -> None:
+    """Decoder tensors the config does not account for mean config and weights disagree
+    (e.g. more layers in the file than in config.json): refuse rather than ignore them."""
+    expected = {s.name for s in specs}
+    ignored_roots = (f"{prefix}vqmodel.", "vqmodel.")
+    unexpected = [
+        n for n in ckpt.names()
+        if n not in expected and not n.startswith(ignored_roots)
+        and not n.endswith("rotary_emb.inv_freq")
+        and not (n == "lm_head.weight" and "lm_head.weight" not in expected)
+    ]
+    if unexpected:
+        raise ValueError(
+            f"load_model: {path} holds {len(unexpected)} tensor(s) that config.json does not "
+            f"describe: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> ChameleonModel:
+    """Load a Chameleon model from an HF-layout directory.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` (or
+            ``model.safetensors.index.json`` + shards), HF weight names.
+        dtype: weight / activation dtype (float32, bfloat16 or float16, or their names);
+            checkpoint tensors are converted one at a time while copying.
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+
+    Raises:
+        FileNotFoundError: the directory, config.json or a weight file is missing.
+        ValueError: unknown architecture / unsupported config, a missing tensor, or a tensor
+            with the wrong shape or dtype (named, with its file). Nothing is loaded then.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_model: argument 'path' must be a model directory, "
+                                f"got {str(path)!r} (no such directory)")
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    config = ChameleonConfig.from_json(path / "config.json")
+    with SafetensorsCheckpoint.open_dir(path) as ckpt:
+        prefix = _prefix(ckpt)
+        # Shapes are checked against a meta-device twin first: nothing is allocated for
+        # real until the whole checkpoint is known to fit the config.
+        probe = ChameleonModel(config, dtype, "meta")
+        _check_unexpected(ckpt, weight_specs(probe, prefix), prefix, path)
+        ckpt.check(weight_specs(probe, prefix), what=f"load_model({str(path)!r})")
+        del probe
+        model = ChameleonModel(config, dtype, device)
+        ckpt.copy_into(weight_specs(model, prefix))
+    return model.eval()
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN."""
+    from cm3rt.tokenizer import ImageTokenizer, Processor, TextTokenizer
+
+    model = load_model(path, dtype, device)
+    text = TextTokenizer.from_file(path)
+    image = ImageTokenizer.from_pretrained(path, device=device)
+    return model, Processor(text, image)
