@@ -260,7 +260,10 @@ void sample_logits(py::handle logits_obj, py::handle streams_obj, py::handle mod
   // (token -1, logprob NaN), never read out of range.
   validate_scalars(op, mode, temperature, top_k, top_p, cfg_scale, cfg_image_scale, cd_alpha,
                    cd_k);
-  if (!logits.is_cuda() || validate)
+  const bool any_group_tensor = streams.is_tensor || mode.is_tensor || temperature.is_tensor ||
+      top_k.is_tensor || top_p.is_tensor || cfg_scale.is_tensor || cfg_image_scale.is_tensor ||
+      cd_alpha.is_tensor || cd_k.is_tensor;
+  if (!logits.is_cuda() || validate || !any_group_tensor)  // numbers only: no device traffic
     validate_groups(op, int(G), R, streams, mode, temperature, top_k, top_p, cfg_scale,
                     cfg_image_scale, cd_alpha, cd_k);
   if (G == 0) return;
@@ -315,6 +318,13 @@ std::vector<float> log_pos_hook(const std::vector<float>& x) {
   return y;
 }
 
+// Both fixed-point weight forms, for every value given (they must agree bit for bit).
+std::vector<std::array<uint64_t, 2>> weight_fixed_hook(const std::vector<float>& w) {
+  std::vector<std::array<uint64_t, 2>> out(w.size());
+  for (size_t i = 0; i < w.size(); ++i) out[i] = {weight_fixed(w[i]), weight_fixed_halves(w[i])};
+  return out;
+}
+
 }  // namespace
 
 void bind_sampling(py::module_& m) {
@@ -329,6 +339,8 @@ void bind_sampling(py::module_& m) {
         "Test hook: Philox4x32-10 of the sampler on the host.");
   m.def("_exp_nonpos", &exp_nonpos_hook, py::arg("x"), "Test hook: the sampler's exp (x <= 0).");
   m.def("_log_pos", &log_pos_hook, py::arg("x"), "Test hook: the sampler's log (x > 0).");
+  m.def("_weight_fixed", &weight_fixed_hook, py::arg("w"),
+        "Test hook: the two forms of the sampler's fixed-point weight floor(w * 2^40).");
   m.attr("SAMPLE_MODE_NAMES") = py::make_tuple("none", "cfg", "cfg3", "cdk");
 }
 

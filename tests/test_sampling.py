@@ -98,6 +98,16 @@ def test_deterministic_exp_log_accuracy():
     assert _C._log_pos([0.0])[0] == -math.inf
 
 
+def test_weight_fixed_forms_agree():
+    # floor(w * 2^40), once through int64 and once from two exact 20-bit halves (vector loops)
+    gen = np.random.default_rng(0)
+    w = np.concatenate([gen.random(20000), np.exp(-gen.random(20000) * 40), [0.0, 1.0, 2**-40,
+                        2**-41, 1 - 2**-24, 2**-20, 3 * 2**-21]]).astype(np.float32)
+    got = np.array(_C._weight_fixed(w.tolist()), dtype=np.uint64)
+    want = np.floor(w.astype(np.float64) * 2.0**40).astype(np.uint64)
+    assert np.array_equal(got[:, 0], want) and np.array_equal(got[:, 1], want)
+
+
 # ---- distributions, each step in isolation and combined ----------------------------------------
 
 CASES = [
@@ -123,17 +133,22 @@ CASES = [
 
 @pytest.mark.parametrize("name,spec", CASES, ids=[c[0] for c in CASES])
 def test_distribution(device, name, spec):
-    rows = make_rows(12, STREAMS[spec.mode], seed=len(name) * 31 + 7)
+    # V = 37: several full vector iterations of the CPU loops plus a tail
+    rows = make_rows(37, STREAMS[spec.mode], seed=len(name) * 31 + 7)
     check_distribution(rows, spec, device, seed=case_seed(name))
 
 
 @pytest.mark.parametrize("kind", ["bool_shared", "bool_per_group", "bits"])
-def test_distribution_masked(device, kind):
-    V = 40  # two bit words, the second partial
+@pytest.mark.parametrize("V", [40, 301])
+def test_distribution_masked(device, kind, V):
+    # V = 40: two bit words, the second partial; V = 301: several full vector iterations of the
+    # CPU's mask loads (a miscompiled mask reduction once showed only from V = 64 on)
     spec = GroupSpec(mode="cfg", cfg_scale=2.0, top_p=0.9)
-    rows = make_rows(V, 2, seed=5)
+    rows = make_rows(V, 2, seed=5 + V)
     allowed = torch.zeros(V, dtype=torch.bool)
     allowed[[0, 3, 5, 9, 17, 31, 32, 38, 39]] = True
+    if V > 40:
+        allowed[torch.randperm(V, generator=torch.Generator().manual_seed(V))[:40]] = True
     kw = {}
     if kind == "bool_shared":
         kw["allowed"] = allowed.to(device)
@@ -142,15 +157,30 @@ def test_distribution_masked(device, kind):
     else:
         kw["allowed_bits"] = ops.pack_allowed_bits(allowed).to(device)
     counts, _ = check_distribution(rows, spec, device, allowed_np=allowed.numpy(),
-                                   seed=case_seed(kind), **kw)
+                                   seed=case_seed(f"{kind}{V}"), **kw)
     assert counts[~allowed.numpy()].sum() == 0
+
+
+def test_bool_and_bit_masks_agree(device):
+    G, V = 64, 77
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(2 * G, V, generator=gen).to(device)
+    allowed = (torch.rand(G, V, generator=gen) < 0.3).to(device)
+    bits = ops.pack_allowed_bits(allowed)
+    assert bits.shape == (G, 3) and bits.dtype == torch.int32
+    kw = {"mode": "cfg", "cfg_scale": 2.0, "top_k": 5, "seed": 3,
+          "step": torch.arange(G, device=device)}
+    a, la = ops.sample_logits(logits, 2, allowed=allowed, **kw)
+    b, lb = ops.sample_logits(logits, 2, allowed_bits=bits, **kw)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert bool(allowed.gather(1, a[:, None].clamp_min(0))[:, 0][a >= 0].all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_distribution_half_inputs(device, dtype):
     # the reference sees the rounded 16-bit values the kernel reads
     spec = GroupSpec(mode="cfg", cfg_scale=2.0, top_k=8)
-    rows = make_rows(16, 2, seed=11, dtype=dtype)
+    rows = make_rows(37, 2, seed=11, dtype=dtype)
     check_distribution(rows, spec, device, seed=case_seed(str(dtype)))
 
 

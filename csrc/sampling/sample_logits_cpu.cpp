@@ -97,7 +97,7 @@ void score_chunk(const GroupRows<T>& g, int t0, int t1, float* zb, uint32_t& max
     bool b = false;
     float z = token_score(MODE, cv, iv, uv, s_txt, s_img, cd_min, inv_t, b);
     z = ok ? z : -INFINITY;
-    any_bad |= int(ok && b);
+    any_bad |= int(ok & b);  // bitwise: GCC 12 miscompiles `ok && b` here (mixed-width masks)
     zb[t] = z;
     const uint32_t key = float_key(z);
     mk = key > mk ? key : mk;
@@ -167,12 +167,13 @@ void merge_max(MaxStat& a, const MaxStat& b) {
   a.bad = a.bad || b.bad;
 }
 
-// Radix search over the row buffer: candidates and their weights from `cand(t, key, weight)`.
-// The first pass's histogram may be given (fused into an earlier pass). The second pass scans
-// the row once more and keeps the tokens in the chosen top bucket; the last passes run over
-// that short list only.
-template <typename Cand>
-RadixState radix_search(int V, bool par, double limit, const Hist* first, Cand&& cand) {
+// Radix search over the row buffer. `key(t, k)` gives a candidate's key (false: not a
+// candidate), `weight(t)` its weight. The first pass's histogram may be given (fused into an
+// earlier pass). The second pass scans the row once more and keeps the tokens of the chosen
+// top bucket; the last passes run over that short list only.
+template <typename Key, typename Weight>
+RadixState radix_search(int V, bool par, double limit, const Hist* first, Key&& key_of,
+                        Weight&& weight_of) {
   struct Item {
     uint32_t key;
     uint64_t w;
@@ -190,8 +191,7 @@ RadixState radix_search(int V, bool par, double limit, const Hist* first, Cand&&
                [&](int t0, int t1, Hist& acc) {
                  for (int t = t0; t < t1; ++t) {
                    uint32_t key;
-                   uint64_t w;
-                   if (cand(t, key, w)) acc[radix_bin(key, 0)] += w;
+                   if (key_of(t, key)) acc[radix_bin(key, 0)] += weight_of(t);
                  }
                },
                merge_hist);
@@ -202,8 +202,8 @@ RadixState radix_search(int V, bool par, double limit, const Hist* first, Cand&&
              [&](int t0, int t1, Part& acc) {
                for (int t = t0; t < t1; ++t) {
                  uint32_t key;
-                 uint64_t w;
-                 if (cand(t, key, w) && radix_matches(s, key)) {
+                 if (key_of(t, key) && radix_matches(s, key)) {
+                   const uint64_t w = weight_of(t);
                    acc.hist[radix_bin(key, 1)] += w;
                    acc.items.push_back(Item{key, w});
                  }
@@ -267,12 +267,13 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   // Top-k threshold on z (counts).
   uint32_t k_min_key = kKeyNegInf + 1;
   if (cfg.top_k > 0 && cfg.top_k < V) {
-    k_min_key = radix_search(V, par, double(cfg.top_k), nullptr,
-                             [&](int t, uint32_t& key, uint64_t& w) {
-                               key = float_key(zb[t]);
-                               w = 1;
-                               return key > kKeyNegInf;
-                             }).prefix;
+    k_min_key = radix_search(
+        V, par, double(cfg.top_k), nullptr,
+        [&](int t, uint32_t& key) {
+          key = float_key(zb[t]);
+          return key > kKeyNegInf;
+        },
+        [](int) { return uint64_t(1); }).prefix;
   }
 
   // Weight pass: z -> w = exp(z - max) (0 outside top-k); total mass; top-p's first histogram.
@@ -284,34 +285,41 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   MassStat ms;
   reduce_row(V, par, ms,
              [&](int t0, int t1, MassStat& acc) {
-               uint64_t total = 0;
-#pragma omp simd reduction(+ : total)
+#pragma omp simd
                for (int t = t0; t < t1; ++t) {
                  const float z = zb[t];
-                 const float w = float_key(z) >= k_min_key ? exp_nonpos(z - zmax) : 0.0f;
-                 zb[t] = w;
-                 total += weight_fixed(w);
+                 zb[t] = float_key(z) >= k_min_key ? exp_nonpos(z - zmax) : 0.0f;
                }
-               acc.total += total;
-               if (use_top_p)
-                 for (int t = t0; t < t1; ++t)
-                   acc.hist[radix_bin(float_bits(zb[t]), 0)] += weight_fixed(zb[t]);
+               if (use_top_p) {  // the total is the sum of the histogram
+                 for (int t = t0; t < t1; ++t) {
+                   const float w = zb[t];
+                   if (w >= kMinWeighted) acc.hist[radix_bin(float_bits(w), 0)] += weight_fixed(w);
+                 }
+               } else {
+                 uint64_t total = 0;
+#pragma omp simd reduction(+ : total)
+                 for (int t = t0; t < t1; ++t) total += weight_fixed_halves(zb[t]);
+                 acc.total += total;
+               }
              },
              [](MassStat& a, const MassStat& b) {
                a.total += b.total;
                merge_hist(a.hist, b.hist);
              });
+  if (use_top_p)
+    for (uint64_t x : ms.hist) ms.total += x;
 
   // Top-p threshold on w (mass); w >= 0, so its bits order like its values.
   uint32_t p_min_bits = 1;  // every w > 0
   uint64_t kept_mass = ms.total;
   if (use_top_p) {
-    const RadixState s = radix_search(V, par, double(cfg.top_p) * double(ms.total), &ms.hist,
-                                      [&](int t, uint32_t& key, uint64_t& w) {
-                                        key = float_bits(zb[t]);
-                                        w = weight_fixed(zb[t]);
-                                        return key != 0;
-                                      });
+    const RadixState s = radix_search(
+        V, par, double(cfg.top_p) * double(ms.total), &ms.hist,
+        [&](int t, uint32_t& key) {
+          key = float_bits(zb[t]);
+          return key != 0;
+        },
+        [&](int t) { return weight_fixed(zb[t]); });
     p_min_bits = s.prefix;
     kept_mass = s.above + s.at;
   }
@@ -320,7 +328,7 @@ void sample_group(const SampleLogitsParams& p, int g, int64_t row0, bool par,
   const uint64_t target =
       mulhi64(philox_u64(cfg.seed, cfg.step, kSampleDrawLane), kept_mass);
   auto kept_weight = [&](int t) {
-    return float_bits(zb[t]) >= p_min_bits ? weight_fixed(zb[t]) : uint64_t(0);
+    return float_bits(zb[t]) >= p_min_bits ? weight_fixed_halves(zb[t]) : uint64_t(0);
   };
   auto chunk_mass = [&](int t0, int t1) {
     uint64_t s = 0;

@@ -125,6 +125,19 @@ CM3RT_HD float log_pos(float x) {
 // is exact; the value fits int64, whose conversion is one instruction on the CPU).
 CM3RT_HD uint64_t weight_fixed(float w) { return uint64_t(int64_t(mul_rn(w, kWeightScale))); }
 
+// The same integer from two 20-bit halves, for CPU loops that vectorise (AVX2 converts floats
+// to int32 but not to int64): a = w * 2^20 is exact, hi = floor(a), a - hi is exact, and
+// (a - hi) * 2^20 is exact, so hi * 2^20 + floor((a - hi) * 2^20) = floor(w * 2^40).
+// tests/test_sampling.py::test_weight_fixed_forms_agree checks the identity.
+CM3RT_HD uint64_t weight_fixed_halves(float w) {
+  const float a = mul_rn(w, 1048576.0f);
+  const int32_t hi = int32_t(a);
+  const int32_t lo = int32_t(mul_rn(a - float(hi), 1048576.0f));
+  return (uint64_t(uint32_t(hi)) << 20) + uint64_t(uint32_t(lo));
+}
+// Smallest w whose weight is not 0.
+constexpr float kMinWeighted = 1.0f / kWeightScale;
+
 // ---- inputs ----------------------------------------------------------------------------------
 CM3RT_HD bool is_nan_or_posinf(float x) { return (x != x) | (x == INFINITY); }
 
