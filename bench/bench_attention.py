@@ -8,13 +8,11 @@ the same run.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _common import copy_bandwidth, record, time_fn
+
 from cm3rt import ops
 
 
@@ -33,7 +31,7 @@ def paged_setup(B, ctx, H, Hkv, D, BS, dtype, device, q_len):
 
 def torch_paged_sdpa(q, k_cache, v_cache, block_tables, ctx, q_len, causal):
     B = block_tables.shape[0]
-    _, BS, Hkv, D = k_cache.shape
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
     H = q.shape[1]
     k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D)[:, :ctx].transpose(1, 2)
     v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D)[:, :ctx].transpose(1, 2)
@@ -50,7 +48,7 @@ def test_decode(benchmark, bench_device, ctx, dtype):
     q, kc, vc, bt, sl, cu = paged_setup(B, ctx, H, Hkv, D, BS, dtype, dev, 1)
     ws = ops.paged_attention_workspace(q, B, 1, ctx)
     out = torch.empty_like(q)
-    run = lambda: ops.paged_attention(q, kc, vc, bt, sl, cu, out=out, max_q_len=1,  # noqa: E731
+    run = lambda: ops.paged_attention(q, kc, vc, bt, sl, cu, out=out, max_q_len=1,
                                       max_seq_len=ctx, workspace=ws)
     benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
     t_ours = time_fn(run, dev)
@@ -73,7 +71,7 @@ def test_prefill(benchmark, bench_device, dtype):
     dev = bench_device
     q, kc, vc, bt, sl, cu = paged_setup(1, S, H, Hkv, D, BS, dtype, dev, S)
     out = torch.empty_like(q)
-    run = lambda: ops.paged_attention(q, kc, vc, bt, sl, cu, out=out,  # noqa: E731
+    run = lambda: ops.paged_attention(q, kc, vc, bt, sl, cu, out=out,
                                       max_q_len=S, max_seq_len=S)
     benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
     t_ours = time_fn(run, dev, min_time=1.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS
 
 
 def pytest_addoption(parser):

@@ -29,7 +29,10 @@ _LAZY = {
     "load_pretrained": "cm3rt.model",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "Engine", "Request", "RequestOutput", "SamplingParams", "TokenPrompt",
+    "generate", "load_model", "load_pretrained",
+]
 
 
 def __getattr__(name: str) -> Any:

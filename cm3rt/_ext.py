@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 try:
-    from cm3rt import _C  # noqa: F401  (re-exported)
+    from cm3rt import _C
 except ImportError as exc:  # pragma: no cover - only hit on a broken install
     raise ImportError(
         "cm3rt's compiled kernels (cm3rt._C) are missing or failed to load: "

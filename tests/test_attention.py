@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from attention_reference import make_paged_batch, reference_attention
+
 from cm3rt import ops
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -149,9 +149,9 @@ def _small(device):
 
 
 def _call(b, **over):
-    args = dict(q=b["q"], k_cache=b["k_cache"], v_cache=b["v_cache"],
-                block_tables=b["block_tables"], seq_lens=b["seq_lens"],
-                cu_seqlens_q=b["cu_seqlens_q"])
+    args = {"q": b["q"], "k_cache": b["k_cache"], "v_cache": b["v_cache"],
+            "block_tables": b["block_tables"], "seq_lens": b["seq_lens"],
+            "cu_seqlens_q": b["cu_seqlens_q"]}
     args.update(over)
     return ops.paged_attention(**args, validate=True)
 
