@@ -27,3 +27,13 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Runs a module with one torch thread: its GEMMs are tiny, and extra threads only add
+    spin-waits on a shared 2-core machine. Use with pytest.mark.usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
