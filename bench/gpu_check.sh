@@ -17,14 +17,14 @@ python3 -c "import cm3rt.ops as o; print(o.build_info())" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 
 echo "== CUDA tests"
-timeout 240 python3 -m pytest -q -x -m cuda tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -25
+timeout 150 python3 -m pytest -q -x -m cuda tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -25
 
 echo "== kernel and model benchmarks"
-timeout 200 python3 -m pytest -q -s bench -p no:cacheprovider --bench-device cuda \
+timeout 120 python3 -m pytest -q -s bench -p no:cacheprovider --bench-device cuda \
   --benchmark-disable --ignore=bench/bench_engine.py --ignore=bench/bench_retrieval.py \
   2>&1 | tee "$out/bench.log" | sed -n '/derived benchmark numbers/,$p'
 echo "== engine benchmark (cm3rt vs HF, 7B-shaped decode step vs bandwidth floor)"
-timeout 300 python3 -m pytest -q -s bench/bench_engine.py -p no:cacheprovider \
+timeout 120 python3 -m pytest -q -s bench/bench_engine.py -p no:cacheprovider \
   --bench-device cuda --benchmark-disable 2>&1 | tee "$out/bench_engine.log" | tail -15
 echo "== summary"
 grep -E "passed|failed|error" "$out/tests.log" | tail -1
