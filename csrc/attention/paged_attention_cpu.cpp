@@ -31,7 +31,7 @@ using cpu::store8;
 using cpu::splat8;
 
 constexpr int kKeyChunk = 16;       // keys scored per online-softmax step
-constexpr int kRowsPerTile = 64;    // target query rows (tokens x group heads) per item
+constexpr int kRowsPerTile = 32;    // target query rows (tokens x group heads) per item
 constexpr int kMinKeysPerSplit = 256;
 // Sequences with at most this many query rows (decode, speculative verify) are one item
 // for all kv heads: a key row of all heads is contiguous in the cache ([BS, Hkv, D] per
