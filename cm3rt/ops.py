@@ -12,6 +12,8 @@ the part a caller needs.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -19,11 +21,16 @@ from torch.utils.dlpack import to_dlpack
 from cm3rt._ext import _C
 
 __all__ = [
-    "kv_append",
-    "paged_attention",
-    "paged_attention_workspace",
+    "SAMPLE_MODES",
     "build_info",
     "cuda_available",
+    "kv_append",
+    "pack_allowed_bits",
+    "paged_attention",
+    "paged_attention_workspace",
+    "sample_logits",
+    "vq_embed",
+    "vq_nearest",
 ]
 
 
@@ -166,3 +173,249 @@ def paged_attention(
         _dl_opt(workspace), validate, _stream(q),
     )
     return (out, lse) if return_lse else out
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+#: Combine modes of :func:`sample_logits` and their ids (for per-group ``mode`` tensors).
+SAMPLE_MODES: dict[str, int] = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}
+
+_GroupValue = int | float | torch.Tensor
+
+
+def _group_value(name: str, value, kind: str, dtype: torch.dtype, device: torch.device):
+    """A per-group argument as the kernel takes it: a Python number, or a [G] tensor of
+    ``dtype`` on ``device`` (converted when it is not already)."""
+    if isinstance(value, torch.Tensor):
+        if kind == "int" and (value.is_floating_point() or value.is_complex()):
+            raise TypeError(f"sample_logits: argument '{name}' must be an integer tensor, "
+                            f"got {value.dtype}")
+        if value.dim() == 0 and value.device.type == "cpu":
+            return value.item()
+        if value.dim() != 1:
+            raise ValueError(f"sample_logits: argument '{name}' must be a number or a [G] tensor, "
+                             f"got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"sample_logits: argument '{name}' must be a number or a [G] tensor, "
+                        f"got {type(value).__name__}")
+    if kind == "int":
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"sample_logits: argument '{name}' must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _mode_value(mode, device: torch.device):
+    if isinstance(mode, str):
+        if mode not in SAMPLE_MODES:
+            raise ValueError(f"sample_logits: argument 'mode' must be one of "
+                             f"{sorted(SAMPLE_MODES)}, got {mode!r}")
+        return SAMPLE_MODES[mode]
+    if isinstance(mode, (list, tuple)):
+        ids = []
+        for i, m in enumerate(mode):
+            if m not in SAMPLE_MODES:
+                raise ValueError(f"sample_logits: argument 'mode'[{i}] must be one of "
+                                 f"{sorted(SAMPLE_MODES)}, got {m!r}")
+            ids.append(SAMPLE_MODES[m])
+        return torch.tensor(ids, dtype=torch.int32, device=device)
+    if isinstance(mode, torch.Tensor):
+        return _group_value("mode", mode, "int", torch.int32, device)
+    raise TypeError(f"sample_logits: argument 'mode' must be a mode name, a list of names or an "
+                    f"int [G] tensor, got {type(mode).__name__}")
+
+
+def _to_dl_or_number(v):
+    return _dl(v) if isinstance(v, torch.Tensor) else v
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    streams: int | torch.Tensor = 1,
+    *,
+    mode: str | Sequence[str] | torch.Tensor = "none",
+    temperature: _GroupValue = 1.0,
+    top_k: _GroupValue = 0,
+    top_p: _GroupValue = 1.0,
+    cfg_scale: _GroupValue = 1.0,
+    cfg_image_scale: _GroupValue = 1.0,
+    cd_alpha: _GroupValue = 0.1,
+    cd_k: _GroupValue = 1,
+    allowed: torch.Tensor | None = None,
+    allowed_bits: torch.Tensor | None = None,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per group of streams from ``logits [R, V]`` (one fused op per step).
+
+    Rows of a group are adjacent: cond, [image-cond,] uncond. Per group (DESIGN.md, steps 1-6):
+    allowed-token mask -> combine (``none``: c; ``cfg``: u + s*(c - u); ``cfg3``:
+    u + s_img*(i - u) + s_txt*(c - i); ``cdk``: log_softmax(c) - log_softmax(u) on tokens with
+    p_c >= alpha * (k-th largest p_c)) -> temperature (0 = argmax, lowest id on ties) -> top-k
+    (keep z >= k-th largest; ties kept) -> top-p (keep tokens whose mass strictly above them is
+    < p; ties kept together) -> draw by inverse CDF in token-id order with one 64-bit uniform of
+    Philox4x32-10 keyed by (seed, step). The same group with the same seed and step gives the
+    same token whatever else is in the batch, on CPU and CUDA alike.
+
+    Args:
+        logits: ``[R, V]`` float32 / bfloat16 / float16, last dim contiguous.
+        streams: rows per group, 1..3: an int (``R % streams == 0``), or an int ``[G]`` tensor
+            (groups packed back to back; the counts sum to ``R``). ``none`` takes 1 or more
+            (reads the cond row only), ``cfg`` and ``cdk`` take 2, ``cfg3`` takes 3.
+        mode: ``"none" | "cfg" | "cfg3" | "cdk"``, a list of names, or an int ``[G]`` tensor
+            of :data:`SAMPLE_MODES` ids.
+        temperature, top_k, top_p, cfg_scale (s / s_txt), cfg_image_scale (s_img), cd_alpha,
+        cd_k: a number or a ``[G]`` tensor each. ``top_k == 0`` and ``top_p == 1`` are off.
+        allowed: bool ``[V]`` or ``[G, V]``: tokens that may be drawn (others are -inf in
+            every stream). allowed_bits: the same as packed int32 ``[ceil(V/32)]`` or
+            ``[G, ceil(V/32)]`` (bit ``j % 32`` of word ``j // 32``). At most one of the two.
+        seed, step: int64 numbers or ``[G]`` tensors; the key of each group's draw.
+        out: optional preallocated ``(tokens int64 [G], logprobs float32 [G])``.
+        validate: for CUDA, range-check ``[G]`` tensor arguments on the host (synchronises).
+            CPU arguments are always checked; numbers always.
+
+    Returns:
+        ``(tokens int64 [G], logprobs float32 [G])``; logprob is the log-probability of the
+        token under the final (filtered, renormalised) distribution, 0 for argmax groups.
+        A group with no allowed finite token, or with NaN / +inf in a row it reads, gets token
+        -1 and logprob NaN (the rest of the batch is unaffected). A token whose weight is below
+        2^-40 of the most likely token's is never drawn (fixed-point mass).
+    """
+    _require_tensor("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"sample_logits: argument 'logits' must be [R, V], got shape "
+                         f"{tuple(logits.shape)}")
+    dev = logits.device
+    if isinstance(streams, torch.Tensor):
+        streams_v = _group_value("streams", streams, "int", torch.int32, dev)
+        if not isinstance(streams_v, torch.Tensor):
+            streams_v = int(streams_v)
+    else:
+        streams_v = _group_value("streams", streams, "int", torch.int32, dev)
+    if isinstance(streams_v, torch.Tensor):
+        G = streams_v.shape[0]
+    else:
+        if streams_v < 1 or streams_v > 3:
+            raise ValueError(f"sample_logits: argument 'streams' must be 1, 2 or 3, got {streams_v}")
+        if logits.shape[0] % streams_v:
+            raise ValueError(f"sample_logits: rows of 'logits' R = {logits.shape[0]} are not "
+                             f"divisible by streams = {streams_v}")
+        G = logits.shape[0] // streams_v
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    args = {
+        "mode": _mode_value(mode, dev),
+        "temperature": _group_value("temperature", temperature, "float", f32, dev),
+        "top_k": _group_value("top_k", top_k, "int", i32, dev),
+        "top_p": _group_value("top_p", top_p, "float", f32, dev),
+        "cfg_scale": _group_value("cfg_scale", cfg_scale, "float", f32, dev),
+        "cfg_image_scale": _group_value("cfg_image_scale", cfg_image_scale, "float", f32, dev),
+        "cd_alpha": _group_value("cd_alpha", cd_alpha, "float", f32, dev),
+        "cd_k": _group_value("cd_k", cd_k, "int", i32, dev),
+        "seed": _group_value("seed", seed, "int", i64, dev),
+        "step": _group_value("step", step, "int", i64, dev),
+    }
+    for name in ("allowed", "allowed_bits"):
+        m = allowed if name == "allowed" else allowed_bits
+        if m is not None:
+            _require_tensor(name, m)
+    if out is None:
+        tokens = torch.empty(G, dtype=torch.int64, device=dev)
+        logprobs = torch.empty(G, dtype=torch.float32, device=dev)
+    else:
+        tokens, logprobs = out
+        _require_tensor("out[0]", tokens)
+        _require_tensor("out[1]", logprobs)
+    _C.sample_logits(
+        _dl(logits), _to_dl_or_number(streams_v),
+        *(_to_dl_or_number(args[k]) for k in ("mode", "temperature", "top_k", "top_p",
+                                              "cfg_scale", "cfg_image_scale", "cd_alpha", "cd_k",
+                                              "seed", "step")),
+        _dl_opt(allowed), _dl_opt(allowed_bits), _dl(tokens), _dl(logprobs), bool(validate),
+        _stream(logits),
+    )
+    return tokens, logprobs
+
+
+def pack_allowed_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """Packs a bool ``[..., V]`` mask into int32 ``[..., ceil(V/32)]`` words for
+    ``sample_logits(allowed_bits=...)``: token ``j`` is bit ``j % 32`` of word ``j // 32``."""
+    _require_tensor("allowed", allowed)
+    if allowed.dtype != torch.bool:
+        raise TypeError(f"pack_allowed_bits: argument 'allowed' must be bool, got {allowed.dtype}")
+    V = allowed.shape[-1]
+    W = (V + 31) // 32
+    padded = torch.zeros(*allowed.shape[:-1], W * 32, dtype=torch.int64, device=allowed.device)
+    padded[..., :V] = allowed.to(torch.int64)
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=allowed.device),
+        torch.arange(32, device=allowed.device))
+    words = (padded.view(*allowed.shape[:-1], W, 32) * weights).sum(-1)
+    # two's complement wrap into int32 (bit 31 set -> negative)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+# ---- VQ codebook --------------------------------------------------------------------------------
+
+
+def vq_nearest(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    codebook_sqnorm: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Index of the nearest code for every row: ``argmin_j ||z_i - e_j||^2``.
+
+    Fused distance + argmin (no ``[N, K]`` distance matrix is ever formed), ties to the
+    lowest ``j``. Scores are ``||e_j||^2 - 2 z_i . e_j`` in float32; a row without a finite
+    score (NaN or inf in ``z``) gets -1.
+
+    Args:
+        z: ``[N, C]`` (last dim contiguous); float32 on CPU, float32 / bfloat16 / float16 on
+            CUDA.
+        codebook: ``[K, C]``, same dtype and device as ``z``.
+        codebook_sqnorm: optional float32 ``[K]`` of ``||e_j||^2``; computed by the kernel when
+            omitted (pass it when the codebook is reused, to save that work).
+        out: optional int64 ``[N]`` output.
+
+    Returns:
+        int64 ``[N]`` code indices.
+    """
+    _require_tensor("z", z)
+    _require_tensor("codebook", codebook)
+    if z.dim() != 2:
+        raise ValueError(f"vq_nearest: argument 'z' must be [N, C], got shape {tuple(z.shape)}")
+    if out is None:
+        out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    _C.vq_nearest(_dl(z), _dl(codebook), _dl_opt(codebook_sqnorm), _dl(out), _stream(z))
+    return out
+
+
+def vq_embed(
+    idx: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Code vectors of ``idx``: ``out[..., :] = codebook[idx[...], :]`` (shape ``idx.shape +
+    (C,)``, the codebook's dtype).
+
+    ``idx`` is int32 or int64 of any shape. CPU indices are always range-checked (ValueError
+    naming the position); CUDA ones with ``validate=True`` (synchronises); an out-of-range
+    CUDA index yields a zero row, never an out-of-bounds read.
+    """
+    _require_tensor("idx", idx)
+    _require_tensor("codebook", codebook)
+    if codebook.dim() != 2:
+        raise ValueError(f"vq_embed: argument 'codebook' must be [K, C], got shape "
+                         f"{tuple(codebook.shape)}")
+    if out is None:
+        out = torch.empty(*idx.shape, codebook.shape[1], dtype=codebook.dtype,
+                          device=codebook.device)
+    _C.vq_embed(_dl(idx.contiguous()), _dl(codebook), _dl(out), bool(validate), _stream(codebook))
+    return out

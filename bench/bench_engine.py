@@ -1,0 +1,280 @@
+"""End-to-end generation: the cm3rt engine vs HF transformers on the same weights.
+
+Run: python -m pytest bench/bench_engine.py -q -s [--bench-device cuda]
+
+* ``test_engine_vs_hf``: a mid-size Chameleon (8 layers, hidden 1024, vocab 65536), random
+  weights saved once with HF ``save_pretrained`` and loaded by both; 4 prompts, CFG on,
+  256 new tokens each (HF: ``generate(guidance_scale=..., min_new_tokens=max_new_tokens)``;
+  cm3rt: an image span of 256 codes, guidance on for every token). Each side runs in its
+  own process so peak memory is its own. Prints tokens/s, peak memory, the ratio.
+  Target on the CPU: cm3rt >= 3x HF.
+* ``test_decode_step_vs_bandwidth_floor`` (CUDA only): 7B-shaped random weights (bf16),
+  8 streams (4 CFG pairs); the mean decode step time against the time to read the weights
+  once at the copy bandwidth measured in the same run. Target <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from _common import copy_bandwidth, record
+
+MID = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+       "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 65536,
+       "max_position_embeddings": 1024}
+SEVEN_B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 65536,
+           "max_position_embeddings": 4096}
+NUM_CODES = 8192
+BOS, PAD, EOS, BOI, EOI = 0, 1, 2, 4, 5
+PROMPTS, NEW_TOKENS, PROMPT_LEN, CFG_SCALE = 4, 256, 16, 3.0
+
+
+def vocabulary_map(vocab_size: int) -> dict[str, int]:
+    """Chameleon-like ids: specials, begin/end-image, 8192 IMGIMG image codes, text."""
+    from cm3rt.tokenizer.image_vocab import image_token_name
+
+    vmap = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": 3, "<racm3:break>": BOI,
+            "<eoss>": EOI, "<image>": 6}
+    vmap.update({image_token_name(c): 7 + c for c in range(NUM_CODES)})
+    vmap.update({f"t{i}": i for i in range(7 + NUM_CODES, vocab_size)})
+    return vmap
+
+
+def hf_config(shape: dict):
+    from transformers import ChameleonConfig
+
+    return ChameleonConfig(
+        **shape, vocabulary_map=vocabulary_map(shape["vocab_size"]), bos_token_id=BOS,
+        pad_token_id=PAD, eos_token_id=EOS,
+        vq_config={"embed_dim": 32, "num_embeddings": NUM_CODES, "latent_channels": 32,
+                   "resolution": 16, "base_channels": 32, "channel_multiplier": [1, 2, 4],
+                   "num_res_blocks": 1})
+
+
+def write_model_dir(path: Path, shape: dict) -> Path:
+    """Random weights (N(0, 1/fan_in) for matrices) saved by HF."""
+    from transformers import ChameleonForConditionalGeneration
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    model = ChameleonForConditionalGeneration(hf_config(shape)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "vqmodel" not in name:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    lo, hi = 7 + NUM_CODES, MID["vocab_size"]
+    return [[BOS] + torch.randint(lo, hi, (PROMPT_LEN,), generator=g).tolist()
+            for _ in range(PROMPTS)]
+
+
+class PeakMemory:
+    """Peak process RSS (CPU) or peak allocated bytes (CUDA) while the block runs."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.rss()
+            self._t = threading.Thread(target=self._poll, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._t.join()
+            self.peak = max(self.peak, self.rss())
+
+
+def run_cm3rt(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
+    from cm3rt.engine import Engine, Request, SamplingParams, TokenPrompt, VocabInfo
+    from cm3rt.model import load_model
+
+    model = load_model(model_dir, dtype=dtype, device=device)
+    vocab = VocabInfo.from_model_config(model.config, tokens_per_image=NEW_TOKENS)
+    ctx = PROMPT_LEN + NEW_TOKENS + 8
+    bs = 16
+    blocks = 2 * PROMPTS * (-(-ctx // bs)) + 8
+    eng = Engine(model, vocab=vocab, block_size=bs, num_blocks=blocks, max_num_seqs=8,
+                 max_model_len=ctx)
+
+    def requests(n_new: int, seed: int):
+        return [Request(TokenPrompt(cond=p + [BOI], uncond=[BOS, BOI]),
+                        params=SamplingParams(guidance="cfg", cfg_scale=CFG_SCALE,
+                                              max_new_tokens=n_new, seed=seed + i))
+                for i, p in enumerate(prompts())]
+
+    eng.generate(requests(8, 100))  # warm-up (and CUDA graph capture)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        outs = eng.generate(requests(NEW_TOKENS, 0))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    n = sum(len(s.token_ids) for o in outs for s in o.samples)
+    assert n == PROMPTS * NEW_TOKENS, n
+    return {"seconds": dt, "tokens": n, "peak_bytes": mem.peak}
+
+
+def run_hf(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
+    from transformers import ChameleonForConditionalGeneration
+
+    model = ChameleonForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
+    ids = torch.tensor(prompts(), device=device)
+    neg = torch.tensor([[BOS, BOI]] * PROMPTS, device=device)
+
+    def gen(n_new: int):
+        with torch.no_grad():
+            return model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                guidance_scale=CFG_SCALE, negative_prompt_ids=neg,
+                max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=PAD)
+
+    gen(8)  # warm-up
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = gen(NEW_TOKENS)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    n = (out.shape[1] - ids.shape[1]) * PROMPTS
+    assert n == PROMPTS * NEW_TOKENS, n
+    return {"seconds": dt, "tokens": n, "peak_bytes": mem.peak}
+
+
+def worker(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("side", choices=("cm3rt", "hf"))
+    ap.add_argument("model_dir")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    run = run_cm3rt if a.side == "cm3rt" else run_hf
+    print("RESULT " + json.dumps(run(Path(a.model_dir), a.device, dtype)))
+
+
+def spawn(side: str, model_dir: Path, device: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    # CPU threads of both sides (default 1: on a shared machine OpenMP spin-waits of a
+    # descheduled second thread cost more than the thread gains).
+    threads = os.environ.get("CM3RT_BENCH_THREADS", "1" if device == "cpu" else "0")
+    proc = subprocess.run([sys.executable, __file__, side, str(model_dir), "--device", device,
+                           "--threads", threads],
+                          check=False, capture_output=True, text=True, env=env,
+                          timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="session")
+def mid_model_dir(tmp_path_factory) -> Path:
+    return write_model_dir(tmp_path_factory.mktemp("bench_engine") / "mid", MID)
+
+
+def test_engine_vs_hf(bench_device, mid_model_dir):
+    ours = spawn("cm3rt", mid_model_dir, bench_device)
+    hf = spawn("hf", mid_model_dir, bench_device)
+    tps_ours = ours["tokens"] / ours["seconds"]
+    tps_hf = hf["tokens"] / hf["seconds"]
+    record(bench="engine_cfg_vs_hf", device=bench_device, prompts=PROMPTS,
+           new_tokens=NEW_TOKENS, cm3rt_tok_s=round(tps_ours, 1), hf_tok_s=round(tps_hf, 1),
+           speedup=round(tps_ours / tps_hf, 2),
+           cm3rt_peak_MB=round(ours["peak_bytes"] / 2**20),
+           hf_peak_MB=round(hf["peak_bytes"] / 2**20),
+           threads=os.environ.get("CM3RT_BENCH_THREADS", "1" if bench_device == "cpu" else ""),
+           target=">=3x (cpu)" if bench_device == "cpu" else "")
+
+
+def test_decode_step_vs_bandwidth_floor(bench_device):
+    if bench_device != "cuda":
+        pytest.skip("the 7B-shaped step-time check runs on CUDA")
+    from cm3rt.engine import Engine, Request, SamplingParams, TokenPrompt, VocabInfo
+    from cm3rt.model import ChameleonConfig, ChameleonModel
+
+    cfg = ChameleonConfig.from_hf_dict(hf_config(SEVEN_B).to_dict())
+    model = ChameleonModel(cfg, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.1).add_(
+                1.0 if p.dim() == 1 else 0.0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = VocabInfo.from_model_config(cfg, tokens_per_image=NEW_TOKENS)
+    ctx = PROMPT_LEN + NEW_TOKENS + 8
+    eng = Engine(model, vocab=vocab, block_size=16, num_blocks=8 * (-(-ctx // 16)) + 8,
+                 max_num_seqs=8, max_model_len=ctx)
+    reqs = [Request(TokenPrompt(cond=p + [BOI], uncond=[BOS, BOI]),
+                    params=SamplingParams(guidance="cfg", max_new_tokens=128, seed=i))
+            for i, p in enumerate(prompts())]
+    eng.generate([Request(TokenPrompt(cond=[BOS, BOI], uncond=[BOS, BOI]),
+                          params=SamplingParams(guidance="cfg", max_new_tokens=4))])
+    for r in reqs:
+        eng.add_request(r)
+    times = []
+    while eng.has_unfinished():
+        decode = all(s.num_computed == len(s.tokens) - 1 for r in eng.scheduler.running
+                     for g in r.groups for s in g.streams if not g.finished)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        if decode and eng.scheduler.running:
+            times.append(time.perf_counter() - t0)
+    times = sorted(times)[: max(1, int(len(times) * 0.9))]  # drop the slowest 10%
+    step = sum(times) / len(times)
+    floor = weight_bytes / copy_bandwidth("cuda")  # bytes moved per second, read + write
+    record(bench="decode_step_7b", device="cuda", streams=8,
+           step_ms=round(step * 1e3, 3), floor_ms=round(floor * 1e3, 3),
+           ratio=round(step / floor, 2), weights_GB=round(weight_bytes / 1e9, 2),
+           target="<=1.3x")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])

@@ -1,0 +1,210 @@
+"""`cm3rt generate` and `cm3rt caption`.
+
+    cm3rt generate "a red star above a blue circle" -o out.png [--guidance cfg --cfg-scale 3]
+    cm3rt generate "make it blue" --image in.png --guidance cfg3 -o edited.png
+    cm3rt caption photo.png [--prompt "Describe the image."]
+
+cm3rt/cli.py calls :func:`register_cli`; handlers return the exit status and raise
+ValueError / TypeError / FileNotFoundError / RuntimeError for problems a person can fix
+(cm3rt/cli.py prints those as one line). Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+_GUIDANCE = ("none", "cfg", "cfg3", "cdk")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` and ``caption`` commands."""
+    g = subparsers.add_parser(
+        "generate", help="generate an image (or text) from a prompt",
+        description="Generate an image from a text prompt (text -> image), edit an input "
+                    "image (--image with --guidance cfg3), or continue interleaved text and "
+                    "images (--task interleaved).")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("-o", "--out", default="out.png", metavar="PNG",
+                   help="output image file (default out.png); with -n > 1 and --all, further "
+                        "samples go to NAME-2.png, NAME-3.png ... (best first)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image placed before the prompt (repeatable)")
+    g.add_argument("--task", default="auto",
+                   choices=("auto", "text_to_image", "edit", "interleaved", "infill"),
+                   help="default: text_to_image, or edit with --image and --guidance cfg3")
+    g.add_argument("--suffix", default=None, help="infill: the text after the masked span")
+    g.add_argument("--all", action="store_true", help="save every sample, not just the best")
+    _common_args(g, default_guidance="cfg")
+    g.add_argument("--bank", default=None, metavar="DIR",
+                   help="retrieval memory bank: prepend retrieved documents")
+    g.add_argument("-k", "--k-docs", type=int, default=2, help="documents to retrieve (--bank)")
+    g.add_argument("--rerank", default=None, metavar="ARCH",
+                   help="best-of-n: rank the n samples with this CLIP encoder (open_clip "
+                        "architecture, config .json, local-dir:DIR or 'embedded')")
+    g.add_argument("--rerank-weights", default=None, metavar="FILE",
+                   help="local CLIP weights for --rerank")
+    g.set_defaults(handler=_generate)
+
+    c = subparsers.add_parser("caption", help="describe an image",
+                              description="Generate text about an image (image -> text).")
+    c.add_argument("image", help="the image file")
+    c.add_argument("--prompt", default="", help="text after the image, e.g. a question")
+    _common_args(c, default_guidance="none")
+    c.set_defaults(handler=_caption)
+
+
+def _common_args(p: argparse.ArgumentParser, default_guidance: str) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model directory (HF Chameleon layout + tokenizer + VQGAN); default: "
+                        "the embedded model")
+    p.add_argument("--guidance", default=default_guidance, choices=_GUIDANCE,
+                   help=f"guidance inside image spans (default {default_guidance})")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="text guidance scale")
+    p.add_argument("--cfg-image-scale", type=float, default=1.5,
+                   help="image guidance scale (cfg3)")
+    p.add_argument("--cd-alpha", type=float, default=0.1, help="CD-K plausibility alpha")
+    p.add_argument("--cd-k", type=int, default=1, help="CD-K: k-th largest probability")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("-n", "--num-samples", type=int, default=1, dest="n",
+                   help="samples to draw (best-of-n with --rerank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="default bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sampling(args: argparse.Namespace):
+    from cm3rt.engine.params import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        guidance=args.guidance, cfg_scale=args.cfg_scale, cfg_image_scale=args.cfg_image_scale,
+        cd_alpha=args.cd_alpha, cd_k=args.cd_k, n=args.n, seed=args.seed,
+        max_new_tokens=args.max_new_tokens)
+
+
+def _engine(args: argparse.Namespace, scorer=None):
+    from cm3rt.engine.generate import default_device, get_engine
+
+    device = args.device or default_device()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        from cm3rt import ops
+
+        if not (torch.cuda.is_available() and ops.cuda_available()):
+            raise RuntimeError(f"--device {device}: no CUDA device is available (or cm3rt was "
+                               "built without CUDA); use --device cpu")
+    eng = get_engine(args.model, device=device, dtype=args.dtype)
+    eng.scorer = scorer
+    return eng
+
+
+def open_image(path: str):
+    """A PIL image from ``path`` (RGB), with errors that name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB") if im.mode not in ("RGB", "RGBA") else im.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read {path} as an image: {exc}") from exc
+
+
+def _run_with_progress(engine, request, total: int, unit: str, quiet: bool, image_only: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, disable=quiet, leave=False, file=sys.stderr,
+               desc="generating")
+    out = None
+    try:
+        for ev in engine.stream([request]):
+            if ev.output is not None:
+                out = ev.output
+            elif not image_only or ev.image_pos is not None:
+                bar.update(1)
+    finally:
+        bar.close()
+    return out.raise_for_error()
+
+
+def _out_paths(out: str, count: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ValueError(f"-o/--out must name an image file (.png, .jpg ...), got {out!r}")
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"-o/--out: directory {str(p.parent)!r} does not exist")
+    return [p] + [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(2, count + 1)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cm3rt.engine.generate import pick_task
+    from cm3rt.engine.request import Request
+
+    params = _sampling(args)
+    images = [open_image(p) for p in args.image]
+    task = pick_task(args.task, bool(images), params.guidance)
+    _out_paths(args.out, 1)  # fail on a bad path before minutes of generation
+    scorer = None
+    if args.rerank:
+        from cm3rt.retrieval import ClipEncoder
+
+        enc = ClipEncoder(args.rerank, args.rerank_weights)
+        scorer = enc.score
+    engine = _engine(args, scorer)
+    bank = None
+    if args.bank:
+        from cm3rt.retrieval.augment import open_cached
+
+        bank = open_cached(args.bank)
+    req = Request(prompt=[*images, args.prompt], task=task, params=params,
+                  suffix=args.suffix, bank=bank, k_docs=args.k_docs if bank else 0)
+    per_image = engine.vocab.tokens_per_image
+    image_task = task in ("text_to_image", "edit")
+    total = params.n * (per_image if image_task else (params.max_new_tokens or 64))
+    out = _run_with_progress(engine, req, total, "tok", args.no_progress, image_task)
+    saved = _save(out, args.out, args.all)
+    if out.text.strip():
+        print(out.text)
+    for path in saved:
+        print(f"wrote {path}", file=sys.stderr)
+    if image_task and not saved:
+        raise RuntimeError("generation ended before a complete image (raise --max-new-tokens)")
+    return 0
+
+
+def _save(out, dest: str, save_all: bool) -> list[Path]:
+    images: list[Any] = out.images if save_all else out.images[:1]
+    paths = _out_paths(dest, len(images)) if images else []
+    for im, path in zip(images, paths):
+        im.save(path)
+    return paths[:len(images)]
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from cm3rt.engine.request import Request
+
+    params = _sampling(args)
+    image = open_image(args.image)
+    engine = _engine(args)
+    req = Request(prompt=[image, args.prompt] if args.prompt else [image],
+                  task="image_to_text", params=params)
+    total = params.n * (params.max_new_tokens or 64)
+    out = _run_with_progress(engine, req, total, "tok", args.no_progress, image_only=False)
+    for s in out.samples:
+        print(s.text.strip())
+    return 0

@@ -1,0 +1,154 @@
+"""What a caller submits (:class:`Request`, :class:`TokenPrompt`) and gets back
+(:class:`RequestOutput`, :class:`SampleOutput`, :class:`TokenEvent`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cm3rt.engine.params import SamplingParams
+
+TASKS = ("text_to_image", "image_to_text", "infill", "interleaved", "edit")
+
+
+@dataclass
+class TokenPrompt:
+    """A request given as token ids (tests, benchmarks, callers with their own tokenizer).
+
+    Attributes:
+        cond: the conditional stream's prompt ids.
+        uncond: the unconditional stream's prompt ids (needed for cfg / cdk / cfg3).
+        image_cond: the image-conditional stream's prompt ids (needed for cfg3).
+        allow_images: whether text mode may open an image span (sample begin-image).
+        stop_after_images: finish once this many images were generated (None: no limit).
+        content_keys: per stream role ("cond", "image_cond", "uncond"), ``(start, end,
+            key)`` spans naming the content (e.g. an image digest) of token ranges, so that
+            prefix caching never confuses two images with equal placeholder ids.
+    A prompt whose ids end with begin-image starts inside an image span.
+    """
+
+    cond: list[int]
+    uncond: list[int] | None = None
+    image_cond: list[int] | None = None
+    allow_images: bool = True
+    stop_after_images: int | None = None
+    content_keys: dict[str, list[tuple[int, int, bytes]]] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """One generation request.
+
+    Attributes:
+        prompt: text, or an interleaved list of text and PIL images; or a
+            :class:`TokenPrompt` for raw ids.
+        task: "text_to_image" (draw one image for the prompt), "image_to_text" (caption /
+            answer about the prompt's images), "infill" (CM3: generate the span between
+            ``prompt`` and ``suffix``), "interleaved" (text and images until end of
+            sequence), "edit" (text-guided editing of the prompt's image; use guidance
+            "cfg3" for the three-stream instruct guidance).
+        params: sampling parameters.
+        suffix: infill only: the content after the masked span (text or interleaved list).
+        bank: optional retrieval memory bank; with ``k_docs > 0`` retrieved documents are
+            prepended to the conditional streams.
+        k_docs: retrieved documents to prepend.
+        request_id: caller's id (default: assigned by the engine).
+    """
+
+    prompt: str | Sequence[Any] | TokenPrompt
+    task: str = "text_to_image"
+    params: SamplingParams = field(default_factory=SamplingParams)
+    suffix: str | Sequence[Any] | None = None
+    bank: Any = None
+    k_docs: int = 0
+    request_id: str | None = None
+
+
+@dataclass
+class SampleOutput:
+    """One sample (group of streams) of a request.
+
+    Attributes:
+        index: sample index in 0..n-1.
+        token_ids: generated ids (forced end-of-image tokens included).
+        logprobs: log-probability of each generated id (0.0 for forced ids).
+        finish_reason: "stop" (end of sequence / image done), "length" or "error".
+        segments: decoded output, text strings and PIL images in order (needs a processor).
+        score: the best-of-n scorer's score of the first image, when a scorer is set.
+    """
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    segments: list[Any] = field(default_factory=list)
+    score: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(s for s in self.segments if isinstance(s, str))
+
+    @property
+    def images(self) -> list[Any]:
+        return [s for s in self.segments if not isinstance(s, str)]
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request: its samples, best first when a scorer ranked them.
+
+    ``error`` is set (and ``samples`` may be empty) when the request failed; the engine
+    keeps serving the other requests.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    samples: list[SampleOutput] = field(default_factory=list)
+    error: Exception | None = None
+    docs: list[Any] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str:
+        """Text of the best (first) sample."""
+        return self.samples[0].text if self.samples else ""
+
+    @property
+    def images(self) -> list[Any]:
+        """Images of all samples, best sample first."""
+        return [im for s in self.samples for im in s.images]
+
+    @property
+    def image(self) -> Any:
+        """The best sample's first image (None if there is none)."""
+        for s in self.samples:
+            if s.images:
+                return s.images[0]
+        return None
+
+    def raise_for_error(self) -> RequestOutput:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as :meth:`Engine.stream` reports it.
+
+    ``image_index`` / ``image_pos``: which generated image of the sample and which code of
+    it this token is (None outside image spans). ``output`` is set on the last event of a
+    request (also for a failed request, whose event carries token -1).
+    """
+
+    request_id: str
+    sample: int
+    token: int
+    logprob: float
+    image_index: int | None = None
+    image_pos: int | None = None
+    output: RequestOutput | None = None
