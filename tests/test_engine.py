@@ -116,7 +116,9 @@ def naive_generate(model, tp: TokenPrompt, p: SamplingParams, max_new: int,
                 temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                 cfg_scale=p.cfg_scale, cfg_image_scale=p.cfg_image_scale,
                 cd_alpha=p.cd_alpha, cd_k=p.cd_k,
-                allowed=naive_allowed(in_image, tp.allow_images), seed=seed, step=len(gen))
+                allowed_bits=ops.pack_allowed_bits(
+                    naive_allowed(in_image, tp.allow_images).to(logits.device)),
+                seed=seed, step=len(gen))
             t = int(tok[0])
             assert t >= 0
             new = [t]
@@ -328,3 +330,56 @@ def test_stream_yields_every_token_then_the_output(model):
     ref = make_engine(model).generate([text_to_image(70, "cfg", n=2), text_request(71, 6)])
     for o in ref:
         assert tokens_of(o) == tokens_of(finals[o.request_id])
+
+
+def test_decode_graphs_match_eager_steps(model_dir, device):
+    """On CUDA, decode steps replayed from CUDA graphs give the eager steps' tokens."""
+    from cm3rt.model import load_model
+
+    if device == "cpu":
+        pytest.skip("CUDA graphs are CUDA-only (the CPU path is the eager one tested above)")
+    m = load_model(model_dir, device=device)
+    reqs = lambda: [text_to_image(80 + i, "cfg", n=2) for i in range(3)]
+    eager = make_engine(m, use_cuda_graphs=False)
+    graphs = make_engine(m, use_cuda_graphs=True)
+    a = eager.generate(reqs())
+    b = graphs.generate(reqs())
+    assert graphs.graphs is not None and not graphs.graphs.disabled
+    assert graphs.graphs.graphs, "no decode step was captured"
+    for x, y in zip(a, b):
+        assert tokens_of(x) == tokens_of(y)
+    for req, out in zip(reqs(), a):
+        assert tokens_of(out) == expected(m, req)
+
+
+def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
+    eng = make_engine(model)
+    real = model.forward_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_step", flaky)
+    outs = eng.generate([text_to_image(90, "cfg"), text_request(91)])
+    assert all(isinstance(o.error, RuntimeError) for o in outs)
+    assert "simulated device failure" in str(outs[0].error)
+    assert eng.pool.num_free == eng.pool.num_blocks
+    monkeypatch.setattr(model, "forward_step", real)
+    (ok,) = eng.generate([text_to_image(92, "cfg")])
+    assert tokens_of(ok) == expected(model, text_to_image(92, "cfg"))
+
+
+def test_step_by_step_use_keeps_no_outputs_behind(model):
+    eng = make_engine(model)
+    rid = eng.add_request(text_request(95, max_new=4))
+    finals = []
+    while eng.has_unfinished():
+        finals += [e.output for e in eng.step() if e.output is not None]
+    assert [o.request_id for o in finals] == [rid] and finals[0].ok
+    assert not eng._outputs and not eng._requests
+    with pytest.raises(ValueError, match="unknown"):
+        eng.run_until_done([rid])

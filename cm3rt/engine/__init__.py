@@ -3,10 +3,12 @@ sampling streams (CFG / CFG3 / CD-K) and the request / output types.
 
     engine = Engine(model, processor)
     outs = engine.generate([Request("a red circle", params=SamplingParams(guidance="cfg"))])
+
+The one-call API is ``cm3rt.engine.generate.generate`` (exported as ``cm3rt.generate``).
 """
 
 from cm3rt.engine.engine import Engine, SamplingError
-from cm3rt.engine.generate import generate, get_engine
+from cm3rt.engine.generate import get_engine
 from cm3rt.engine.kv_cache import BlockPool, CacheStats, KVCacheManager
 from cm3rt.engine.params import GUIDANCE_MODES, SamplingParams, group_seed
 from cm3rt.engine.request import (
@@ -37,7 +39,6 @@ __all__ = [
     "TokenEvent",
     "TokenPrompt",
     "VocabInfo",
-    "generate",
     "get_engine",
     "group_seed",
 ]

@@ -31,7 +31,7 @@ def default_buckets(max_batch: int) -> list[int]:
 
 
 class _Captured:
-    def __init__(self, graph, ids, pos, slots, tables, seq_lens, logits):
+    def __init__(self, graph, ids, pos, slots, tables, seq_lens, logits, keep):
         self.graph = graph
         self.ids = ids
         self.pos = pos
@@ -39,6 +39,7 @@ class _Captured:
         self.tables = tables
         self.seq_lens = seq_lens
         self.logits = logits
+        self.keep = keep  # buffers the graph reads by address (workspace, cu_seqlens)
 
 
 class DecodeGraphRunner:
@@ -80,10 +81,14 @@ class DecodeGraphRunner:
         cu = torch.arange(bsz + 1, dtype=torch.int32, device=dev)
         meta = StepMetadata(slots=slots, block_tables=tables, seq_lens=seq_lens,
                             cu_seqlens_q=cu, max_q_len=1, max_seq_len=self.max_seq_len)
+        # The attention scratch is allocated once, outside the graph (split-KV decode).
+        kw = {}
+        if hasattr(self.model, "attention_workspace"):
+            kw["workspace"] = self.model.attention_workspace(bsz, meta)
 
         def run():
             with torch.inference_mode():
-                hidden = self.model.forward_step(ids, pos, meta, self.kv_layers)
+                hidden = self.model.forward_step(ids, pos, meta, self.kv_layers, **kw)
                 return self.model.compute_logits(hidden)
 
         side = torch.cuda.Stream(device=dev)
@@ -95,7 +100,7 @@ class DecodeGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = run()
-        return _Captured(graph, ids, pos, slots, tables, seq_lens, logits)
+        return _Captured(graph, ids, pos, slots, tables, seq_lens, logits, (cu, kw, meta))
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
             tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor | None:

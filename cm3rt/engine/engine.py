@@ -29,14 +29,13 @@ from cm3rt.engine.scheduler import Scheduler, SchedulerOutput
 from cm3rt.engine.sequence import build_prompt, default_max_new_tokens
 from cm3rt.engine.state import (
     FINISHED,
-    Group,
     RequestState,
     VocabInfo,
     new_request_state,
     processor_parts,
     stream_roles,
 )
-from cm3rt.model.step import StepMetadata
+from cm3rt.engine.step_inputs import build_step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,8 @@ class Engine:
         kv_cache_fraction: ... or as a fraction of the device's free memory (default 0.5,
             capped at what ``max_num_seqs`` full-length streams could use).
         max_num_seqs: most streams (cond / uncond / image-cond) running at once.
-        max_num_batched_tokens: token budget of one step.
+        max_num_batched_tokens: token budget of one step (raised to max_num_seqs if lower,
+            so every decoding stream fits one step).
         enable_prefix_caching: reuse cached full blocks of equal prefixes.
         scorer: best-of-n: ``scorer(prompt_text, images) -> scores``; samples are ranked by
             the score of their first image, best first.
@@ -85,6 +85,12 @@ class Engine:
                 raise ValueError(f"argument '{name}' must be an int >= 1, got {v!r}")
         if scorer is not None and not callable(scorer):
             raise TypeError(f"argument 'scorer' must be callable, got {type(scorer).__name__}")
+        missing = [a for a in ("config", "device", "forward_step", "compute_logits",
+                               "allocate_kv_cache", "kv_cache_bytes_per_block")
+                   if not hasattr(model, a)]
+        if missing:
+            raise TypeError(f"argument 'model' must be a ChameleonModel (or have its step "
+                            f"API); {type(model).__name__} lacks {missing}")
         self.model = model
         self.processor = processor
         cfg = model.config
@@ -121,11 +127,13 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 3,
                                                                max_num_seqs))
         self.scorer = scorer
-        self.allowed_table = vocab.allowed_table(self.device)
+        # Packed int32 [3, ceil(V/32)]: 32x less mask traffic per sampled group than bools.
+        self.allowed_bits = ops.pack_allowed_bits(vocab.allowed_table(self.device))
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, RequestState] = {}
-        self._outputs: dict[str, RequestOutput] = {}
+        self._outputs: dict[str, RequestOutput] = {}  # finished, for run_until_done callers
+        self._awaited: set[str] = set()
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
@@ -228,8 +236,19 @@ class Engine:
         if out.empty:
             return events
         self.num_steps += 1
-        self.cache.copy_blocks(out.copies)
-        tokens, logprobs = self._run_model(out)
+        try:
+            self.cache.copy_blocks(out.copies)
+            tokens, logprobs = self._run_model(out)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # The step failed as a whole (e.g. out of device memory): fail the requests it
+            # carried, free their blocks, keep the engine consistent for the others.
+            for req in {id(c.group.req): c.group.req for c in out.chunks}.values():
+                if req.status != FINISHED:
+                    self.scheduler.abort(req, RuntimeError(
+                        f"request {req.request_id!r} failed in a model step: {exc}"))
+                    events.append(self._final_event(req))
+            log.warning("engine step failed: %s", exc)
+            return events
         self.scheduler.commit(out)
         touched: list[RequestState] = []
         for g, tok, lp in zip(out.samples, tokens, logprobs):
@@ -260,11 +279,19 @@ class Engine:
     def run_until_done(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         """Step until the given requests finished; returns their outputs in order."""
         ids = list(request_ids)
-        while any(i not in self._outputs for i in ids):
-            if not self.scheduler.has_work:
-                raise RuntimeError("engine idle while requests are unfinished (internal error)")
-            self.step()
-        return [self._outputs.pop(i) for i in ids]
+        unknown = [i for i in ids if i not in self._requests and i not in self._outputs]
+        if unknown:
+            raise ValueError(f"unknown (or already collected) request ids: {unknown}")
+        self._awaited.update(ids)
+        try:
+            while any(i not in self._outputs for i in ids):
+                if not self.scheduler.has_work:
+                    raise RuntimeError("engine idle while requests are unfinished "
+                                       "(internal error)")
+                self.step()
+            return [self._outputs.pop(i) for i in ids]
+        finally:
+            self._awaited.difference_update(ids)
 
     def generate(self, requests: Iterable[Request | str | TokenPrompt],
                  params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -295,7 +322,6 @@ class Engine:
         except BaseException:
             for rid in ids:
                 self.abort(rid)
-                self._outputs.pop(rid, None)
             raise
         pending = set(ids)
         while pending:
@@ -305,103 +331,34 @@ class Engine:
                 if ev.request_id in pending:
                     if ev.output is not None:
                         pending.discard(ev.request_id)
-                        self._outputs.pop(ev.request_id, None)
                     yield ev
 
     # --- one forward + sample -----------------------------------------------------------
     def _run_model(self, out: SchedulerOutput) -> tuple[list[int], list[float]]:
-        chunks = out.chunks
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        cu = [0]
-        row_of: dict[int, int] = {}
-        mb = max(len(c.stream.blocks) for c in chunks)
-        tables = []
-        for b, c in enumerate(chunks):
-            s, start, n = c.stream, c.start, c.n
-            ids.extend(s.tokens[start:start + n])
-            pos.extend(range(start, start + n))
-            blocks = s.blocks
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
-            seq_lens.append(start + n)
-            cu.append(cu[-1] + n)
-            row_of[id(s)] = cu[-1] - 1  # the stream's last token this step
-            tables.append(blocks + [0] * (mb - len(blocks)))
-
-        # Rows of the logits that each sampling group reads, group rows adjacent.
-        rows: list[int] = []
-        nstreams: list[int] = []
-        modes: list[str] = []
-        guidance_by_group: list[SamplingParams] = []
-        for g in out.samples:
-            src = g.leader if g.leader is not None else g
-            use = src.streams if g.guided() else src.streams[:1]
-            rows.extend(row_of[id(s)] for s in use)
-            nstreams.append(len(use))
-            modes.append(g.req.params.guidance if g.guided() else "none")
-            guidance_by_group.append(g.req.params)
+        x = build_step_inputs(out, self.block_size, self.device)
         if not out.samples:
             # A pure-prefill step (chunks that stop short of the end): no sampling.
-            self._forward_eager(ids, pos, slots, tables, seq_lens, cu, chunks, rows=None)
+            with torch.inference_mode():
+                self.model.forward_step(x.ids, x.pos, x.meta, self.cache.layers)
             return [], []
-
         logits = None
         if self.graphs is not None and out.is_pure_decode:
-            logits_all = self.graphs.run(
-                torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                torch.tensor(slots, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32),
-                torch.tensor(seq_lens, dtype=torch.int32))
+            logits_all = self.graphs.run(x.ids, x.pos, x.meta.slots, x.meta.block_tables,
+                                         x.meta.seq_lens)
             if logits_all is not None:
-                logits = logits_all.index_select(
-                    0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
+                logits = logits_all.index_select(0, x.rows)
         if logits is None:
-            logits = self._forward_eager(ids, pos, slots, tables, seq_lens, cu, chunks, rows)
-        return self._sample(out.samples, logits, nstreams, modes, guidance_by_group)
-
-    def _forward_eager(self, ids, pos, slots, tables, seq_lens, cu, chunks, rows):
-        dev = self.device
-        ip = torch.tensor([ids, pos], dtype=torch.long).to(dev, non_blocking=True)
-        meta_host = torch.tensor(slots + seq_lens + cu, dtype=torch.int32)
-        meta_dev = meta_host.to(dev, non_blocking=True)
-        T, B = len(slots), len(seq_lens)
-        meta = StepMetadata(
-            slots=meta_dev[:T], block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
-            seq_lens=meta_dev[T:T + B], cu_seqlens_q=meta_dev[T + B:],
-            max_q_len=max(c.n for c in chunks), max_seq_len=max(seq_lens),
-        )
-        with torch.inference_mode():
-            hidden = self.model.forward_step(ip[0], ip[1], meta, self.cache.layers)
-            if rows is None:
-                return None
-            sel = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-            return self.model.compute_logits(hidden.index_select(0, sel))
-
-    def _sample(self, groups: list[Group], logits: torch.Tensor, nstreams: list[int],
-                modes: list[str], params: list[SamplingParams]):
-        dev = self.device
-        f32 = torch.float32
-
-        def vec(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        kinds = vec([g.mask_kind() for g in groups], torch.long)
+            with torch.inference_mode():
+                hidden = self.model.forward_step(x.ids, x.pos, x.meta, self.cache.layers)
+                logits = self.model.compute_logits(hidden.index_select(0, x.rows))
         tokens, logprobs = ops.sample_logits(
-            logits, vec(nstreams, torch.int32),
-            mode=vec([_MODE_CODE[m] for m in modes], torch.int32),
-            temperature=vec([p.temperature for p in params], f32),
-            top_k=vec([p.top_k for p in params], torch.int32),
-            top_p=vec([p.top_p for p in params], f32),
-            cfg_scale=vec([p.cfg_scale for p in params], f32),
-            cfg_image_scale=vec([p.cfg_image_scale for p in params], f32),
-            cd_alpha=vec([p.cd_alpha for p in params], f32),
-            cd_k=vec([p.cd_k for p in params], torch.int32),
-            allowed=self.allowed_table.index_select(0, kinds),
-            seed=vec([g.seed for g in groups], torch.int64),
-            step=vec([len(g.generated) for g in groups], torch.int64),
+            logits, x.streams, mode=x.mode, temperature=x.temperature, top_k=x.top_k,
+            top_p=x.top_p, cfg_scale=x.cfg_scale, cfg_image_scale=x.cfg_image_scale,
+            cd_alpha=x.cd_alpha, cd_k=x.cd_k,
+            allowed_bits=self.allowed_bits.index_select(0, x.mask_kind),
+            seed=x.seed, step=x.step,
         )
+        # The step's one synchronisation: the host needs the tokens to schedule the next.
         return tokens.tolist(), logprobs.tolist()
 
     # --- outputs ------------------------------------------------------------------------
@@ -413,7 +370,8 @@ class Engine:
                 out.samples = self._samples_of(req)
             except (RuntimeError, ValueError, TypeError, OSError) as exc:  # report, keep serving
                 out.error = exc
-        self._outputs[req.request_id] = out
+        if req.request_id in self._awaited:
+            self._outputs[req.request_id] = out  # others get it from the step's events
         req.output = out
         self._requests.pop(req.request_id, None)
         return out
@@ -478,5 +436,3 @@ class Engine:
         for s, segs in zip(samples, pieces):
             s.segments = [tt.decode(x) if kind == "txt" else images[x] for kind, x in segs]
 
-
-_MODE_CODE = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}

@@ -30,6 +30,8 @@ class VocabInfo:
         image_token_ids: vocab id of each image code (index = code).
         tokens_per_image: image codes per image span.
         pad_id, mask_id, infill_id: optional specials (None when the vocab lacks them).
+        num_spelled: ids below this are tokens the tokenizer spells; lm_head rows past it
+            (vocab padded to a multiple of 64, say) are never sampled. None: all are.
     """
 
     vocab_size: int
@@ -42,6 +44,7 @@ class VocabInfo:
     pad_id: int | None = None
     mask_id: int | None = None
     infill_id: int | None = None
+    num_spelled: int | None = None
 
     def __post_init__(self) -> None:
         V = self.vocab_size
@@ -77,6 +80,7 @@ class VocabInfo:
             tokens_per_image=n, pad_id=_opt_int(tt.pad_id),
             mask_id=_opt_int(getattr(tt, "mask_id", None)),
             infill_id=_opt_int(getattr(tt, "infill_id", None)),
+            num_spelled=_opt_int(getattr(tt, "vocab_size", None)),
         )
 
     @classmethod
@@ -107,6 +111,8 @@ class VocabInfo:
         text[self.eoi_id] = False
         if self.pad_id is not None and self.pad_id != self.eos_id:
             text[self.pad_id] = False
+        if self.num_spelled is not None and self.num_spelled < V:
+            text[self.num_spelled:] = False
         table[MASK_TEXT] = text
         table[MASK_TEXT_ONLY] = text
         table[MASK_TEXT_ONLY, self.boi_id] = False

@@ -1,0 +1,126 @@
+"""The device inputs of one engine step, packed into three host->device copies.
+
+A step needs, for T packed tokens of B sequences and G sampling groups (R logit rows):
+token ids and positions, cache slots, block tables, lengths, the rows each group samples
+from and every group's sampling parameters. They are laid out in one int64, one int32 and
+one float32 host buffer, copied once each, and handed out as views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from cm3rt.engine.scheduler import SchedulerOutput
+from cm3rt.model.step import StepMetadata
+
+MODE_CODE = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}  # ops.SAMPLE_MODES
+
+
+@dataclass
+class StepInputs:
+    """Views into the packed device buffers (see the module docstring)."""
+
+    ids: torch.Tensor  # int64 [T]
+    pos: torch.Tensor  # int64 [T]
+    meta: StepMetadata
+    rows: torch.Tensor  # int64 [R]: logit rows of the sampling groups, group rows adjacent
+    # Sampler arguments, one entry per group.
+    streams: torch.Tensor  # int32 [G]
+    mode: torch.Tensor  # int32 [G]
+    top_k: torch.Tensor  # int32 [G]
+    cd_k: torch.Tensor  # int32 [G]
+    mask_kind: torch.Tensor  # int32 [G]: row of the engine's allowed-token table
+    seed: torch.Tensor  # int64 [G]
+    step: torch.Tensor  # int64 [G]
+    temperature: torch.Tensor  # float32 [G]
+    top_p: torch.Tensor
+    cfg_scale: torch.Tensor
+    cfg_image_scale: torch.Tensor
+    cd_alpha: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.streams.shape[0])
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def build_step_inputs(out: SchedulerOutput, block_size: int,
+                      device: torch.device) -> StepInputs:
+    """Pack ``out``'s chunks and sampling groups into device tensors."""
+    chunks = out.chunks
+    bs = block_size
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    seq_lens: list[int] = []
+    cu = [0]
+    row_of: dict[int, int] = {}
+    mb = max(len(c.stream.blocks) for c in chunks)
+    tables: list[int] = []
+    for c in chunks:
+        s, start, n = c.stream, c.start, c.n
+        end = start + n
+        ids.extend(s.tokens[start:end])
+        pos.extend(range(start, end))
+        blocks = s.blocks
+        if n == 1:
+            slots.append(blocks[start // bs] * bs + start % bs)
+        else:
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+        seq_lens.append(end)
+        cu.append(cu[-1] + n)
+        row_of[id(s)] = cu[-1] - 1  # the stream's last token this step
+        tables.extend(blocks)
+        tables.extend([0] * (mb - len(blocks)))
+
+    rows: list[int] = []
+    g_i32: list[list[int]] = [[], [], [], [], []]  # streams, mode, top_k, cd_k, mask_kind
+    g_i64: list[list[int]] = [[], []]  # seed, step
+    g_f32: list[list[float]] = [[], [], [], [], []]
+    for g in out.samples:
+        src = g.leader if g.leader is not None else g
+        guided = g.guided()
+        use = src.streams if guided else src.streams[:1]
+        rows.extend(row_of[id(s)] for s in use)
+        p = g.req.params
+        for lst, v in zip(g_i32, (len(use), MODE_CODE[p.guidance] if guided else 0, p.top_k,
+                                  p.cd_k, g.mask_kind())):
+            lst.append(v)
+        g_i64[0].append(g.seed)
+        g_i64[1].append(len(g.generated))
+        for lst, v in zip(g_f32, (p.temperature, p.top_p, p.cfg_scale, p.cfg_image_scale,
+                                  p.cd_alpha)):
+            lst.append(v)
+
+    T, B, R, G = len(ids), len(seq_lens), len(rows), len(out.samples)
+    i64 = _to_device(ids + pos + rows + g_i64[0] + g_i64[1], torch.int64, device)
+    i32 = _to_device(slots + seq_lens + cu + tables + list(chain.from_iterable(g_i32)), torch.int32, device)
+    f32 = _to_device(list(chain.from_iterable(g_f32)), torch.float32, device)
+
+    def cut(buf, sizes):
+        views, at = [], 0
+        for n in sizes:
+            views.append(buf[at:at + n])
+            at += n
+        return views
+
+    v_ids, v_pos, v_rows, v_seed, v_step = cut(i64, (T, T, R, G, G))
+    v_slots, v_lens, v_cu, v_tab, v_str, v_mode, v_topk, v_cdk, v_kind = cut(
+        i32, (T, B, B + 1, B * mb, G, G, G, G, G))
+    v_temp, v_topp, v_cfg, v_cfgi, v_cda = cut(f32, (G,) * 5)
+    meta = StepMetadata(slots=v_slots, block_tables=v_tab.view(B, mb), seq_lens=v_lens,
+                        cu_seqlens_q=v_cu, max_q_len=max(c.n for c in chunks),
+                        max_seq_len=max(seq_lens))
+    return StepInputs(ids=v_ids, pos=v_pos, meta=meta, rows=v_rows, streams=v_str,
+                      mode=v_mode, top_k=v_topk, cd_k=v_cdk, mask_kind=v_kind, seed=v_seed,
+                      step=v_step, temperature=v_temp, top_p=v_topp, cfg_scale=v_cfg,
+                      cfg_image_scale=v_cfgi, cd_alpha=v_cda)
