@@ -7,13 +7,15 @@
 Architecture: cm3rt's own taming-layout ``Encoder`` / ``Decoder`` (the modules
 ``ImageTokenizer`` runs), ch 32, ch_mult (1, 1, 2, 4), one res block a level, mid-block
 attention, z 64, 512 codes of 64 dims, f = 8: a 64 px image is 8 x 8 = 64 codes. Loss: L1 +
-MSE reconstruction + codebook + 0.25 x commitment (straight-through estimator); codebook
-initialised by k-means on encoder outputs; codes unused for ``--restart-every`` steps are
+MSE reconstruction + 0.25 x commitment (straight-through estimator); the codebook follows
+exponential moving averages of its assigned latents (VQ-VAE-2 style; a first run with a
+gradient-trained codebook collapsed to 112 of 512 codes within 200 steps), is initialised
+by k-means on encoder outputs, and codes unused for ``--restart-every`` steps are
 restarted from encoder outputs. Schedule: random 32 px crops (aligned to the 8 px latent
 grid; a fully convolutional net learns the same local patches at a quarter of the cost),
 then full 64 px images. No LPIPS / GAN (flat-colour shapes do not need them).
 
-Resumable: ``<out>/checkpoint.*`` (model + optimizer + codebook usage, no pickle) every
+Resumable: ``<out>/checkpoint.*`` (model + EMA codebook + optimizer + code usage, no pickle) every
 ``--ckpt-every`` steps; rerunning the same command continues from it. Each checkpoint also
 exports ``<out>/vqgan/`` with ``ImageTokenizer.save_pretrained`` (``vqgan.safetensors`` +
 ``vqgan_config.json``), which is what ``--eval`` and ``encode_images.py`` read.
@@ -110,16 +112,19 @@ class VQGANOptions:
 
 
 class TrainableVQGAN(nn.Module):
-    """Encoder, quantiser (codebook as a parameter) and decoder, with taming's names."""
+    """Encoder, quantiser (EMA codebook, a buffer) and decoder, with taming's names."""
 
-    def __init__(self, cfg: VQGANConfig) -> None:
+    def __init__(self, cfg: VQGANConfig, decay: float = 0.99) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.latent_channels, 1)
-        self.codebook = nn.Parameter(torch.randn(cfg.num_embeddings, cfg.embed_dim) * 0.1)
+        self.decay = decay
+        self.register_buffer("codebook", torch.randn(cfg.num_embeddings, cfg.embed_dim) * 0.1)
+        self.register_buffer("ema_count", torch.ones(cfg.num_embeddings))
+        self.register_buffer("ema_sum", self.codebook.clone())
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E, h, w] pre-quantisation latents."""
@@ -127,28 +132,49 @@ class TrainableVQGAN(nn.Module):
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Code of each row of ``flat`` [M, E] (squared L2, ties to the lower index)."""
-        cb = self.codebook.detach()
+        cb = self.codebook
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
-        """-> (reconstruction, codebook loss, commitment loss, codes [B*h*w])."""
+        """-> (reconstruction, commitment loss, codes [B*h*w]); in training mode the
+        codebook moves towards the mean of the latents assigned to each code."""
         z = self.latents(x)
         b, e, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, e)
         idx = self.nearest(flat.detach())
         zq = self.codebook[idx]
-        codebook_loss = F.mse_loss(zq, flat.detach())
-        commit_loss = F.mse_loss(flat, zq.detach())
+        commit_loss = F.mse_loss(flat, zq)
+        if self.training:
+            self.ema_update(flat.detach(), idx)
         zq = flat + (zq - flat).detach()  # straight-through gradient to the encoder
         zq = zq.view(b, h, w, e).permute(0, 3, 1, 2)
-        return self.decoder(self.post_quant_conv(zq)), codebook_loss, commit_loss, idx
+        return self.decoder(self.post_quant_conv(zq)), commit_loss, idx
+
+    @torch.no_grad()
+    def ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        """Move each code towards the running mean of its latents (Laplace-smoothed counts)."""
+        k, d = self.cfg.num_embeddings, self.decay
+        counts = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
+        self.ema_count.mul_(d).add_(counts, alpha=1 - d)
+        self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + k * 1e-5) * n
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def set_codes(self, which: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite codes (init / restart), resetting their running statistics."""
+        self.codebook[which] = values
+        self.ema_sum[which] = values
+        self.ema_count[which] = 1.0
 
     def to_image_tokenizer(self) -> ImageTokenizer:
         """cm3rt's ImageTokenizer sharing these modules (for save_pretrained)."""
         return ImageTokenizer(self.cfg, self.encoder, self.quant_conv,
-                              self.codebook.detach().clone(), self.post_quant_conv,
+                              self.codebook.clone(), self.post_quant_conv,
                               self.decoder)
 
 
@@ -217,7 +243,8 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
             rng = step_rng(opts.seed, 1, 0)
             z = torch.cat([model.latents(source.batch(rng, opts.crop_batch, 32))
                            .permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim) for _ in range(8)])
-            model.codebook.copy_(kmeans(z, cfg.num_embeddings, 10, gen))
+            model.set_codes(torch.ones(cfg.num_embeddings, dtype=torch.bool),
+                            kmeans(z, cfg.num_embeddings, 10, gen))
     stats: dict = {}
     log = (opts.out / "log.jsonl").open("a", encoding="utf-8")
     t_last, s_last = timer.seconds(), start
@@ -230,9 +257,9 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
                          32 if phase1 else None)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, opts.total_steps, opts.lr, warmup=100)
-        rec, cb_loss, commit, idx = model(x)
+        rec, commit, idx = model(x)
         l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
-        loss = l1 + l2 + cb_loss + opts.beta * commit
+        loss = l1 + l2 + opts.beta * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -245,7 +272,7 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
                     z = model.latents(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
                     g = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
                     pick = z[torch.randint(0, z.shape[0], (n_dead,), generator=g)]
-                    model.codebook[dead] = pick + 0.01 * torch.randn(pick.shape, generator=g)
+                    model.set_codes(dead, pick + 0.01 * torch.randn(pick.shape, generator=g))
             stats = {"step": step + 1, "loss": loss.item(), "l1": l1.item(), "mse": l2.item(),
                      "commit": commit.item(), "dead_restarted": n_dead,
                      "codes_used": int((usage > 0).sum()), "phase": 1 if phase1 else 2,
