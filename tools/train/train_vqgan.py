@@ -11,9 +11,12 @@ MSE reconstruction + 0.25 x commitment (straight-through estimator); the codeboo
 exponential moving averages of its assigned latents (VQ-VAE-2 style; a first run with a
 gradient-trained codebook collapsed to 112 of 512 codes within 200 steps), is initialised
 by k-means on encoder outputs, and codes unused for ``--restart-every`` steps are
-restarted from encoder outputs. Schedule: random 32 px crops (aligned to the 8 px latent
-grid; a fully convolutional net learns the same local patches at a quarter of the cost),
-then full 64 px images. No LPIPS / GAN (flat-colour shapes do not need them).
+restarted from encoder outputs. Schedule: 1,400 steps of random 32 px crops (aligned to
+the 8 px latent grid: cheap local patches), then full 64 px images. The crop phase is kept
+short because the net is not really fully convolutional: GroupNorm statistics and the
+mid-block attention span the whole input, and after 1,400 crop steps (L1 0.04 on crops) it
+reconstructed full images at 19.6 dB PSNR with 0.6% analyzer agreement. No LPIPS / GAN
+(flat-colour shapes do not need them).
 
 Resumable: ``<out>/checkpoint.*`` (model + EMA codebook + optimizer + code usage, no pickle) every
 ``--ckpt-every`` steps; rerunning the same command continues from it. Each checkpoint also
@@ -82,8 +85,8 @@ class VQGANOptions:
     out: Path
     seed: int = 0
     threads: int = 1
-    crops: int = 150_000
-    images: int = 20_000
+    crops: int = 44_800
+    images: int = 40_000
     crop_batch: int = 32
     image_batch: int = 16
     lr: float = 1e-3
