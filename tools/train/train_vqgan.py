@@ -7,7 +7,7 @@
 Architecture: cm3rt's own taming-layout ``Encoder`` / ``Decoder`` (the modules
 ``ImageTokenizer`` runs), ch 32, ch_mult (1, 1, 2, 4), one res block a level, mid-block
 attention, z 64, 512 codes of 64 dims, f = 8: a 64 px image is 8 x 8 = 64 codes. Loss: L1 +
-MSE reconstruction + 0.25 x commitment (straight-through estimator); the codebook follows
+MSE reconstruction (object pixels weighted ``1 + --fg-weight``) + 0.25 x commitment (straight-through estimator); the codebook follows
 exponential moving averages of its assigned latents (VQ-VAE-2 style; a first run with a
 gradient-trained codebook collapsed to 112 of 512 codes within 200 steps), is initialised
 by k-means on encoder outputs, and codes unused for ``--restart-every`` steps are
@@ -78,6 +78,10 @@ class VQGANOptions:
         crop_batch, image_batch: batch sizes of the two phases.
         lr: peak AdamW learning rate.  beta: commitment weight.
         ckpt_every: steps between checkpoints.  restart_every: dead-code window in steps.
+        fg_weight: extra reconstruction weight of object pixels (those far from the image's
+            median colour, i.e. its background). Objects are ~5% of the pixels: with a plain
+            mean, after 1,800 steps the autoencoder drew blurred blobs of the wrong colour
+            even without quantisation (foreground L1 1.12), while backgrounds were fine.
         limit: use only the first ``limit`` training records (None: all).
     """
 
@@ -93,6 +97,7 @@ class VQGANOptions:
     beta: float = 0.25
     ckpt_every: int = 200
     restart_every: int = 100
+    fg_weight: float = 9.0
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -216,6 +221,16 @@ class ImageSource:
         return to_pixels(imgs)
 
 
+def foreground_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.5
+                       ) -> torch.Tensor:
+    """[B, 1, H, W] pixel weights averaging 1 per image: ``1 + fg_weight`` where the pixel
+    is far (L1 over channels > ``threshold`` in [-1, 1] units) from the image's median
+    colour (the background: it covers most pixels; its texture stays below the threshold)."""
+    bg = x.flatten(2).median(2).values[..., None, None]
+    w = 1.0 + fg_weight * ((x - bg).abs().sum(1, keepdim=True) > threshold).float()
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
 def export(model: TrainableVQGAN, out: Path) -> Path:
     """Write the cm3rt-loadable VQGAN (``ImageTokenizer.save_pretrained``) to out/vqgan."""
     return model.to_image_tokenizer().save_pretrained(out / EXPORT)
@@ -261,7 +276,9 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, opts.total_steps, opts.lr, warmup=100)
         rec, commit, idx = model(x)
-        l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
+        w = foreground_weights(x, opts.fg_weight)
+        err = rec - x
+        l1, l2 = (w * err.abs()).mean(), (w * err.pow(2)).mean()
         loss = l1 + l2 + opts.beta * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -338,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=VQGANOptions.images)
     p.add_argument("--ckpt-every", type=int, default=VQGANOptions.ckpt_every)
     p.add_argument("--lr", type=float, default=VQGANOptions.lr)
+    p.add_argument("--fg-weight", type=float, default=VQGANOptions.fg_weight)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this call")
     p.add_argument("--quick", action="store_true",
@@ -362,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.quick:
             opts = VQGANOptions(a.data, a.out, a.seed, a.threads, crops=4 * 8, images=2 * 4,
                                 crop_batch=8, image_batch=4, ckpt_every=3, restart_every=2,
-                                lr=a.lr, limit=64)
+                                lr=a.lr, fg_weight=a.fg_weight, limit=64)
         else:
             opts = VQGANOptions(a.data, a.out, a.seed, a.threads, crops=a.crops,
-                                images=a.images, lr=a.lr, ckpt_every=a.ckpt_every)
+                                images=a.images, lr=a.lr, ckpt_every=a.ckpt_every,
+                                fg_weight=a.fg_weight)
     except ValueError as exc:
         p.error(str(exc))
     train(opts, quiet=a.quick, max_steps=a.max_steps)
