@@ -1,0 +1,172 @@
+"""The decoder training script (tools/train/train_decoder.py) and its torch module.
+
+- The trainable module and cm3rt's inference model give the same logits for the same
+  weights (the export goes through cm3rt's normal HF-layout loader).
+- Training sequences have exactly the layout cm3rt's engine builds at inference: a text ->
+  image prompt, the unconditional CFG prompt and retrieved documents.
+- ``--quick`` runs end to end; a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TRAIN_DIR = Path(__file__).resolve().parents[1] / "tools" / "train"
+sys.path.insert(0, str(TRAIN_DIR))
+
+import decoder_model
+import encode_images
+import make_dataset
+import train_decoder
+import train_tokenizer
+import train_vqgan
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Tiny dataset, tokenizer, VQGAN, codes, and retrieval lists (each train record gets
+    its two successors: the script must not care how they were chosen)."""
+    root = tmp_path_factory.mktemp("decoder")
+    make_dataset.make_dataset(make_dataset.DatasetOptions(root / "shapes", seed=5, train=60,
+                                                          bank=8, eval=2))
+    assert train_tokenizer.main(["--data", str(root / "shapes"), "--out", str(root / "tok"),
+                                 "--quick"]) == 0
+    assert train_vqgan.main(["--data", str(root / "shapes"), "--out", str(root / "vq"),
+                             "--quick"]) == 0
+    assert encode_images.main(["--data", str(root / "shapes"), "--vqgan",
+                               str(root / "vq" / "vqgan"), "--out", str(root / "codes"),
+                               "--splits", "train", "--quick"]) == 0
+    n = np.load(root / "codes" / "train_codes.npy").shape[0]
+    retr = np.stack([(np.arange(n) + 1) % n, (np.arange(n) + 2) % n], 1).astype(np.int32)
+    retr[::7, 1] = -1  # some records have one doc only
+    np.save(root / "retrieval.npy", retr)
+    return root
+
+
+def _args(runs: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(runs / "shapes"), "--codes", str(runs / "codes"),
+            "--retrieval", str(runs / "retrieval.npy"), "--tokenizer", str(runs / "tok"),
+            "--vqgan", str(runs / "vq" / "vqgan"), "--out", str(out), "--threads", "1", *extra]
+
+
+def _options(runs: Path, out: Path, **kw) -> train_decoder.DecoderOptions:
+    base = {"data": runs / "shapes", "codes": runs / "codes",
+            "retrieval": runs / "retrieval.npy", "tokenizer": runs / "tok",
+            "vqgan": runs / "vq" / "vqgan", "out": out, "threads": 1, "steps": 4,
+            "tokens_per_step": 1200, "hidden": 64, "layers": 2, "heads": 2, "kv_heads": 1,
+            "ffn": 96, "ckpt_every": 2, "limit": 40}
+    return train_decoder.DecoderOptions(**{**base, **kw})
+
+
+def test_module_matches_cm3rt_inference_model(runs, tmp_path):
+    from cm3rt.model import load_model
+
+    opts = _options(runs, tmp_path)
+    src = train_decoder.SequenceSource(opts)
+    torch.manual_seed(0)
+    module = decoder_model.TrainableChameleon(train_decoder.model_config(opts, 512 + 512))
+    with torch.no_grad():  # non-trivial norms, so a swapped weight name would show
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    opts2 = _options(runs, tmp_path / "run")
+    out = train_decoder.export(module, opts2, src)
+    model = load_model(out).eval()
+    ids, _ = src.build("ra", 3, np.random.default_rng(0), 0.0)
+    ids_t = torch.tensor(ids)
+    want = module(ids_t[None])[0].detach()
+    got = model.logits(ids_t[None])[0]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sequences_have_the_engine_layout(runs, tmp_path):
+    from cm3rt.engine.params import SamplingParams
+    from cm3rt.engine.request import Request
+    from cm3rt.engine.sequence import build_prompt
+    from cm3rt.engine.state import VocabInfo
+    from cm3rt.model import load_pretrained
+    from cm3rt.retrieval.augment import document_ids
+    from cm3rt.retrieval.bank import Document
+
+    opts = _options(runs, tmp_path)
+    src = train_decoder.SequenceSource(opts)
+    module = decoder_model.TrainableChameleon(train_decoder.model_config(opts, 1024))
+    model_dir = train_decoder.export(module, opts, src)
+    model, proc = load_pretrained(model_dir)
+    vocab = VocabInfo.from_processor(proc, model.config.vocab_size)
+
+    i = 5
+    rng = np.random.default_rng(1)
+    ids, mask = src.build("t2i", i, rng, p_uncond=0.0)
+    caption = proc.text.decode(ids[1: ids.index(src.boi)])
+    req = Request(prompt=[caption], task="text_to_image",
+                  params=SamplingParams(guidance="cfg", cfg_scale=3.0))
+    spec = build_prompt(req, vocab, proc, max_len=4096, max_new_tokens=300).spec
+    n = vocab.tokens_per_image
+    assert ids[: len(spec.cond)] == spec.cond  # the prompt the engine continues
+    assert len(ids) == len(spec.cond) + n + 1 and ids[-1] == src.eoi
+    assert ids[len(spec.cond): -1] == src.images[i].tolist()
+    assert mask[0] == 0 and all(mask[1:])
+
+    uncond, _ = src.build("t2i", i, np.random.default_rng(1), p_uncond=0.999999)
+    assert uncond[: len(spec.uncond)] == spec.uncond  # <s> <mask> <racm3:break>
+
+    ids, mask = src.build("ra", i, np.random.default_rng(2), p_uncond=0.0)
+    docs = [int(d) for d in src.retrieval[i] if d >= 0]
+    prefix = [src.bos]
+    for d in docs:
+        if len(prefix) + len(src.doc_text[d]) + n + 2 > len(ids) - n - 2:
+            break
+        doc = Document(id=d, source=str(d), modality="image+text", caption=src.recs[d]["text"],
+                       codes=torch.from_numpy(np.load(runs / "codes" / "train_codes.npy")[d]
+                                              .astype(np.int64)))
+        prefix += document_ids(doc, proc.text)
+    assert ids[: len(prefix)] == prefix
+    assert not any(mask[: len(prefix)]) and all(mask[len(prefix):])
+
+    ids, _ = src.build("i2t", i, rng, 0.0)
+    assert ids[-1] == src.eos and ids[1] == src.boi
+    ids, _ = src.build("infill", i, rng, 0.0)
+    assert src.mask in ids and src.infill in ids and ids[-1] == src.eos
+
+
+def test_quick_run_exports_a_loadable_model(runs, tmp_path):
+    from cm3rt.model import load_pretrained
+
+    out = tmp_path / "dec"
+    assert train_decoder.main(_args(runs, out, "--quick")) == 0
+    model, proc = load_pretrained(out / "model")
+    assert model.config.vocab_size % 64 == 0
+    assert proc.image.num_tokens == np.load(runs / "codes" / "train_codes.npy").shape[1]
+    assert (out / "log.jsonl").is_file()
+
+
+def test_resume_is_bit_identical(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_decoder.train(_options(runs, a), quiet=True)
+    train_decoder.train(_options(runs, b), quiet=True, max_steps=2)
+    train_decoder.train(_options(runs, b), quiet=True)
+    ta = load_file(str(a / "model" / "model.safetensors"))
+    tb = load_file(str(b / "model" / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_bad_options_are_named(runs, tmp_path):
+    with pytest.raises(ValueError, match="mixture"):
+        _options(runs, tmp_path, mixture=(1.0, 0.0))
+    with pytest.raises(ValueError, match="p_uncond"):
+        _options(runs, tmp_path, p_uncond=1.5)
+    bad = tmp_path / "retr.npy"
+    np.save(bad, np.zeros((3, 2), np.int32))
+    with pytest.raises(ValueError, match="must cover"):
+        train_decoder.SequenceSource(_options(runs, tmp_path, retrieval=bad))
