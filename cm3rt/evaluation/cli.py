@@ -91,8 +91,10 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
 
     model_dir = Path(model).expanduser() if model else default_model_dir()
     if not (model_dir / "config.json").is_file():
-        where = "--model" if model else "the embedded default model"
-        raise FileNotFoundError(f"{where}: expected a model directory with config.json, got "
+        if not model:
+            raise FileNotFoundError(f"the embedded default model is not installed (looked in "
+                                    f"{str(model_dir)!r}); pass --model DIR")
+        raise FileNotFoundError(f"--model: expected a model directory with config.json, got "
                                 f"{str(model_dir)!r}")
     defaults = read_defaults(model_dir)
     if not retrieval:
