@@ -170,14 +170,14 @@ def _fake_scenes(cfg: QualityConfig) -> dict:
 
 
 def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
-    cfg = QualityConfig(prompts=24, captions=24, seed=5, train_settings="all")
+    cfg = QualityConfig(prompts=16, captions=16, seed=5, train_settings="all")
     perfect = FakeEngine(_fake_scenes(cfg))
     report = run_quality(perfect, bank="unused-by-the-fake", config=cfg, progress=False)
     assert len(report.rows) == 10
     for row in report.rows:
-        assert (row.held_out.n, row.held_out.passed) == (24, 24), row.setting
-        assert (row.train.n, row.train.passed) == (24, 24), row.setting
-    assert (report.captions.n, report.captions.passed) == (24, 24)
+        assert (row.held_out.n, row.held_out.passed) == (16, 16), row.setting
+        assert (row.train.n, row.train.passed) == (16, 16), row.setting
+    assert (report.captions.n, report.captions.passed) == (16, 16)
     status = {t.name: t.status for t in report.targets}
     assert status["held-out adherence with CFG >= 80%"] == "PASS"
     assert status["caption accuracy >= 90%"] == "PASS"
@@ -188,7 +188,7 @@ def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
     # The requests: one per prompt and setting, with the setting's sampling and retrieval,
     # and the same sampler seed for a prompt in every setting.
     t2i = [r for r in perfect.requests if r.task == "text_to_image"]
-    assert len(t2i) == 10 * 24 * 2
+    assert len(t2i) == 10 * 16 * 2
     first = [r for r in t2i if r.request_id.endswith("-0") and "eval-1-" in r.request_id]
     assert len(first) == 10 and len({r.params.seed for r in first}) == 1
     assert {(r.params.guidance, r.params.cfg_scale, r.k_docs) for r in first} == {
