@@ -17,6 +17,7 @@ _CLI_MODULES = (
     "cm3rt.cli_generate",      # generate, caption
     "cm3rt.retrieval.cli",     # bank build | search
     "cm3rt.convert",           # convert
+    "cm3rt.evaluation.cli",    # eval
 )
 
 

@@ -1,0 +1,188 @@
+"""`cm3rt eval`: the quality evaluation of a shapes-world model, printed as a table.
+
+    cm3rt eval                          # the embedded default model and its bank, N = 200
+    cm3rt eval --quick                  # a smoke run (4 prompts, 4 captions)
+    cm3rt eval --model DIR --bank DIR --prompts 400 --cfg-scales 2 4 --json out.json
+
+cm3rt/cli.py calls :func:`register_cli`. Heavy imports happen inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+QUICK_N = 4
+_DTYPES = ("float32", "bfloat16", "float16")
+# defaults.json keys that set the image sampler of the evaluation (CLI flags win).
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cd_alpha", "cd_k", "k_docs")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` command."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate prompt adherence and captioning (shapes-world models)",
+        description="Generate images for held-out and train-concept prompts of the shapes "
+                    "world under guidance none / cfg (each scale) / cdk, retrieval off and "
+                    "on; caption fresh renders; print adherence and caption accuracy with "
+                    "issue 7's targets.")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model directory (default: the embedded default model)")
+    p.add_argument("--bank", default=None, metavar="DIR",
+                   help="memory bank for the retrieval rows (default: <model>/bank, or the "
+                        "'bank' of <model>/defaults.json)")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval-on rows")
+    p.add_argument("--prompts", type=int, default=None, metavar="N",
+                   help="held-out prompts per setting (default 200; --quick 4)")
+    p.add_argument("--train-prompts", type=int, default=None, metavar="N",
+                   help="train-concept prompts per train row (default: --prompts)")
+    p.add_argument("--train-settings", default="best", choices=("best", "all", "none"),
+                   help="rows the train-concept prompts run under: the best CFG scale "
+                        "(retrieval off and on), every row, or none (default best)")
+    p.add_argument("--captions", type=int, default=None, metavar="N",
+                   help="fresh renders to caption (default 200; --quick 4; 0 = skip)")
+    p.add_argument("--seed", type=int, default=0, help="prompt sets and samplers (default 0)")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.5, 3.0, 5.0],
+                   metavar="S", help="CFG scales (default 1.5 3 5)")
+    p.add_argument("-k", "--k-docs", type=int, default=None,
+                   help="documents retrieved per prompt (default 2, or defaults.json)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="image sampling temperature (default 1, or defaults.json)")
+    p.add_argument("--top-k", type=int, default=None, help="default 0 (off), or defaults.json")
+    p.add_argument("--top-p", type=float, default=None, help="default 1 (off), or defaults.json")
+    p.add_argument("--cd-alpha", type=float, default=None, help="CD-K alpha (default 0.1)")
+    p.add_argument("--cd-k", type=int, default=None, help="CD-K k (default 1)")
+    p.add_argument("--caption-temperature", type=float, default=0.0,
+                   help="captioning temperature (default 0 = greedy)")
+    p.add_argument("--caption-max-tokens", type=int, default=48)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK_N} prompts and {QUICK_N} captions unless given")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every number to OUT")
+    p.add_argument("--strict", action="store_true",
+                   help="exit status 3 when a target is missed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="default bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_eval)
+
+
+def read_defaults(model_dir: Path) -> dict[str, Any]:
+    """The model directory's ``defaults.json`` (generation defaults), {} when absent."""
+    path = Path(model_dir) / "defaults.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TypeError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def resolve_paths(model: str | None, bank: str | None, retrieval: bool
+                  ) -> tuple[Path, Path | None, dict[str, Any]]:
+    """(model dir, bank dir or None, defaults.json) for the command's arguments."""
+    from cm3rt.engine.generate import default_model_dir
+
+    model_dir = Path(model).expanduser() if model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        if not model:
+            raise FileNotFoundError(f"the embedded default model is not installed (looked in "
+                                    f"{str(model_dir)!r}); pass --model DIR")
+        raise FileNotFoundError(f"--model: expected a model directory with config.json, got "
+                                f"{str(model_dir)!r}")
+    defaults = read_defaults(model_dir)
+    if not retrieval:
+        return model_dir, None, defaults
+    if bank:
+        bank_dir = Path(bank).expanduser()
+    else:
+        bank_dir = model_dir / str(defaults.get("bank") or "bank")
+    if not bank_dir.is_dir():
+        what = "--bank" if bank else "the model's bank (default <model>/bank)"
+        raise FileNotFoundError(f"{what}: expected a memory bank directory, got "
+                                f"{str(bank_dir)!r}; pass --bank DIR or --no-retrieval")
+    return model_dir, bank_dir, defaults
+
+
+def _device(device: str | None) -> str:
+    from cm3rt.engine.generate import default_device
+
+    device = device or default_device()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        from cm3rt import ops
+
+        if not (torch.cuda.is_available() and ops.cuda_available()):
+            raise RuntimeError(f"--device {device}: no CUDA device is available (or cm3rt was "
+                               "built without CUDA); use --device cpu")
+    return device
+
+
+def build_config(args: argparse.Namespace, defaults: dict[str, Any]):
+    """The QualityConfig of the command line (flags over defaults.json over built-ins)."""
+    from cm3rt.evaluation.quality import QualityConfig
+
+    def pick(flag: Any, key: str, fallback: Any) -> Any:
+        return flag if flag is not None else defaults.get(key, fallback)
+
+    n_default = QUICK_N if args.quick else 200
+    prompts = args.prompts if args.prompts is not None else n_default
+    train_n = args.train_prompts
+    if train_n is None and args.quick:
+        train_n = min(prompts, QUICK_N)
+    return QualityConfig(
+        prompts=prompts, train_prompts=train_n,
+        captions=args.captions if args.captions is not None else n_default,
+        seed=args.seed, cfg_scales=tuple(args.cfg_scales), retrieval=not args.no_retrieval,
+        k_docs=pick(args.k_docs, "k_docs", 2), train_settings=args.train_settings,
+        temperature=pick(args.temperature, "temperature", 1.0),
+        top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0),
+        cd_alpha=pick(args.cd_alpha, "cd_alpha", 0.1), cd_k=pick(args.cd_k, "cd_k", 1),
+        caption_temperature=args.caption_temperature,
+        caption_max_tokens=args.caption_max_tokens)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    model_dir, bank_dir, defaults = resolve_paths(args.model, args.bank, not args.no_retrieval)
+    config = build_config(args, defaults)  # validates before anything heavy loads
+    if args.json:
+        out = Path(args.json)
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--json: directory {str(out.parent)!r} does not exist")
+
+    import time
+
+    from cm3rt.engine.generate import get_engine, resolve_dtype
+    from cm3rt.evaluation.quality import format_report, run_quality
+
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    engine = get_engine(str(model_dir), device=device, dtype=args.dtype)
+    bank = None
+    if bank_dir is not None:
+        from cm3rt.retrieval.augment import open_cached
+
+        bank = open_cached(bank_dir)
+    load_s = time.perf_counter() - t0
+    report = run_quality(engine, bank, config, progress=not args.no_progress)
+    report.info = {"model": str(model_dir), "bank": str(bank_dir) if bank_dir else None,
+                   "device": device, "dtype": str(resolve_dtype(args.dtype, device)),
+                   "load_s": load_s}
+    print(f"# cm3rt eval: {model_dir}" + (f" (bank {bank_dir})" if bank_dir else "")
+          + f", {device}, load {load_s:.1f} s\n")
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.strict and any(t.status == "MISS" for t in report.targets):
+        return 3
+    return 0

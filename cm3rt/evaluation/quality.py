@@ -1,0 +1,506 @@
+"""Quality evaluation of a shapes-world model: prompt adherence per sampling setting, with
+and without retrieval, and captioning accuracy (issue 7's targets).
+
+    engine = cm3rt.engine.get_engine("cm3rt/assets/default")
+    report = run_quality(engine, bank, QualityConfig(prompts=200, captions=200))
+    print(format_report(report))
+
+Adherence: for each setting (guidance none / cfg at each scale / cdk, retrieval off and
+on) every prompt of a set draws one image (one request each, all of a setting submitted
+at once so the engine batches them); the score is the share of images the analyzer reads
+as exactly what the prompt asks for (``metrics.adheres``). Every setting uses the same
+per-prompt seeds, so settings differ by their guidance and retrieval, not by luck of the
+draw. Captioning: fresh renders -> ``image_to_text`` (guidance none) -> the share of
+captions that are true and complete (``metrics.caption_correct``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cm3rt.evaluation.metrics import adheres, caption_correct, wilson_interval
+from cm3rt.evaluation.prompts import (
+    EvalPrompt,
+    caption_scenes,
+    held_out_prompts,
+    train_prompts,
+)
+from cm3rt.shapes import HELD_OUT_PAIRS, Scene, parse_caption
+
+TRAIN_SETTINGS = ("best", "all", "none")
+
+# Issue 7's targets.
+TARGET_CFG_ADHERENCE = 0.80
+TARGET_RETRIEVAL_GAIN = 0.20
+TARGET_CAPTIONS = 0.90
+
+_SEED_MASK = (1 << 63) - 1
+_HELD_TAG, _TRAIN_TAG, _CAPTION_TAG = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: a guidance mode (and scale), retrieval off or on."""
+
+    guidance: str
+    retrieval: bool
+    cfg_scale: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"cfg {self.cfg_scale:g}" if self.guidance == "cfg" else self.guidance
+
+
+@dataclass
+class QualityConfig:
+    """What ``run_quality`` evaluates.
+
+    Attributes:
+        prompts: held-out prompts per setting.
+        train_prompts: train-concept prompts per train row (None: same as ``prompts``).
+        captions: fresh renders to caption (0: skip captioning).
+        seed: seeds the prompt sets, the scenes to caption and the samplers.
+        cfg_scales: CFG scales to evaluate.
+        retrieval: also run every setting with retrieval on (needs a bank).
+        k_docs: documents retrieved per prompt when retrieval is on.
+        train_settings: settings the train-concept prompts run under: "best" (the CFG
+            scale with the highest held-out adherence, averaged over retrieval off and on,
+            both retrieval modes), "all", or "none".
+        temperature, top_k, top_p: image sampling (applied after the guidance combine).
+        cd_alpha, cd_k: CD-K parameters.
+        caption_temperature: captioning temperature (0 = greedy).
+        caption_max_tokens: most tokens a caption may take.
+    """
+
+    prompts: int = 200
+    train_prompts: int | None = None
+    captions: int = 200
+    seed: int = 0
+    cfg_scales: tuple[float, ...] = (1.5, 3.0, 5.0)
+    retrieval: bool = True
+    k_docs: int = 2
+    train_settings: str = "best"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cd_alpha: float = 0.1
+    cd_k: int = 1
+    caption_temperature: float = 0.0
+    caption_max_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "captions", "seed", "k_docs", "caption_max_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"QualityConfig.{name} must be an int >= 0, got {v!r}")
+        if self.caption_max_tokens < 1:
+            raise ValueError(f"QualityConfig.caption_max_tokens must be >= 1, got "
+                             f"{self.caption_max_tokens}")
+        tp = self.train_prompts
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 0):
+            raise ValueError(f"QualityConfig.train_prompts must be an int >= 0 or None, "
+                             f"got {tp!r}")
+        scales = tuple(self.cfg_scales)
+        if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                 and np.isfinite(s) for s in scales):
+            raise ValueError(f"QualityConfig.cfg_scales must be one or more finite numbers, "
+                             f"got {self.cfg_scales!r}")
+        self.cfg_scales = tuple(float(s) for s in scales)
+        if self.train_settings not in TRAIN_SETTINGS:
+            raise ValueError(f"QualityConfig.train_settings must be one of {TRAIN_SETTINGS}, "
+                             f"got {self.train_settings!r}")
+        if self.retrieval and self.k_docs < 1:
+            raise ValueError(f"QualityConfig.k_docs must be >= 1 with retrieval on, "
+                             f"got {self.k_docs}")
+        # Fail here, not after an hour of generation: the sampling fields must be valid.
+        self.sampling(Setting("cfg", False, self.cfg_scales[0]), 0)
+
+    @property
+    def n_train(self) -> int:
+        return self.prompts if self.train_prompts is None else self.train_prompts
+
+    def settings(self) -> list[Setting]:
+        """The table's rows: none, cfg at each scale, cdk; each retrieval off [and on]."""
+        modes = (False, True) if self.retrieval else (False,)
+        rows = []
+        for r in modes:
+            rows.append(Setting("none", r))
+            rows.extend(Setting("cfg", r, s) for s in self.cfg_scales)
+            rows.append(Setting("cdk", r))
+        return rows
+
+    def sampling(self, setting: Setting, seed: int):
+        """The SamplingParams of one image of ``setting``."""
+        from cm3rt.engine.params import SamplingParams
+
+        return SamplingParams(
+            guidance=setting.guidance, cfg_scale=setting.cfg_scale or 1.0,
+            cd_alpha=self.cd_alpha, cd_k=self.cd_k, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, seed=seed)
+
+
+@dataclass
+class Score:
+    """Successes out of n, with its 95% Wilson interval."""
+
+    n: int
+    passed: int
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.passed / self.n if self.n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = wilson_interval(self.passed, self.n)
+        return {"n": self.n, "passed": self.passed, "rate": self.rate, "ci95": [lo, hi],
+                "errors": self.errors}
+
+
+@dataclass
+class Row:
+    """Results of one setting."""
+
+    setting: Setting
+    held_out: Score | None = None
+    train: Score | None = None
+    docs_hit: float | None = None  # share of held-out prompts whose docs show the pair
+    held_out_results: list[bool] = field(default_factory=list)
+    train_results: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """One of issue 7's targets and how the run did on it."""
+
+    name: str
+    value: str
+    status: str  # "PASS", "MISS" or "SKIP"
+
+
+@dataclass
+class QualityReport:
+    """Everything ``run_quality`` measured."""
+
+    config: QualityConfig
+    rows: list[Row]
+    captions: Score | None
+    caption_examples: list[dict[str, Any]]
+    targets: list[Target]
+    held_out_prompts: list[str]
+    train_prompts: list[str]
+    wall_s: float
+    phase_s: dict[str, float]
+    images: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            rows.append({
+                "setting": r.setting.name, "guidance": r.setting.guidance,
+                "cfg_scale": r.setting.cfg_scale, "retrieval": r.setting.retrieval,
+                "held_out": r.held_out.to_dict() if r.held_out else None,
+                "train": r.train.to_dict() if r.train else None,
+                "docs_with_held_out_pair": r.docs_hit,
+                "held_out_results": r.held_out_results, "train_results": r.train_results,
+            })
+        return {
+            "config": asdict(self.config), "info": self.info, "rows": rows,
+            "captions": self.captions.to_dict() if self.captions else None,
+            "caption_examples": self.caption_examples,
+            "targets": [asdict(t) for t in self.targets],
+            "held_out_prompts": self.held_out_prompts, "train_prompts": self.train_prompts,
+            "wall_s": self.wall_s, "phase_s": self.phase_s, "images": self.images,
+        }
+
+
+# ------------------------------------------------------------------------- running
+
+
+def _seed(base: int, tag: int, index: int) -> int:
+    """Sampler seed of item ``index`` of a set: same for every setting (common numbers)."""
+    state = np.random.SeedSequence([base, tag, index]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & _SEED_MASK
+
+
+def image_size_of(engine: Any) -> int:
+    """The side in pixels of the model's images (its image tokenizer's), 64 if unknown."""
+    proc = getattr(engine, "processor", None)
+    image_tok = getattr(proc, "image", None) or getattr(proc, "image_tokenizer", None)
+    size = getattr(image_tok, "image_size", None)
+    return int(size) if size else 64
+
+
+def _run_requests(engine: Any, requests: list, bar) -> dict[str, Any]:
+    """Submit ``requests`` together (one batch for the engine); outputs by request id."""
+    outs: dict[str, Any] = {}
+    for ev in engine.stream(requests):
+        if ev.output is not None:
+            outs[ev.request_id] = ev.output
+            bar.update(1)
+    return outs
+
+
+def _pairs_in(text: str) -> set[tuple[str, str]]:
+    try:
+        return {(o.colour, o.shape) for o in parse_caption(text).objects}
+    except ValueError:
+        return set()
+
+
+def _adherence(engine: Any, prompts: list[EvalPrompt], setting: Setting,
+               cfg: QualityConfig, bank: Any, tag: int, bar) -> tuple[Score, list[bool],
+                                                                       float | None]:
+    from cm3rt.engine.request import Request
+
+    prefix = f"eval-{tag}-{setting.name}-{int(setting.retrieval)}"
+    reqs = [Request(prompt=p.text, task="text_to_image",
+                    params=cfg.sampling(setting, _seed(cfg.seed, tag, p.index)),
+                    bank=bank if setting.retrieval else None,
+                    k_docs=cfg.k_docs if setting.retrieval else 0,
+                    request_id=f"{prefix}-{p.index}")
+            for p in prompts]
+    outs = _run_requests(engine, reqs, bar)
+    results, errors, hits = [], 0, 0
+    for p, r in zip(prompts, reqs):
+        out = outs[r.request_id]
+        if out.error is not None or out.image is None:
+            errors += 1
+            results.append(False)
+            continue
+        results.append(bool(adheres(p.text, out.image)))
+        wanted = _pairs_in(p.text) & HELD_OUT_PAIRS
+        if wanted and any(_pairs_in(getattr(d, "caption", None) or "") & wanted
+                          for d in out.docs):
+            hits += 1
+    held = any(p.held_out for p in prompts)
+    docs_hit = hits / len(prompts) if (setting.retrieval and held and prompts) else None
+    return Score(len(prompts), sum(results), errors), results, docs_hit
+
+
+def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig,
+                bar) -> tuple[Score, list[dict[str, Any]]]:
+    from cm3rt.engine.params import SamplingParams
+    from cm3rt.engine.request import Request
+
+    size = image_size_of(engine)
+    render = size if size >= 24 else 64  # the renderer's minimum; the processor resizes
+    reqs = [Request(prompt=[scene.render(render)], task="image_to_text",
+                    params=SamplingParams(guidance="none", temperature=cfg.caption_temperature,
+                                          max_new_tokens=cfg.caption_max_tokens,
+                                          seed=_seed(cfg.seed, _CAPTION_TAG, i)),
+                    request_id=f"eval-caption-{i}")
+            for i, scene in enumerate(scenes)]
+    outs = _run_requests(engine, reqs, bar)
+    ok, errors, examples = 0, 0, []
+    for scene, r in zip(scenes, reqs):
+        out = outs[r.request_id]
+        text = out.text.strip() if out.error is None else ""
+        errors += out.error is not None
+        good = caption_correct(text, scene)
+        ok += good
+        if len(examples) < 20:
+            examples.append({"caption": text, "scene": scene.describe(), "correct": good})
+    return Score(len(scenes), ok, errors), examples
+
+
+def _best_scale(rows: list[Row], scales: tuple[float, ...]) -> float:
+    def mean_rate(s: float) -> float:
+        rates = [r.held_out.rate for r in rows
+                 if r.setting.guidance == "cfg" and r.setting.cfg_scale == s and r.held_out]
+        return float(np.mean(rates)) if rates else -1.0
+
+    return max(scales, key=mean_rate)  # first of equals: max keeps the earliest
+
+
+def run_quality(engine: Any, bank: Any = None, config: QualityConfig | None = None, *,
+                progress: bool = True) -> QualityReport:
+    """Run the evaluation on ``engine`` (an :class:`cm3rt.engine.Engine`).
+
+    Args:
+        engine: the engine (with a processor: prompts are text, outputs images).
+        bank: the memory bank (a MemoryBank or its path) for the retrieval-on rows;
+            required when ``config.retrieval``.
+        config: what to evaluate (default ``QualityConfig()``).
+        progress: show a tqdm bar (on stderr).
+    """
+    from tqdm import tqdm
+
+    cfg = QualityConfig() if config is None else config
+    if not isinstance(cfg, QualityConfig):
+        raise TypeError(f"argument 'config' must be a QualityConfig, got {type(cfg).__name__}")
+    if cfg.retrieval and bank is None:
+        raise ValueError("argument 'bank' is required with retrieval on "
+                         "(QualityConfig.retrieval=True); pass a memory bank or turn it off")
+    t0 = time.perf_counter()
+    held = held_out_prompts(cfg.prompts, cfg.seed)
+    train = train_prompts(cfg.n_train, cfg.seed)
+    scenes = caption_scenes(cfg.captions, cfg.seed)
+    rows = [Row(s) for s in cfg.settings()]
+    n_train_rows = {"best": 2 if cfg.retrieval else 1, "all": len(rows), "none": 0}
+    total = (len(rows) * len(held) + n_train_rows[cfg.train_settings] * len(train)
+             + len(scenes))
+    bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    phase: dict[str, float] = {}
+    images = 0
+    try:
+        t = time.perf_counter()
+        for row in rows:
+            bar.set_description(f"held-out {row.setting.name} "
+                                f"r{'+' if row.setting.retrieval else '-'}")
+            row.held_out, row.held_out_results, row.docs_hit = _adherence(
+                engine, held, row.setting, cfg, bank, _HELD_TAG, bar)
+            images += len(held)
+        phase["held_out"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if cfg.train_settings == "all":
+            train_rows = rows
+        elif cfg.train_settings == "best":
+            best = _best_scale(rows, cfg.cfg_scales)
+            train_rows = [r for r in rows
+                          if r.setting.guidance == "cfg" and r.setting.cfg_scale == best]
+        else:
+            train_rows = []
+        for row in train_rows:
+            bar.set_description(f"train {row.setting.name} "
+                                f"r{'+' if row.setting.retrieval else '-'}")
+            row.train, row.train_results, _ = _adherence(engine, train, row.setting, cfg,
+                                                         bank, _TRAIN_TAG, bar)
+            images += len(train)
+        phase["train"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        captions, examples = None, []
+        if scenes:
+            bar.set_description("captions")
+            captions, examples = _captioning(engine, scenes, cfg, bar)
+        phase["captions"] = time.perf_counter() - t
+    finally:
+        bar.close()
+    return QualityReport(
+        config=cfg, rows=rows, captions=captions, caption_examples=examples,
+        targets=evaluate_targets(rows, captions), held_out_prompts=[p.text for p in held],
+        train_prompts=[p.text for p in train], wall_s=time.perf_counter() - t0,
+        phase_s=phase, images=images)
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def evaluate_targets(rows: list[Row], captions: Score | None) -> list[Target]:
+    """Issue 7's targets, each PASS / MISS (SKIP when the run did not measure it).
+
+    * CFG adherence >= 80%: the best CFG scale's held-out adherence with retrieval on (the
+      shipped configuration; retrieval off when the run had no retrieval).
+    * CFG above no guidance: in every retrieval mode run, the best CFG scale's held-out
+      adherence is strictly above guidance none's.
+    * Retrieval adds >= 20 points on held-out concepts: best CFG with retrieval on minus
+      best CFG with retrieval off (each at its own best scale).
+    * Captions >= 90% correct.
+    """
+    def best_cfg(retrieval: bool) -> float | None:
+        rates = [r.held_out.rate for r in rows if r.setting.guidance == "cfg"
+                 and r.setting.retrieval == retrieval and r.held_out and r.held_out.n]
+        return max(rates) if rates else None
+
+    def none_rate(retrieval: bool) -> float | None:
+        for r in rows:
+            if r.setting.guidance == "none" and r.setting.retrieval == retrieval \
+                    and r.held_out and r.held_out.n:
+                return r.held_out.rate
+        return None
+
+    targets = []
+    on, off = best_cfg(True), best_cfg(False)
+    main = on if on is not None else off
+    if main is None:
+        targets.append(Target("held-out adherence with CFG >= 80%", "not measured", "SKIP"))
+    else:
+        mode = "retrieval on" if on is not None else "retrieval off"
+        targets.append(Target("held-out adherence with CFG >= 80%",
+                              f"{_pct(main)} (best scale, {mode})",
+                              "PASS" if main >= TARGET_CFG_ADHERENCE else "MISS"))
+
+    parts, ok, any_mode = [], True, False
+    for retrieval in (False, True):
+        c, n = best_cfg(retrieval), none_rate(retrieval)
+        if c is None or n is None:
+            continue
+        any_mode = True
+        ok &= c > n
+        parts.append(f"r{'+' if retrieval else '-'}: {_pct(c)} vs {_pct(n)}")
+    targets.append(Target("CFG above no guidance (held-out)",
+                          "; ".join(parts) if parts else "not measured",
+                          ("PASS" if ok else "MISS") if any_mode else "SKIP"))
+
+    if on is None or off is None:
+        targets.append(Target("retrieval adds >= 20 points (held-out)", "not measured", "SKIP"))
+    else:
+        gain = on - off
+        targets.append(Target("retrieval adds >= 20 points (held-out)",
+                              f"{100 * gain:+.1f} points ({_pct(on)} vs {_pct(off)})",
+                              "PASS" if gain >= TARGET_RETRIEVAL_GAIN - 1e-12 else "MISS"))
+
+    if captions is None or not captions.n:
+        targets.append(Target("caption accuracy >= 90%", "not measured", "SKIP"))
+    else:
+        targets.append(Target("caption accuracy >= 90%",
+                              f"{_pct(captions.rate)} ({captions.passed}/{captions.n})",
+                              "PASS" if captions.rate >= TARGET_CAPTIONS else "MISS"))
+    return targets
+
+
+# ------------------------------------------------------------------------- printing
+
+
+def _cell(score: Score | None) -> str:
+    if score is None:
+        return "—"
+    lo, hi = wilson_interval(score.passed, score.n)
+    err = f", {score.errors} failed" if score.errors else ""
+    return f"{_pct(score.rate)} ({score.passed}/{score.n}; {100 * lo:.0f}–{100 * hi:.0f}{err})"
+
+
+def format_report(report: QualityReport) -> str:
+    """The report as markdown: adherence table, captions, targets, wall time."""
+    c = report.config
+    lines = [
+        (f"## Prompt adherence (held-out: {c.prompts} prompts naming a colour x shape pair "
+        f"unseen in training; train-concept: {c.n_train} prompts)"),
+        "",
+        ("| setting | retrieval | held-out adherence | train-concept adherence "
+        "| docs show the held-out pair |"),
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in report.rows:
+        hit = "—" if r.docs_hit is None else _pct(r.docs_hit)
+        lines.append(f"| {r.setting.name} | {'on' if r.setting.retrieval else 'off'} | "
+                     f"{_cell(r.held_out)} | {_cell(r.train)} | {hit} |")
+    lines += ["", ("Cells: share (passed/n; 95% Wilson interval in %). "
+              f"Sampling: temperature {c.temperature:g}, top-k {c.top_k}, top-p {c.top_p:g}, "
+              f"CD-K alpha {c.cd_alpha:g} k {c.cd_k}, k_docs {c.k_docs}, seed {c.seed}."), ""]
+    if report.captions is not None:
+        lines += [(f"## Captioning ({report.captions.n} fresh renders, image -> text, "
+                  f"temperature {c.caption_temperature:g})"), "",
+                  f"caption accuracy: {_cell(report.captions)}", ""]
+    lines += ["## Targets", "", "| target | measured | result |", "| --- | --- | --- |"]
+    lines += [f"| {t.name} | {t.value} | {t.status} |" for t in report.targets]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_s.items())
+    gen_s = report.phase_s.get("held_out", 0.0) + report.phase_s.get("train", 0.0)
+    rate = report.images / gen_s if gen_s > 0 else float("nan")
+    lines += ["", (f"wall time {report.wall_s:.1f} s ({phases}); {report.images} images, "
+              f"{rate:.2f} images/s")]
+    return "\n".join(lines)

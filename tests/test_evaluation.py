@@ -1,0 +1,334 @@
+"""`cm3rt eval`: prompt sets, the caption-accuracy rule, the adherence metric against a
+perfect and a wrong generator, the targets, and an end-to-end --quick run on a tiny random
+model with a tiny memory bank."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from model_fixtures import make_tiny_model_dir
+
+from cm3rt.engine.request import RequestOutput, SampleOutput, TokenEvent
+from cm3rt.evaluation import (
+    QualityConfig,
+    adheres,
+    caption_correct,
+    caption_scenes,
+    evaluate_targets,
+    held_out_prompts,
+    names_held_out,
+    run_quality,
+    train_prompts,
+)
+from cm3rt.evaluation.quality import Row, Score, Setting
+from cm3rt.shapes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    Scene,
+    SceneObject,
+    describe,
+    parse_caption,
+    random_caption,
+    uses_held_out,
+)
+
+# ------------------------------------------------------------------------ prompt sets
+
+
+def test_held_out_prompts_name_a_held_out_pair_and_are_deterministic() -> None:
+    prompts = held_out_prompts(60, seed=0)
+    assert len(prompts) == 60
+    for p in prompts:
+        pairs = {(o.colour, o.shape) for o in parse_caption(p.text).objects}
+        assert pairs & HELD_OUT_PAIRS, p.text  # the text itself asks for an unseen pair
+        assert p.held_out and names_held_out(p.text) and uses_held_out(p.scene)
+    # Every held-out pair is exercised, with several templates.
+    seen = {pr for p in prompts for o in parse_caption(p.text).objects
+            for pr in [(o.colour, o.shape)] if pr in HELD_OUT_PAIRS}
+    assert seen == set(HELD_OUT_PAIRS)
+    assert len({p.text for p in prompts}) > 50
+    # Deterministic, and item i does not depend on N.
+    assert held_out_prompts(60, seed=0) == prompts
+    assert held_out_prompts(7, seed=0) == prompts[:7]
+    assert [p.text for p in held_out_prompts(20, seed=1)] != [p.text for p in prompts[:20]]
+
+
+def test_train_prompts_avoid_held_out_pairs() -> None:
+    prompts = train_prompts(60, seed=0)
+    for p in prompts:
+        assert not names_held_out(p.text) and not uses_held_out(p.scene), p.text
+        assert not p.held_out
+    assert train_prompts(60, seed=0) == prompts
+    assert {p.text for p in prompts}.isdisjoint({p.text for p in held_out_prompts(60, 0)})
+
+
+def test_caption_scenes_are_fresh_and_deterministic() -> None:
+    scenes = caption_scenes(40, seed=3)
+    assert caption_scenes(40, seed=3) == scenes
+    assert len({describe(s) for s in scenes}) == 40
+    assert any(uses_held_out(s) for s in scenes) and not all(uses_held_out(s) for s in scenes)
+
+
+def test_prompt_set_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="'n'"):
+        held_out_prompts(-1)
+    with pytest.raises(ValueError, match="'seed'"):
+        train_prompts(3, seed=-2)
+
+
+# ------------------------------------------------------------------- caption accuracy
+
+SCENE = Scene(
+    objects=(SceneObject("circle", "red", "small", (0, 0)),
+             SceneObject("square", "blue", "large", (2, 0))),
+    background="white",
+)
+
+
+@pytest.mark.parametrize("caption", [
+    "a red circle and a blue square",
+    "a blue square with a red circle",
+    "a picture of a small red circle in the top left and a large blue square",
+    "a red circle above a blue square",
+    "a blue square below a red circle on a white background",
+    describe(SCENE),
+])
+def test_caption_correct_accepts_true_complete_captions(caption: str) -> None:
+    assert caption_correct(caption, SCENE)
+
+
+@pytest.mark.parametrize("caption", [
+    "a green circle and a blue square",           # wrong colour
+    "a red circle and a blue star",               # wrong shape
+    "a red circle",                               # missing object
+    "a red circle and a blue square and a pink star",  # extra object
+    "two red circles and a blue square",          # "two" counts two
+    "a large red circle and a blue square",       # wrong size
+    "a red circle on the right and a blue square",  # wrong position
+    "a red circle below a blue square",           # wrong relation
+    "a red circle and a blue square on a black background",  # wrong background
+    "",                                           # unparsable
+    "circles and squares",                        # unparsable (no colour + shape)
+    "\x04\x17hit",                                # garbage from an untrained model
+])
+def test_caption_correct_rejects_wrong_or_unparsable(caption: str) -> None:
+    assert not caption_correct(caption, SCENE)
+
+
+def test_caption_correct_checks_types() -> None:
+    with pytest.raises(TypeError, match="caption"):
+        caption_correct(None, SCENE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="scene"):
+        caption_correct("a red circle", "a red circle")  # type: ignore[arg-type]
+
+
+# ------------------------------------------- the metric on a perfect and a wrong generator
+
+
+def _recoloured(scene: Scene) -> Scene:
+    """The scene with every object in another colour: never what its caption asks for."""
+    names = list(COLOURS)
+    objs = tuple(replace(o, colour=names[(names.index(o.colour) + 3) % len(names)])
+                 for o in scene.objects)
+    return replace(scene, objects=objs)
+
+
+class FakeEngine:
+    """Stands in for the Engine: draws each prompt's own scene (``wrong``: recoloured) and
+    captions an image with a template caption of the scene it was rendered from."""
+
+    processor = None  # image size unknown -> the evaluation renders 64 px
+
+    def __init__(self, scenes: dict[str, Scene], wrong: bool = False) -> None:
+        self.scenes, self.wrong = scenes, wrong
+        self.requests: list = []
+
+    def stream(self, requests):
+        requests = list(requests)
+        self.requests += requests
+        for r in requests:
+            if r.task == "text_to_image":
+                scene = self.scenes[r.prompt]
+                seg = (_recoloured(scene) if self.wrong else scene).render(64)
+            else:
+                (image,) = r.prompt
+                scene = self.scenes[image.tobytes()]
+                seg = random_caption(_recoloured(scene) if self.wrong else scene, r.params.seed)
+            out = RequestOutput(r.request_id, [], [SampleOutput(0, [], [], "stop", [seg])])
+            yield TokenEvent(r.request_id, 0, 5, 0.0)
+            yield TokenEvent(r.request_id, -1, -1, 0.0, output=out)
+
+
+def _fake_scenes(cfg: QualityConfig) -> dict:
+    scenes: dict = {p.text: p.scene for p in held_out_prompts(cfg.prompts, cfg.seed)}
+    scenes.update({p.text: p.scene for p in train_prompts(cfg.n_train, cfg.seed)})
+    scenes.update({s.render(64).tobytes(): s for s in caption_scenes(cfg.captions, cfg.seed)})
+    return scenes
+
+
+def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
+    cfg = QualityConfig(prompts=16, captions=16, seed=5, train_settings="all")
+    perfect = FakeEngine(_fake_scenes(cfg))
+    report = run_quality(perfect, bank="unused-by-the-fake", config=cfg, progress=False)
+    assert len(report.rows) == 10
+    for row in report.rows:
+        assert (row.held_out.n, row.held_out.passed) == (16, 16), row.setting
+        assert (row.train.n, row.train.passed) == (16, 16), row.setting
+    assert (report.captions.n, report.captions.passed) == (16, 16)
+    status = {t.name: t.status for t in report.targets}
+    assert status["held-out adherence with CFG >= 80%"] == "PASS"
+    assert status["caption accuracy >= 90%"] == "PASS"
+    # Equal rows: CFG is not *above* none, retrieval adds nothing.
+    assert status["CFG above no guidance (held-out)"] == "MISS"
+    assert status["retrieval adds >= 20 points (held-out)"] == "MISS"
+
+    # The requests: one per prompt and setting, with the setting's sampling and retrieval,
+    # and the same sampler seed for a prompt in every setting.
+    t2i = [r for r in perfect.requests if r.task == "text_to_image"]
+    assert len(t2i) == 10 * 16 * 2
+    first = [r for r in t2i if r.request_id.endswith("-0") and "eval-1-" in r.request_id]
+    assert len(first) == 10 and len({r.params.seed for r in first}) == 1
+    assert {(r.params.guidance, r.params.cfg_scale, r.k_docs) for r in first} == {
+        ("none", 1.0, 0), ("cfg", 1.5, 0), ("cfg", 3.0, 0), ("cfg", 5.0, 0), ("cdk", 1.0, 0),
+        ("none", 1.0, 2), ("cfg", 1.5, 2), ("cfg", 3.0, 2), ("cfg", 5.0, 2), ("cdk", 1.0, 2)}
+    assert all((r.bank is None) == (r.k_docs == 0) for r in t2i)
+
+    wrong = run_quality(FakeEngine(_fake_scenes(cfg), wrong=True), bank="x", config=cfg,
+                        progress=False)
+    assert all(r.held_out.passed == 0 and r.train.passed == 0 for r in wrong.rows)
+    assert wrong.captions.passed == 0
+    assert {t.status for t in wrong.targets} == {"MISS"}
+
+
+def test_adheres_on_own_renders_and_failures() -> None:
+    prompts = held_out_prompts(30, seed=9)
+    assert all(adheres(p.text, p.scene.render(64)) for p in prompts)
+    assert not any(adheres(p.text, _recoloured(p.scene).render(64)) for p in prompts)
+    assert not adheres(prompts[0].text, None)  # a failed generation counts as a miss
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def _row(guidance: str, retrieval: bool, passed: int, scale: float | None = None) -> Row:
+    return Row(Setting(guidance, retrieval, scale), held_out=Score(100, passed))
+
+
+def test_targets_pass_and_miss_on_hand_made_rows() -> None:
+    rows = [_row("none", False, 30), _row("cfg", False, 50, 1.5), _row("cfg", False, 60, 3.0),
+            _row("none", True, 55), _row("cfg", True, 70, 1.5), _row("cfg", True, 85, 3.0)]
+    t = {x.name: x for x in evaluate_targets(rows, Score(200, 181))}
+    assert t["held-out adherence with CFG >= 80%"].status == "PASS"
+    assert "85.0%" in t["held-out adherence with CFG >= 80%"].value
+    assert t["CFG above no guidance (held-out)"].status == "PASS"
+    assert t["retrieval adds >= 20 points (held-out)"].status == "PASS"  # 85 - 60 = 25
+    assert t["caption accuracy >= 90%"].status == "PASS"
+
+    rows[5] = _row("cfg", True, 79, 3.0)  # 79 < 80, and 79 - 60 = 19 < 20
+    rows[0] = _row("none", False, 60)     # CFG (best 60) not above none without retrieval
+    t = {x.name: x for x in evaluate_targets(rows, Score(200, 179))}
+    assert {x.status for x in t.values()} == {"MISS"}
+
+    t = {x.name: x for x in evaluate_targets(rows[:3], None)}  # no retrieval, no captions
+    assert t["retrieval adds >= 20 points (held-out)"].status == "SKIP"
+    assert t["caption accuracy >= 90%"].status == "SKIP"
+
+
+def test_quality_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="prompts"):
+        QualityConfig(prompts=-1)
+    with pytest.raises(ValueError, match="cfg_scales"):
+        QualityConfig(cfg_scales=())
+    with pytest.raises(ValueError, match="train_settings"):
+        QualityConfig(train_settings="some")
+    with pytest.raises(ValueError, match="temperature"):
+        QualityConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="bank"):
+        run_quality(FakeEngine({}), None, QualityConfig(prompts=1, captions=0),
+                    progress=False)
+
+
+# --------------------------------------------------------- end to end on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random model drawing 32 px images (8 x 8 codes) and a 10-document bank of
+    rendered scenes (half with a held-out pair)."""
+    from retrieval_fixtures import make_tiny_clip
+
+    from cm3rt.retrieval.bank import MemoryBank
+    from cm3rt.retrieval.clip import ClipEncoder
+    from cm3rt.shapes import WorldConfig, scene_at
+    from cm3rt.tokenizer import ImageTokenizer
+
+    tmp = tmp_path_factory.mktemp("eval")
+    model_dir = make_tiny_model_dir(tmp, use_hf=False, vq={"resolution": 32})
+    cfg, weights = make_tiny_clip(tmp / "clip", seed=3)
+    src = tmp / "src"
+    src.mkdir()
+    for i in range(10):
+        scene = scene_at(7, i, WorldConfig(concepts="held_out" if i % 2 else "all"))
+        scene.render(32).save(src / f"d{i}.png")
+        (src / f"d{i}.txt").write_text(describe(scene))
+    MemoryBank.build(src, model_dir / "bank", ClipEncoder(str(cfg), weights=weights),
+                     ImageTokenizer.from_pretrained(model_dir), progress=False).close()
+    return model_dir
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_quick_eval_end_to_end(tiny_model, tmp_path, capsys) -> None:
+    from cm3rt.cli import main
+
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", str(tiny_model), "--quick", "--prompts", "2",
+               "--captions", "2", "--device", "cpu", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    header = "| setting | retrieval | held-out adherence | train-concept adherence " \
+             "| docs show the held-out pair |"
+    start = lines.index(header)
+    table = lines[start + 2:start + 12]
+    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in table] == [
+        (name, mode) for mode in ("off", "on")
+        for name in ("none", "cfg 1.5", "cfg 3", "cfg 5", "cdk")]
+    assert lines[start + 12] == ""
+    assert "caption accuracy:" in text
+    targets = lines[lines.index("| target | measured | result |") + 2:][:4]
+    assert all(r.rstrip().endswith(("| PASS |", "| MISS |")) for r in targets)
+    assert "wall time" in text
+
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 10
+    assert all(r["held_out"]["n"] == 2 and r["held_out"]["errors"] == 0 for r in data["rows"])
+    train = [r for r in data["rows"] if r["train"] is not None]
+    assert len(train) == 2 and {r["retrieval"] for r in train} == {False, True}
+    assert len({r["setting"] for r in train}) == 1  # the best scale, off and on
+    assert all(r["docs_with_held_out_pair"] is not None for r in data["rows"] if r["retrieval"])
+    assert data["captions"]["n"] == 2 and data["captions"]["errors"] == 0
+    assert data["held_out_prompts"] == [p.text for p in held_out_prompts(2, 0)]
+    assert data["images"] == 10 * 2 + 2 * 2
+
+
+def test_eval_cli_errors_name_the_problem(tiny_model, tmp_path, capsys) -> None:
+    from cm3rt.cli import main
+
+    assert main(["eval", "--model", str(tmp_path), "--quick"]) == 1
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_model), "--bank", str(tmp_path / "nope"),
+                 "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "--bank" in err and "nope" in err
+    assert main(["eval", "--model", str(tiny_model), "--quick", "--cfg-scales", "nan"]) == 1
+    assert "cfg_scales" in capsys.readouterr().err
+
+
+def test_scores_are_numbers() -> None:
+    s = Score(200, 150)
+    d = s.to_dict()
+    assert d["rate"] == 0.75 and d["ci95"][0] < 0.75 < d["ci95"][1]
+    assert np.isclose(d["ci95"][0], 0.6858, atol=1e-3)  # Wilson, n = 200, p = 0.75
