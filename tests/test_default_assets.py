@@ -262,7 +262,7 @@ def test_real_default_assets(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     r = subprocess.run([sys.executable, "-m", "cm3rt", "generate", "a red circle", "-o",
                         str(png), "--no-progress"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120, check=False)
+                       text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     with Image.open(png) as im:
         assert im.size[0] > 0

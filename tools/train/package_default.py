@@ -172,6 +172,8 @@ def write_training_md(opts: PackageOptions, dst: Path, info: dict) -> None:
     seeds = []
     if opts.runs is not None:
         for f in sorted(opts.runs.glob("*/options.json")):
+            if "abandoned" in f.parent.name:
+                continue
             try:
                 seed = json.loads(f.read_text()).get("seed")
             except (OSError, json.JSONDecodeError):
