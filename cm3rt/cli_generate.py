@@ -4,6 +4,10 @@
     cm3rt generate "make it blue" --image in.png --guidance cfg3 -o edited.png
     cm3rt caption photo.png [--prompt "Describe the image."]
 
+Without --model both use the embedded default model (cm3rt/assets/default) and its
+defaults.json: `generate` retrieves from the default bank and uses classifier-free guidance
+unless --k-docs 0 / --guidance none / --bank DIR / --cfg-scale ... say otherwise.
+
 cm3rt/cli.py calls :func:`register_cli`; handlers return the exit status and raise
 ValueError / TypeError / FileNotFoundError / RuntimeError for problems a person can fix
 (cm3rt/cli.py prints those as one line). Heavy imports happen inside the handlers.
@@ -40,8 +44,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--all", action="store_true", help="save every sample, not just the best")
     _common_args(g, default_guidance="cfg")
     g.add_argument("--bank", default=None, metavar="DIR",
-                   help="retrieval memory bank: prepend retrieved documents")
-    g.add_argument("-k", "--k-docs", type=int, default=2, help="documents to retrieve (--bank)")
+                   help="retrieval memory bank: prepend retrieved documents (default: the "
+                        "embedded model's bank without --model, none with --model)")
+    g.add_argument("-k", "--k-docs", type=int, default=None,
+                   help="documents to retrieve, 0 = no retrieval (default: the embedded "
+                        "model's defaults.json without --model, 2 with --bank)")
     g.add_argument("--rerank", default=None, metavar="ARCH",
                    help="best-of-n: rank the n samples with this CLIP encoder (open_clip "
                         "architecture, config .json, local-dir:DIR or 'embedded')")
@@ -61,16 +68,21 @@ def _common_args(p: argparse.ArgumentParser, default_guidance: str) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="model directory (HF Chameleon layout + tokenizer + VQGAN); default: "
                         "the embedded model")
-    p.add_argument("--guidance", default=default_guidance, choices=_GUIDANCE,
-                   help=f"guidance inside image spans (default {default_guidance})")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="text guidance scale")
+    p.add_argument("--guidance", default=None, choices=_GUIDANCE,
+                   help=f"guidance inside image spans (default: the embedded model's "
+                        f"defaults.json without --model, else {default_guidance})")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="text guidance scale (default: defaults.json, else 3.0)")
     p.add_argument("--cfg-image-scale", type=float, default=1.5,
                    help="image guidance scale (cfg3)")
     p.add_argument("--cd-alpha", type=float, default=0.1, help="CD-K plausibility alpha")
     p.add_argument("--cd-k", type=int, default=1, help="CD-K: k-th largest probability")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: defaults.json, else 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="0 = off (default: defaults.json, else 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="1 = off (default: defaults.json, else 1.0)")
     p.add_argument("-n", "--num-samples", type=int, default=1, dest="n",
                    help="samples to draw (best-of-n with --rerank)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,16 +91,38 @@ def _common_args(p: argparse.ArgumentParser, default_guidance: str) -> None:
     p.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="default bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(default_guidance=default_guidance)
 
 
-def _sampling(args: argparse.Namespace):
+# Settings whose CLI default is "not given" (None), so the default model's defaults.json
+# can fill them; with --model these values apply.
+_FALLBACK = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def _settings(args: argparse.Namespace, task: str):
+    """-> (SamplingParams, bank, k_docs) after the default model's defaults.json (no
+    --model) or the built-in defaults (--model) filled what the command line left unset."""
+    from cm3rt.engine.defaults import apply_defaults
     from cm3rt.engine.params import SamplingParams
 
-    return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        guidance=args.guidance, cfg_scale=args.cfg_scale, cfg_image_scale=args.cfg_image_scale,
-        cd_alpha=args.cd_alpha, cd_k=args.cd_k, n=args.n, seed=args.seed,
-        max_new_tokens=args.max_new_tokens)
+    given = {k: getattr(args, k) for k in ("guidance", *_FALLBACK)
+             if getattr(args, k) is not None}
+    given.update(cfg_image_scale=args.cfg_image_scale,
+                 cd_alpha=args.cd_alpha, cd_k=args.cd_k, n=args.n, seed=args.seed)
+    if args.max_new_tokens is not None:
+        given["max_new_tokens"] = args.max_new_tokens
+    bank_arg = getattr(args, "bank", None)
+    k_docs = getattr(args, "k_docs", None)
+    if args.model is not None and k_docs is None:
+        k_docs = 2 if bank_arg else 0
+    bank = None
+    if bank_arg:
+        from cm3rt.retrieval.augment import open_cached
+
+        bank = open_cached(bank_arg)
+    sampling, bank, k_docs = apply_defaults(args.model is not None, task, given, bank, k_docs)
+    sampling = {"guidance": args.default_guidance, **_FALLBACK, **sampling}
+    return SamplingParams.from_kwargs(**sampling), bank, k_docs
 
 
 def _engine(args: argparse.Namespace, scorer=None):
@@ -105,7 +139,12 @@ def _engine(args: argparse.Namespace, scorer=None):
         if not (torch.cuda.is_available() and ops.cuda_available()):
             raise RuntimeError(f"--device {device}: no CUDA device is available (or cm3rt was "
                                "built without CUDA); use --device cpu")
-    eng = get_engine(args.model, device=device, dtype=args.dtype)
+    model = args.model
+    if model is None:
+        from cm3rt.engine.defaults import load_defaults
+
+        model = load_defaults().root  # FileNotFoundError saying what is missing
+    eng = get_engine(model, device=device, dtype=args.dtype)
     eng.scorer = scorer
     return eng
 
@@ -155,10 +194,16 @@ def _generate(args: argparse.Namespace) -> int:
     from cm3rt.engine.generate import pick_task
     from cm3rt.engine.request import Request
 
-    params = _sampling(args)
     images = [open_image(p) for p in args.image]
-    task = pick_task(args.task, bool(images), params.guidance)
     _out_paths(args.out, 1)  # fail on a bad path before minutes of generation
+    if args.model is None:
+        from cm3rt.engine.defaults import load_defaults
+
+        guidance = args.guidance or load_defaults().sampling.get("guidance", "none")
+    else:
+        guidance = args.guidance or args.default_guidance
+    task = pick_task(args.task, bool(images), guidance)
+    params, bank, k_docs = _settings(args, task)
     scorer = None
     if args.rerank:
         from cm3rt.retrieval import ClipEncoder
@@ -166,13 +211,8 @@ def _generate(args: argparse.Namespace) -> int:
         enc = ClipEncoder(args.rerank, args.rerank_weights)
         scorer = enc.score
     engine = _engine(args, scorer)
-    bank = None
-    if args.bank:
-        from cm3rt.retrieval.augment import open_cached
-
-        bank = open_cached(args.bank)
     req = Request(prompt=[*images, args.prompt], task=task, params=params,
-                  suffix=args.suffix, bank=bank, k_docs=args.k_docs if bank else 0)
+                  suffix=args.suffix, bank=bank, k_docs=k_docs if bank is not None else 0)
     per_image = engine.vocab.tokens_per_image
     image_task = task in ("text_to_image", "edit")
     total = params.n * (per_image if image_task else (params.max_new_tokens or 64))
@@ -198,8 +238,8 @@ def _save(out, dest: str, save_all: bool) -> list[Path]:
 def _caption(args: argparse.Namespace) -> int:
     from cm3rt.engine.request import Request
 
-    params = _sampling(args)
     image = open_image(args.image)
+    params, _, _ = _settings(args, "image_to_text")
     engine = _engine(args)
     req = Request(prompt=[image, args.prompt] if args.prompt else [image],
                   task="image_to_text", params=params)

@@ -25,7 +25,9 @@ _LOCK = threading.Lock()
 
 def default_model_dir() -> Path:
     """The embedded default model's directory (``cm3rt/assets/default``)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default"
+    from cm3rt.engine import defaults
+
+    return defaults.default_model_dir()
 
 
 def default_device() -> str:
@@ -58,12 +60,9 @@ def get_engine(model: Any = None, *, processor: Any = None, device: str | None =
         return model
     device = device or default_device()
     if model is None:
-        model = default_model_dir()
-        if not (model / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no model given and the embedded default model is not installed (looked in "
-                f"{model}); pass model=<model directory> (CLI: --model DIR)"
-            )
+        from cm3rt.engine.defaults import load_defaults
+
+        model = load_defaults().root  # FileNotFoundError saying what is missing
     if isinstance(model, (str, Path)):
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -99,7 +98,7 @@ def pick_task(task: str, has_images: bool, guidance: str) -> str:
 
 def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | None = None, *,
              task: str = "auto", suffix: str | list[Any] | None = None, bank: Any = None,
-             k_docs: int = 0, device: str | None = None,
+             k_docs: int | None = None, device: str | None = None,
              dtype: torch.dtype | str | None = None, processor: Any = None,
              scorer: Any = None, **sampling: Any) -> RequestOutput:
     """Generate for one prompt and return its :class:`RequestOutput`.
@@ -107,11 +106,15 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     Args:
         prompt: text, or an interleaved list of text and PIL images.
         model: model directory, ChameleonModel (give ``processor``), Engine, or None for the
-            embedded default.
+            embedded default (``cm3rt/assets/default``), whose ``defaults.json`` then fills
+            every setting not passed here: for text -> image, retrieval from its bank and
+            classifier-free guidance (see :mod:`cm3rt.engine.defaults`).
         images: input images, placed before the prompt text (captioning, editing).
         task: "auto" or one of the request tasks (see :class:`Request`).
         suffix: infill only: the content after the masked span.
-        bank, k_docs: retrieval memory bank and the documents to prepend.
+        bank, k_docs: retrieval memory bank and the documents to prepend. ``k_docs=None``:
+            the default model's ``k_docs`` with the default model (its bank unless ``bank``
+            is given), else 0; ``k_docs=0`` turns retrieval off.
         device, dtype: where / how to load a model directory (default CUDA bf16 when
             available, else CPU float32).
         scorer: best-of-n ranking for this call, ``scorer(prompt_text, images) -> scores``
@@ -126,7 +129,8 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
         ValueError / TypeError / FileNotFoundError for bad input; RuntimeError when
         generation fails (e.g. the sampler finds no valid token).
     """
-    params = SamplingParams.from_kwargs(**sampling)
+    from cm3rt.engine.defaults import apply_defaults
+
     items: list[Any] = []
     if images is not None:
         if not isinstance(images, (list, tuple)):
@@ -137,6 +141,17 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     else:
         items.append(prompt)
     has_images = any(not isinstance(x, str) for x in items)
+    if model is None:
+        from cm3rt.engine.defaults import load_defaults
+
+        assets = load_defaults()
+        guidance = sampling.get("guidance", assets.sampling.get("guidance", "none"))
+        task = pick_task(task, has_images, guidance)
+        sampling, bank, k_docs = apply_defaults(False, task, sampling, bank, k_docs, assets)
+        model = assets.root
+    else:
+        sampling, bank, k_docs = apply_defaults(True, task, sampling, bank, k_docs)
+    params = SamplingParams.from_kwargs(**sampling)
     task = pick_task(task, has_images, params.guidance)
     engine = get_engine(model, processor=processor, device=device, dtype=dtype)
     req = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,

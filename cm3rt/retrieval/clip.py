@@ -19,9 +19,10 @@ from PIL import Image
 
 _PRECISIONS = ("fp32", "fp16", "bf16")
 _LOCAL_DIR = "local-dir:"
-# The project's embedded tiny CLIP lives here once trained (an open_clip local-dir layout:
-# open_clip_config.json + open_clip_model.safetensors).
-EMBEDDED_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip"
+# The project's embedded tiny CLIP: the default model's clip/ folder (an open_clip local-dir
+# layout: open_clip_config.json + open_clip_model.safetensors + tokenizer files), written by
+# tools/train/package_default.py. The default bank's manifest names it as "embedded".
+EMBEDDED_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "default" / "clip"
 EMBEDDED = "embedded"
 
 
@@ -76,7 +77,7 @@ class ClipEncoder:
         arch: an open_clip architecture name (``"ViT-B-32"``), a path to an open_clip model
             config JSON (registered under its file stem), ``"local-dir:DIR"`` (open_clip's
             folder layout: open_clip_config.json + weights) or ``"embedded"`` (the project's
-            tiny CLIP in cm3rt/assets/clip).
+            tiny CLIP in cm3rt/assets/default/clip).
         weights: a local checkpoint (.safetensors preferred; .bin/.pt/.pth are read with
             ``torch.load(weights_only=True)``); required for a named or JSON architecture,
             not allowed for a folder.

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Step 7: assemble the embedded default model, ``cm3rt/assets/default/``.
+
+    python tools/train/package_default.py --decoder data/runs/decoder/model \\
+        --tokenizer data/runs/tokenizer --vqgan data/runs/vqgan/vqgan \\
+        --clip data/runs/clip/clip --bank data/runs/banks/bank --runs data/runs
+
+Writes one directory that ``cm3rt.model.load_pretrained`` reads whole and that
+``cm3rt generate`` / ``cm3rt caption`` / ``cm3rt.generate`` use with no flags:
+
+    config.json, model.safetensors   the decoder (HF Chameleon layout; bf16 by default)
+    tokenizer.json, tokenizer_config.json
+    vqgan.safetensors, vqgan_config.json   the VQGAN that encoded the bank's codes (as is)
+    clip/                            the tiny CLIP (open_clip local-dir layout, as is)
+    bank/                            the shipped memory bank (build_banks.py)
+    defaults.json                    generation defaults (cm3rt.engine.defaults)
+    TRAINING.md                      commands, seeds, wall times, evaluation table
+
+Everything is checked before the directory replaces the old one: the model loads, the
+bank's manifest names exactly the copied CLIP and VQGAN (same digests), and the total
+stays within ``--max-mb`` (40 MB), else it fails with the sizes of the largest files.
+The bank's manifest is rewritten to name its encoder ``embedded`` (``cm3rt/assets/default/
+clip``), so ``cm3rt bank search`` finds the encoder wherever the package is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from train_common import REPO, Timer
+
+from cm3rt.engine import defaults as dflt
+
+DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
+MAX_MB = 40.0
+_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Logs whose "<script>: wall time X s" lines TRAINING.md collects, in pipeline order.
+_STEPS = ("make_dataset", "train_tokenizer", "train_vqgan", "encode_images", "train_clip",
+          "build_banks", "train_decoder")
+
+
+@dataclass
+class PackageOptions:
+    """Inputs of :func:`package` (see the module docstring)."""
+
+    decoder: Path
+    tokenizer: Path
+    vqgan: Path
+    clip: Path
+    bank: Path
+    out: Path = DEFAULT_OUT
+    runs: Path | None = None
+    decoder_dtype: str = "bf16"
+    guidance: str = "cfg"
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0
+    k_docs: int = 2
+    caption_temperature: float = 0.0
+    max_mb: float = MAX_MB
+
+
+def _need(path: Path, what: str, arg: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{arg}: {what} {path} does not exist")
+    return path
+
+
+def _copy_decoder(src: Path, dst: Path, dtype_name: str) -> None:
+    """config.json + the safetensors weights, floating tensors cast to ``dtype_name``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _need(src / "config.json", "decoder config", "--decoder")
+    shutil.copy2(src / "config.json", dst / "config.json")
+    files = sorted(src.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"--decoder: no model*.safetensors in {src}")
+    if (src / "model.safetensors.index.json").is_file():
+        shutil.copy2(src / "model.safetensors.index.json", dst / "model.safetensors.index.json")
+    dtype = _DTYPES[dtype_name]
+    for f in files:
+        if dtype is None:
+            shutil.copy2(f, dst / f.name)
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata()
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t
+                   for name, t in load_file(str(f)).items()}
+        save_file(tensors, str(dst / f.name), metadata=meta or {"format": "pt"})
+
+
+def _copy_tokenizer(src: Path, decoder: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = src / name
+        if not f.is_file():
+            if name == "tokenizer.json":
+                raise FileNotFoundError(f"--tokenizer: {f} does not exist")
+            continue
+        other = decoder / name
+        if other.is_file() and other.read_bytes() != f.read_bytes():
+            raise ValueError(f"--tokenizer: {f} differs from the decoder's own {other}; the "
+                             "decoder must ship with the tokenizer it was trained with")
+        shutil.copy2(f, dst / name)
+
+
+def write_defaults(opts: PackageOptions, dst: Path) -> dict:
+    """defaults.json (read by cm3rt.engine.defaults)."""
+    d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
+         "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
+         "k_docs": opts.k_docs, "bank": "bank",
+         "caption": {"guidance": "none", "temperature": opts.caption_temperature}}
+    (dst / dflt.DEFAULTS_FILE).write_text(json.dumps(d, indent=1) + "\n")
+    return d
+
+
+def check_bank(dst: Path) -> dict:
+    """The copied bank must name the copied CLIP and VQGAN; then point it at "embedded"."""
+    from cm3rt.retrieval.clip import EMBEDDED, ClipEncoder, EncoderIdentity
+    from cm3rt.retrieval.manifest import Manifest, TokenizerIdentity
+    from cm3rt.tokenizer.vqgan import ImageTokenizer
+
+    manifest = Manifest.read(dst / "bank")
+    encoder = ClipEncoder(f"local-dir:{dst / dflt.CLIP_DIR}")
+    manifest.check_encoder(encoder.identity, dst / "bank")  # ValueError when another CLIP
+    tok = ImageTokenizer.from_pretrained(dst)
+    if manifest.image_tokenizer is None:
+        raise ValueError("--bank: the bank holds no image codes (built without a VQGAN)")
+    manifest.check_tokenizer(TokenizerIdentity.of(tok), dst / "bank")
+    ident = EncoderIdentity(arch=EMBEDDED, embed_dim=encoder.embed_dim,
+                            digest=encoder.identity.digest, weights=None)
+    Manifest(encoder=ident, image_tokenizer=manifest.image_tokenizer, index=manifest.index,
+             nprobe=manifest.nprobe).write(dst / "bank")
+    return {"clip_digest": ident.digest, "vqgan_identity": tok.identity()}
+
+
+def check_sizes(dst: Path, max_mb: float) -> float:
+    """Total size in MB; ValueError naming the largest files when above ``max_mb``."""
+    files = sorted((p for p in dst.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    total = sum(p.stat().st_size for p in files) / 1e6
+    if total > max_mb:
+        top = ", ".join(f"{p.relative_to(dst)} {p.stat().st_size / 1e6:.1f} MB"
+                        for p in files[:5])
+        raise ValueError(f"default assets: {total:.1f} MB, above the {max_mb:g} MB limit "
+                         f"(largest: {top})")
+    return total
+
+
+def wall_times(runs: Path | None) -> list[tuple[str, str, str]]:
+    """(step, wall time, log file) of each "<step>: wall time X s" line under ``runs``."""
+    if runs is None or not runs.is_dir():
+        return []
+    found: dict[str, tuple[str, str]] = {}
+    pattern = re.compile(r"^(\w+): wall time ([0-9.]+) s", re.MULTILINE)
+    for log in sorted(runs.rglob("*.log")):
+        for step, secs in pattern.findall(log.read_text(errors="replace")):
+            found[step] = (secs, str(log.relative_to(runs)))  # the last run of a step wins
+    return [(s, *found[s]) for s in (*_STEPS, *sorted(set(found) - set(_STEPS))) if s in found]
+
+
+def write_training_md(opts: PackageOptions, dst: Path, info: dict) -> None:
+    """TRAINING.md: how the assets were made (the lead fills the evaluation table)."""
+    rows = wall_times(opts.runs)
+    times = "\n".join(f"| {s} | {t} s | `{log}` |" for s, t, log in rows) or \
+        "| (no run logs found) | | |"
+    seeds = []
+    if opts.runs is not None:
+        for f in sorted(opts.runs.glob("*/options.json")):
+            if "abandoned" in f.parent.name:
+                continue
+            try:
+                seed = json.loads(f.read_text()).get("seed")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if seed is not None:
+                seeds.append(f"- `{f.parent.name}`: seed {seed}")
+    text = f"""# Embedded default model: how it was trained
+
+Everything here was produced by the scripts in `tools/train/` (see its README) from the
+procedural shapes world only, on a 2-core CPU machine. Every script is seeded.
+
+## Commands
+
+    python tools/train/make_dataset.py --out data/shapes --seed 0 --train 20000 --bank 4000 --eval 400
+    python tools/train/train_tokenizer.py --data data/shapes --out data/runs/tokenizer
+    python tools/train/train_vqgan.py --data data/shapes --out data/runs/vqgan
+    python tools/train/encode_images.py --data data/shapes --vqgan data/runs/vqgan/vqgan --out data/runs/codes
+    python tools/train/train_clip.py --data data/shapes --tokenizer data/runs/tokenizer --out data/runs/clip
+    python tools/train/build_banks.py --data data/shapes --codes data/runs/codes --clip data/runs/clip/clip --vqgan data/runs/vqgan/vqgan --out data/runs/banks
+    python tools/train/train_decoder.py ...   (see tools/train/README.md, step 6)
+    python tools/train/package_default.py --decoder {opts.decoder} --tokenizer {opts.tokenizer} --vqgan {opts.vqgan} --clip {opts.clip} --bank {opts.bank}
+
+## Seeds
+
+{chr(10).join(seeds) or "- (no options.json found under the runs folder)"}
+
+## Wall times (read from the run logs)
+
+| step | wall time | log |
+| --- | --- | --- |
+{times}
+
+## Contents
+
+- decoder: `config.json` + `model.safetensors` ({opts.decoder_dtype})
+- tokenizer: `tokenizer.json`, `tokenizer_config.json`
+- VQGAN: `vqgan.safetensors` + `vqgan_config.json` (identity `{info['vqgan_identity'][:16]}`)
+- CLIP: `clip/` (open_clip local-dir, digest `{info['clip_digest'][:16]}`)
+- memory bank: `bank/` ({info['bank_docs']} documents of the bank split, flat inner-product
+  index; holds every held-out colour x shape pair, which the decoder never saw in training)
+- `defaults.json`: {json.dumps({k: v for k, v in info['defaults'].items()
+                               if k not in ("format", "version")})}
+- total size: {info['total_mb']:.1f} MB
+
+## Evaluation (tools/train/README.md, step 8)
+
+Share of generated images whose analyzer parse matches the prompt (held-out pairs).
+
+| setting | held-out prompts | train-concept prompts |
+| --- | --- | --- |
+| no CFG, no retrieval | (to fill) | (to fill) |
+| CFG | (to fill) | (to fill) |
+| retrieval | (to fill) | (to fill) |
+| retrieval + CFG (the default) | (to fill) | (to fill) |
+"""
+    (dst / "TRAINING.md").write_text(text)
+
+
+def package(opts: PackageOptions) -> dict:
+    """Assemble, check and install the default directory; returns a summary."""
+    from cm3rt.model import load_pretrained
+    from cm3rt.retrieval.bank import MemoryBank
+
+    if opts.decoder_dtype not in _DTYPES:
+        raise ValueError(f"decoder_dtype: expected one of {list(_DTYPES)}, got "
+                         f"{opts.decoder_dtype!r}")
+    _need(opts.decoder, "decoder directory", "--decoder")
+    _need(opts.vqgan / "vqgan.safetensors", "VQGAN weights", "--vqgan")
+    _need(opts.clip / "open_clip_config.json", "CLIP export", "--clip")
+    _need(opts.bank / "manifest.json", "memory bank", "--bank")
+    out = opts.out
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _copy_decoder(opts.decoder, tmp, opts.decoder_dtype)
+        _copy_tokenizer(opts.tokenizer, opts.decoder, tmp)
+        for name in ("vqgan.safetensors", "vqgan_config.json"):
+            shutil.copy2(_need(opts.vqgan / name, "VQGAN file", "--vqgan"), tmp / name)
+        shutil.copytree(opts.clip, tmp / dflt.CLIP_DIR)
+        shutil.copytree(opts.bank, tmp / "bank",
+                        ignore=shutil.ignore_patterns("*.tmp", "*-journal"))
+        info = check_bank(tmp)
+        with MemoryBank.open(tmp / "bank") as bank:
+            info["bank_docs"] = len(bank)
+        model, proc = load_pretrained(tmp)  # loads exactly as the runtime will
+        info["decoder_params"] = sum(p.numel() for p in model.parameters())
+        del model, proc
+        info["defaults"] = write_defaults(opts, tmp)
+        dflt.load_defaults(tmp)  # the runtime's own reader accepts it
+        info["total_mb"] = check_sizes(tmp, opts.max_mb)
+        write_training_md(opts, tmp, info)
+        info["total_mb"] = check_sizes(tmp, opts.max_mb)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--decoder", type=Path, required=True,
+                   help="decoder directory (config.json + model.safetensors, HF layout)")
+    p.add_argument("--tokenizer", type=Path, default=Path("data/runs/tokenizer"))
+    p.add_argument("--vqgan", type=Path, default=Path("data/runs/vqgan/vqgan"))
+    p.add_argument("--clip", type=Path, default=Path("data/runs/clip/clip"))
+    p.add_argument("--bank", type=Path, default=Path("data/runs/banks/bank"))
+    p.add_argument("--runs", type=Path, default=Path("data/runs"),
+                   help="folder of the run logs (wall times for TRAINING.md)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--decoder-dtype", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--guidance", choices=("none", "cfg", "cdk"), default="cfg")
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--k-docs", type=int, default=2)
+    p.add_argument("--caption-temperature", type=float, default=0.0)
+    p.add_argument("--max-mb", type=float, default=MAX_MB)
+    a = p.parse_args(argv)
+    if a.k_docs < 0 or a.top_k < 0 or a.temperature < 0:
+        p.error("--k-docs, --top-k and --temperature must be >= 0")
+    timer = Timer("package_default")
+    info = package(PackageOptions(
+        a.decoder, a.tokenizer, a.vqgan, a.clip, a.bank, out=a.out, runs=a.runs,
+        decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
+        temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
+        caption_temperature=a.caption_temperature, max_mb=a.max_mb))
+    print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "
+          f"parameters, bank {info['bank_docs']} documents", flush=True)
+    timer.report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
