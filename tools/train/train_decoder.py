@@ -83,7 +83,7 @@ class DecoderOptions:
     out: Path
     seed: int = 0
     threads: int = 2
-    steps: int = 2400
+    steps: int = 1400
     tokens_per_step: int = 6144
     lr: float = 2e-3
     mixture: tuple[float, float, float, float] = (0.40, 0.15, 0.10, 0.35)

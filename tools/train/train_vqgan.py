@@ -5,18 +5,17 @@
     python tools/train/train_vqgan.py --out data/runs/vqgan --eval                 # gate
 
 Architecture: cm3rt's own taming-layout ``Encoder`` / ``Decoder`` (the modules
-``ImageTokenizer`` runs), ch 32, ch_mult (1, 1, 2, 4), one res block a level, mid-block
-attention, z 64, 512 codes of 64 dims, f = 8: a 64 px image is 8 x 8 = 64 codes. Loss: L1 +
-MSE reconstruction (object pixels weighted ``1 + --fg-weight``) + 0.25 x commitment (straight-through estimator); the codebook follows
-exponential moving averages of its assigned latents (VQ-VAE-2 style; a first run with a
-gradient-trained codebook collapsed to 112 of 512 codes within 200 steps), is initialised
-by k-means on encoder outputs, and codes unused for ``--restart-every`` steps are
-restarted from encoder outputs. Schedule: 1,400 steps of random 32 px crops (aligned to
-the 8 px latent grid: cheap local patches), then full 64 px images. The crop phase is kept
-short because the net is not really fully convolutional: GroupNorm statistics and the
-mid-block attention span the whole input, and after 1,400 crop steps (L1 0.04 on crops) it
-reconstructed full images at 19.6 dB PSNR with 0.6% analyzer agreement. No LPIPS / GAN
-(flat-colour shapes do not need them).
+``ImageTokenizer`` runs), ch 32, ch_mult (1, 2, 2), one res block a level, mid-block
+attention, z 64, 512 codes of 64 dims, f = 4: a 64 px image is 16 x 16 = 256 codes (the
+plan's f = 8 failed its gate, see ``default_config``). Loss: L1 + MSE reconstruction (object
+pixels weighted ``1 + --fg-weight``) + 0.25 x commitment (straight-through estimator); the
+codebook follows exponential moving averages of its assigned latents (VQ-VAE-2 style; a
+first run with a gradient-trained codebook collapsed to 112 of 512 codes within 200 steps),
+is initialised by k-means on encoder outputs, and codes unused for ``--restart-every`` steps
+are restarted from encoder outputs. Schedule: ``--images`` full 64 px images in batches of
+16 (an optional first phase of ``--crops`` random 32 px crops is off by default: with f = 8
+it did not transfer to full images, since GroupNorm statistics and the mid-block attention
+span the whole input). No LPIPS / GAN (flat-colour shapes do not need them).
 
 Resumable: ``<out>/checkpoint.*`` (model + EMA codebook + optimizer + code usage, no pickle) every
 ``--ckpt-every`` steps; rerunning the same command continues from it. Each checkpoint also
@@ -96,7 +95,7 @@ class VQGANOptions:
     seed: int = 0
     threads: int = 1
     crops: int = 0
-    images: int = 16_000
+    images: int = 32_000
     crop_batch: int = 32
     image_batch: int = 16
     lr: float = 1.5e-3
