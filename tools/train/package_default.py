@@ -57,6 +57,7 @@ class PackageOptions:
     out: Path = DEFAULT_OUT
     runs: Path | None = None
     decoder_dtype: str = "bf16"
+    eval_report: Path | None = None
     guidance: str = "cfg"
     cfg_scale: float = 3.0
     temperature: float = 1.0
@@ -180,6 +181,8 @@ def write_training_md(opts: PackageOptions, dst: Path, info: dict) -> None:
                 continue
             if seed is not None:
                 seeds.append(f"- `{f.parent.name}`: seed {seed}")
+    evaluation = ("Not evaluated when packaged: run `cm3rt eval` (about 15 minutes on 2 cores)."
+                  if opts.eval_report is None else opts.eval_report.read_text().strip())
     text = f"""# Embedded default model: how it was trained
 
 Everything here was produced by the scripts in `tools/train/` (see its README) from the
@@ -193,7 +196,7 @@ procedural shapes world only, on a 2-core CPU machine. Every script is seeded.
     python tools/train/encode_images.py --data data/shapes --vqgan data/runs/vqgan/vqgan --out data/runs/codes
     python tools/train/train_clip.py --data data/shapes --tokenizer data/runs/tokenizer --out data/runs/clip
     python tools/train/build_banks.py --data data/shapes --codes data/runs/codes --clip data/runs/clip/clip --vqgan data/runs/vqgan/vqgan --out data/runs/banks
-    python tools/train/train_decoder.py ...   (see tools/train/README.md, step 6)
+    python tools/train/train_decoder.py --data data/shapes --out data/runs/decoder --threads 2
     python tools/train/package_default.py --decoder {opts.decoder} --tokenizer {opts.tokenizer} --vqgan {opts.vqgan} --clip {opts.clip} --bank {opts.bank}
 
 ## Seeds
@@ -218,16 +221,9 @@ procedural shapes world only, on a 2-core CPU machine. Every script is seeded.
                                if k not in ("format", "version")})}
 - total size: {info['total_mb']:.1f} MB
 
-## Evaluation (tools/train/README.md, step 8)
+## Evaluation (`cm3rt eval`, tools/train/README.md step 8)
 
-Share of generated images whose analyzer parse matches the prompt (held-out pairs).
-
-| setting | held-out prompts | train-concept prompts |
-| --- | --- | --- |
-| no CFG, no retrieval | (to fill) | (to fill) |
-| CFG | (to fill) | (to fill) |
-| retrieval | (to fill) | (to fill) |
-| retrieval + CFG (the default) | (to fill) | (to fill) |
+{evaluation}
 """
     (dst / "TRAINING.md").write_text(text)
 
@@ -300,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-docs", type=int, default=2)
     p.add_argument("--caption-temperature", type=float, default=0.0)
     p.add_argument("--max-mb", type=float, default=MAX_MB)
+    p.add_argument("--eval-report", type=Path, default=None,
+                   help="markdown report of `cm3rt eval` to put in TRAINING.md")
     a = p.parse_args(argv)
+    if a.eval_report is not None and not a.eval_report.is_file():
+        p.error(f"--eval-report: no such file: {a.eval_report}")
     if a.k_docs < 0 or a.top_k < 0 or a.temperature < 0:
         p.error("--k-docs, --top-k and --temperature must be >= 0")
     timer = Timer("package_default")
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         a.decoder, a.tokenizer, a.vqgan, a.clip, a.bank, out=a.out, runs=a.runs,
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
         temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
-        caption_temperature=a.caption_temperature, max_mb=a.max_mb))
+        caption_temperature=a.caption_temperature, max_mb=a.max_mb,
+        eval_report=a.eval_report))
     print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "
           f"parameters, bank {info['bank_docs']} documents", flush=True)
     timer.report()
