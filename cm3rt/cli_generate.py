@@ -125,10 +125,12 @@ def _settings(args: argparse.Namespace, task: str):
     return SamplingParams.from_kwargs(**sampling), bank, k_docs
 
 
-def _engine(args: argparse.Namespace, scorer=None):
-    from cm3rt.engine.generate import default_device, get_engine
+def resolve_device_arg(device: str | None) -> str:
+    """The --device of a command: given, or CUDA when usable, else CPU; a clear error for a
+    malformed name or CUDA without a device / CUDA kernels."""
+    from cm3rt.engine.generate import default_device
 
-    device = args.device or default_device()
+    device = device or default_device()
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda"):
@@ -139,6 +141,13 @@ def _engine(args: argparse.Namespace, scorer=None):
         if not (torch.cuda.is_available() and ops.cuda_available()):
             raise RuntimeError(f"--device {device}: no CUDA device is available (or cm3rt was "
                                "built without CUDA); use --device cpu")
+    return device
+
+
+def _engine(args: argparse.Namespace, scorer=None):
+    from cm3rt.engine.generate import get_engine
+
+    device = resolve_device_arg(args.device)
     model = args.model
     if model is None:
         from cm3rt.engine.defaults import load_defaults

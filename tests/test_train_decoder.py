@@ -145,6 +145,9 @@ def test_quick_run_exports_a_loadable_model(runs, tmp_path):
     assert model.config.vocab_size % 64 == 0
     assert proc.image.num_tokens == np.load(runs / "codes" / "train_codes.npy").shape[1]
     assert (out / "log.jsonl").is_file()
+    r = train_decoder.evaluate(out / "model", n=2, temperature=0.5, top_k=5)
+    assert set(r) >= {"train_concepts", "held_out"}
+    assert all(0.0 <= r[k] <= 1.0 for k in ("train_concepts", "held_out"))
 
 
 def test_resume_is_bit_identical(runs, tmp_path):

@@ -68,13 +68,13 @@ def test_vqgan_export_loads_and_round_trips(runs):
     from cm3rt.tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(runs / "vq" / "vqgan")
-    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (64, 64, 512)
+    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (64, 256, 512)  # f = 4
     assert tok.has_decoder
     info = json.loads((runs / "vq" / "checkpoint.json").read_text())
     assert info["step"] == 6  # quick: 4 crop steps + 2 full-image steps
     with Image.open(runs / "shapes" / "train" / "00000" / "0000000.png") as im:
         codes = tok.encode([im.convert("RGB")])
-    assert codes.shape == (1, 64) and int(codes.min()) >= 0 and int(codes.max()) < 512
+    assert codes.shape == (1, 256) and int(codes.min()) >= 0 and int(codes.max()) < 512
     (out,) = tok.decode(codes)
     assert out.size == (64, 64)
 
@@ -104,6 +104,29 @@ def test_vqgan_eval_gate_runs(runs, capsys):
         r["roundtrip_agreement"] >= train_vqgan.GATE)
 
 
+def test_decoder_finetune_keeps_the_codes(runs, tmp_path):
+    import finetune_vqgan_decoder as ft
+    from safetensors.torch import load_file
+
+    from cm3rt.tokenizer import ImageTokenizer
+
+    src = runs / "vq" / "vqgan"
+    out = tmp_path / "ft"
+    assert ft.main(["--data", str(runs / "shapes"), "--vqgan", str(src), "--out", str(out),
+                    "--threads", "1", "--quick"]) == 0
+    before, after = ImageTokenizer.from_pretrained(src), ImageTokenizer.from_pretrained(
+        out / "vqgan")
+    assert after.identity() == before.identity()
+    a, b = load_file(str(src / "vqgan.safetensors")), load_file(str(out / "vqgan" /
+                                                                    "vqgan.safetensors"))
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    with Image.open(runs / "shapes" / "train" / "00000" / "0000001.png") as im:
+        im = im.convert("RGB")
+        assert torch.equal(before.encode([im]), after.encode([im]))
+
+
 def test_encoded_codes_match_the_loaded_tokenizer(runs):
     from cm3rt.tokenizer import ImageTokenizer
 
@@ -112,7 +135,7 @@ def test_encoded_codes_match_the_loaded_tokenizer(runs):
     assert meta["identity"] == tok.identity()
     for split in ("train", "bank"):
         codes = np.load(runs / "codes" / f"{split}_codes.npy")
-        assert codes.dtype == np.uint16 and codes.shape == (40, 64)
+        assert codes.dtype == np.uint16 and codes.shape == (40, 256)
         recs = [json.loads(line) for line in (runs / "shapes" / f"{split}.jsonl").open()][:40]
         pick = [0, 17, 39]
         images = []

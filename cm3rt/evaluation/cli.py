@@ -111,20 +111,9 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
 
 
 def _device(device: str | None) -> str:
-    from cm3rt.engine.generate import default_device
+    from cm3rt.cli_generate import resolve_device_arg
 
-    device = device or default_device()
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        from cm3rt import ops
-
-        if not (torch.cuda.is_available() and ops.cuda_available()):
-            raise RuntimeError(f"--device {device}: no CUDA device is available (or cm3rt was "
-                               "built without CUDA); use --device cpu")
-    return device
+    return resolve_device_arg(device)
 
 
 def build_config(args: argparse.Namespace, defaults: dict[str, Any]):

@@ -298,7 +298,8 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 
 
 # ---------------------------------------------------------------------- check
-def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0) -> dict:
+def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0,
+             temperature: float = 1.0, top_k: int = 0) -> dict:
     """A quick adherence check of an export (the full table is ``cm3rt eval``): ``n`` prompts
     of train concepts and ``n`` of held-out pairs, CFG, no retrieval, one image each; the
     analyzer must find exactly what the prompt says."""
@@ -309,7 +310,7 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0
 
     model, proc = load_pretrained(model_dir)
     engine = Engine(model, proc)
-    out: dict = {"n": n, "cfg_scale": cfg_scale}
+    out: dict = {"n": n, "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
     for name, held in (("train_concepts", False), ("held_out", True)):
         prompts: list[str] = []
         i = 0
@@ -319,7 +320,8 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0
             if uses_held_out(scene) == held:
                 prompts.append(scene.caption(np.random.default_rng([seed, 12, i])))
         reqs = [Request(prompt=[p], task="text_to_image",
-                        params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale, seed=k))
+                        params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale, seed=k,
+                                              temperature=temperature, top_k=top_k))
                 for k, p in enumerate(prompts)]
         results = engine.generate(reqs)
         ok = sum(bool(r.images) and caption_matches(p, r.images[0])
@@ -348,10 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="smoke run: tiny model, 40 records, 4 steps")
     p.add_argument("--eval", action="store_true", help="quick adherence check of <out>/model")
     p.add_argument("--eval-n", type=int, default=32)
+    p.add_argument("--eval-cfg-scale", type=float, default=3.0)
+    p.add_argument("--eval-temperature", type=float, default=1.0)
+    p.add_argument("--eval-top-k", type=int, default=0)
     a = p.parse_args(argv)
     if a.eval:
         torch.set_num_threads(max(1, a.threads))
-        print(json.dumps(evaluate(a.out / EXPORT, a.eval_n), indent=1))
+        print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, cfg_scale=a.eval_cfg_scale,
+                                  temperature=a.eval_temperature, top_k=a.eval_top_k)))
         return 0
     opts = DecoderOptions(data=a.data, codes=a.codes, retrieval=a.retrieval,
                           tokenizer=a.tokenizer, vqgan=a.vqgan, out=a.out, seed=a.seed,
