@@ -239,7 +239,9 @@ def test_generate_function(model_dir, monkeypatch, tmp_path):
     assert isinstance(cap.text, str) and cap.images == []
     with pytest.raises(TypeError, match="unknown sampling argument"):
         generate("a red circle", model=model_dir, guidence="cfg")
-    monkeypatch.setattr(gen_mod, "default_model_dir", lambda: tmp_path / "nothing")
+    from cm3rt.engine import defaults as defaults_mod
+
+    monkeypatch.setattr(defaults_mod, "DEFAULT_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="embedded default model"):
         generate("a red circle")
 
