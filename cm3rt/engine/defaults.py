@@ -130,7 +130,9 @@ def open_default_bank(assets: DefaultAssets):
             if not (clip / "open_clip_config.json").is_file():
                 raise FileNotFoundError(f"default model: the bank needs the CLIP in {clip}, "
                                         "which is missing (open_clip_config.json)")
-            encoder = ClipEncoder(f"local-dir:{clip}")
+            # text queries through ClipTextTower: a text -> image generate never imports
+            # open_clip / torchvision / transformers (issue 7's start-up budget)
+            encoder = ClipEncoder.for_queries(f"local-dir:{clip}")
             for old in [k for k in _BANKS if k[0] == key[0]]:
                 _BANKS.pop(old).close()
             bank = _BANKS[key] = MemoryBank.open(bank_dir, encoder=encoder)

@@ -356,7 +356,9 @@ class MemoryBank:
         if self.encoder is None:
             ident = self.manifest.encoder
             try:
-                encoder = ClipEncoder(ident.arch, weights=ident.weights, device=self.device)
+                # for_queries: a text query then needs no open_clip import (fast start)
+                encoder = ClipEncoder.for_queries(ident.arch, weights=ident.weights,
+                                                  device=self.device)
             except (FileNotFoundError, ValueError) as e:
                 raise ValueError(f"encoder: the bank at {self.path} was opened without an "
                                  f"encoder and the recorded one ({ident.arch}, {ident.weights}) "

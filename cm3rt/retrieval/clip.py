@@ -56,6 +56,34 @@ def _sha256_files(h: hashlib._Hash, paths: Sequence[Path]) -> None:
                 h.update(chunk)
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """Every weights file of a local-dir folder (all hashed into the identity)."""
+    return sorted(p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
+
+
+# open_clip's PreprocessCfg defaults (open_clip/transform.py), for the identity of a folder
+# computed without importing open_clip; _load_open_clip checks it against open_clip's.
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_PREPROCESS_DEFAULTS = {"size": 224, "mode": "RGB", "mean": _OPENAI_MEAN, "std": _OPENAI_STD,
+                        "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
+
+def _preprocess_cfg_of(config: dict) -> dict:
+    """``model.visual.preprocess_cfg`` that open_clip sets for a local-dir config file."""
+    cfg = dict(_PREPROCESS_DEFAULTS)
+    cfg.update({k: v for k, v in (config.get("preprocess_cfg") or {}).items()
+                if k in _PREPROCESS_DEFAULTS and v is not None})
+    vision = config["model_cfg"].get("vision_cfg", {})
+    size = vision.get("image_size", 224)
+    # ModifiedResNet keeps image_size as given; ViT and timm towers make it a pair.
+    if isinstance(vision.get("layers", 12), (list, tuple)) and not vision.get("timm_model_name"):
+        cfg["size"] = size
+    else:
+        cfg["size"] = size if isinstance(size, (list, tuple)) else (size, size)
+    return cfg
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise rows in float32 (a zero row stays zero rather than becoming NaN)."""
     x = x.float()
@@ -89,8 +117,46 @@ class ClipEncoder:
     def __init__(self, arch: str, weights: str | Path | None = None,
                  device: str | torch.device = "cpu", precision: str | None = None,
                  batch_size: int = 64) -> None:
-        import open_clip  # heavy import, only when an encoder is built
+        self._setup(arch, weights, device, precision, batch_size)
+        self._load_open_clip()
 
+    @classmethod
+    def for_queries(cls, arch: str, weights: str | Path | None = None,
+                    device: str | torch.device = "cpu", precision: str | None = None,
+                    batch_size: int = 64) -> ClipEncoder:
+        """An encoder whose text path does not import open_clip when it can avoid it.
+
+        For a local-dir (or the embedded) CLIP in fp32 whose text tower
+        :mod:`cm3rt.retrieval.text_tower` reproduces, texts are embedded by
+        :class:`~cm3rt.retrieval.text_tower.ClipTextTower` and open_clip is loaded only when
+        images are encoded; the identity (digest) is the one ``ClipEncoder(...)`` records.
+        Otherwise this is ``ClipEncoder(...)``; ``text_tower_refusal`` says why.
+        """
+        from . import text_tower
+
+        self = cls.__new__(cls)
+        self._setup(arch, weights, device, precision, batch_size)
+        folder = self._local_folder(arch, weights)
+        if folder is None:
+            self.text_tower_refusal = f"arch {arch!r} is not a local-dir CLIP"
+        elif self.precision != "fp32":
+            self.text_tower_refusal = f"precision {self.precision!r} (the tower runs fp32)"
+        else:
+            try:
+                self._tower = text_tower.ClipTextTower.from_dir(folder, device=self.device)
+            except text_tower.UnsupportedTower as e:
+                self.text_tower_refusal = str(e)
+        if self._tower is None:
+            self._load_open_clip()
+            return self
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        self.embed_dim = int(config["model_cfg"]["embed_dim"])
+        hashed = [folder / "open_clip_config.json", *_weight_files(folder)]
+        self.identity = self._make_identity(
+            config["model_cfg"], _preprocess_cfg_of(config), hashed, arch, weights)
+        return self
+
+    def _setup(self, arch, weights, device, precision, batch_size) -> None:
         if not isinstance(arch, str) or not arch:
             raise TypeError(f"arch: expected a non-empty str, got {arch!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -105,30 +171,79 @@ class ClipEncoder:
             raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.batch_size = batch_size
+        self._arch, self._weights = arch, weights
+        self._tower = None  # ClipTextTower of for_queries(), when it applies
+        self._open_clip = None  # (model, preprocess, tokenizer), loaded on first need
+        self.text_tower_refusal: str | None = None
 
-        name, pretrained, hashed, config = self._resolve(open_clip, arch, weights)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, device=self.device,
-            pretrained_image=False, pretrained_text=False, load_weights=True,
-            require_pretrained=True)
-        self.model = model.eval().requires_grad_(False)
-        self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(name)
-        self.embed_dim = int(config["embed_dim"])
+    @staticmethod
+    def _local_folder(arch: str, weights) -> Path | None:
+        """The folder of a local-dir / embedded arch (None for other archs)."""
+        if weights is not None:
+            return None
+        if arch == EMBEDDED:
+            return EMBEDDED_CLIP_DIR if (EMBEDDED_CLIP_DIR / "open_clip_config.json").is_file() \
+                else None
+        if arch.startswith(_LOCAL_DIR):
+            folder = Path(arch[len(_LOCAL_DIR):])
+            return folder if (folder / "open_clip_config.json").is_file() else None
+        return None
 
+    def _make_identity(self, config: dict, preprocess_cfg: dict, hashed: Sequence[Path],
+                       arch: str, weights) -> EncoderIdentity:
         h = hashlib.sha256()
         h.update(json.dumps(config, sort_keys=True).encode())
-        h.update(json.dumps(getattr(model.visual, "preprocess_cfg", {}), sort_keys=True,
-                            default=str).encode())
+        h.update(json.dumps(preprocess_cfg, sort_keys=True, default=str).encode())
         _sha256_files(h, hashed)
         # Recorded so that a bank can reload its encoder: config paths made absolute.
         if arch.endswith(".json"):
             arch = str(Path(arch).resolve())
         elif arch.startswith(_LOCAL_DIR):
             arch = _LOCAL_DIR + str(Path(arch[len(_LOCAL_DIR):]).resolve())
-        self.identity = EncoderIdentity(
-            arch=arch, embed_dim=self.embed_dim, digest=h.hexdigest(),
+        return EncoderIdentity(
+            arch=arch, embed_dim=int(config["embed_dim"]), digest=h.hexdigest(),
             weights=str(Path(weights).resolve()) if weights is not None else None)
+
+    def _load_open_clip(self) -> tuple:
+        """Build the open_clip model (heavy import); -> (model, preprocess, tokenizer)."""
+        if self._open_clip is not None:
+            return self._open_clip
+        import open_clip
+
+        name, pretrained, hashed, config = self._resolve(open_clip, self._arch, self._weights)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=self.precision, device=self.device,
+            pretrained_image=False, pretrained_text=False, load_weights=True,
+            require_pretrained=True)
+        model = model.eval().requires_grad_(False)
+        identity = self._make_identity(
+            config, getattr(model.visual, "preprocess_cfg", {}), hashed, self._arch,
+            self._weights)
+        known = getattr(self, "identity", None)
+        if known is not None and known != identity:
+            raise ValueError(f"encoder: open_clip's model of {self._arch} has digest "
+                             f"{identity.digest}, expected {known.digest} (computed without "
+                             "open_clip); the folder changed or open_clip preprocesses "
+                             "differently")
+        self.embed_dim = int(config["embed_dim"])
+        self.identity = identity
+        self._open_clip = (model, preprocess, open_clip.get_tokenizer(name))
+        return self._open_clip
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The open_clip model (loaded on first use by a :meth:`for_queries` encoder)."""
+        return self._load_open_clip()[0]
+
+    @property
+    def preprocess(self):
+        """open_clip's image preprocessing transform."""
+        return self._load_open_clip()[1]
+
+    @property
+    def tokenizer(self):
+        """open_clip's tokenizer."""
+        return self._load_open_clip()[2]
 
     @staticmethod
     def _resolve(open_clip, arch: str, weights) -> tuple[str, str | None, list[Path], dict]:
@@ -146,8 +261,7 @@ class ClipEncoder:
             folder = Path(arch[len(_LOCAL_DIR):])
             if not (folder / "open_clip_config.json").is_file():
                 raise FileNotFoundError(f"arch: expected {folder}/open_clip_config.json")
-            files = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth")
-                           for p in folder.glob(ext))
+            files = _weight_files(folder)
             if not files:
                 raise FileNotFoundError(f"arch: expected a weights file in {folder}, found none")
             config = open_clip.get_model_config(arch)
@@ -194,6 +308,9 @@ class ClipEncoder:
                 raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
         out = [torch.empty(0, self.embed_dim)]
         for start in range(0, len(texts), self.batch_size):
+            if self._tower is not None:
+                out.append(self._tower.encode(list(texts[start:start + self.batch_size])))
+                continue
             tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
             out.append(normalize(self.model.encode_text(tokens)).cpu())
         return torch.cat(out)
