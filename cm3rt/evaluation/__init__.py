@@ -6,22 +6,26 @@
     cli       the ``eval`` subcommand (``register_cli``)
 """
 
-from cm3rt.evaluation.metrics import adheres, caption_correct, wilson_interval
-from cm3rt.evaluation.prompts import (
-    EvalPrompt,
-    caption_scenes,
-    held_out_prompts,
-    names_held_out,
-    train_prompts,
-)
-from cm3rt.evaluation.quality import (
-    QualityConfig,
-    QualityReport,
-    Setting,
-    evaluate_targets,
-    format_report,
-    run_quality,
-)
+import importlib
+from typing import Any
+
+# Exported names -> their module, imported on first use: `cm3rt --help` / `cm3rt generate`
+# register the eval command without paying for the analyzer's imports (scipy).
+_LAZY = {
+    "adheres": "metrics", "caption_correct": "metrics", "wilson_interval": "metrics",
+    "EvalPrompt": "prompts", "caption_scenes": "prompts", "held_out_prompts": "prompts",
+    "names_held_out": "prompts", "train_prompts": "prompts",
+    "QualityConfig": "quality", "QualityReport": "quality", "Setting": "quality",
+    "evaluate_targets": "quality", "format_report": "quality", "run_quality": "quality",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cm3rt.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cm3rt.evaluation.{module}"), name)
+
 
 __all__ = [
     "EvalPrompt",

@@ -38,7 +38,11 @@ def _meta_module(factory, cfg: VQGANConfig) -> nn.Module:
 
 
 def _materialise(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    module = module.to_empty(device=device).to(dtype)
+    # Like module.to_empty(device).to(dtype), but through the plain torch.empty factory:
+    # empty_like on a meta tensor runs torch's Python reference, whose first use imports
+    # torch.fx's symbolic shapes and sympy (~0.8 s at process start).
+    module = module._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point()
+                                                 else t.dtype, device=device))
     module.requires_grad_(False)
     return module.eval()
 
