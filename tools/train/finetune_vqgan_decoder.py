@@ -95,12 +95,11 @@ def finetune(opts: FinetuneOptions, quiet: bool = False, max_steps: int | None =
     stats: dict = {}
     for step in progress(start, end, "vqgan decoder", quiet):
         x = source.batch(step_rng(opts.seed, 9, step), opts.batch, None)
-        with torch.no_grad():  # the frozen encoder side: codes exactly as ImageTokenizer's
-            z = tok.quant_conv(tok.encoder(x))
-            b, e, h, w = z.shape
-            flat = z.permute(0, 2, 3, 1).reshape(-1, e)
-            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
-            zq = cb[d.argmin(1)].view(b, h, w, e).permute(0, 3, 1, 2).contiguous()
+        # The frozen encoder side: codes from ImageTokenizer itself (encoder + vq_nearest),
+        # exactly the codes of step 3; cloned out of inference mode to feed autograd.
+        codes = tok.encode_pixels(x, batch_size=x.shape[0]).clone()
+        side = tok.latent_size
+        zq = cb[codes].view(-1, side, side, cb.shape[1]).permute(0, 3, 1, 2).contiguous()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, opts.total_steps, opts.lr, warmup=20)
         rec = tok.decoder(tok.post_quant_conv(zq))

@@ -300,33 +300,25 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 # ---------------------------------------------------------------------- check
 def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0,
              temperature: float = 1.0, top_k: int = 0) -> dict:
-    """A quick adherence check of an export (the full table is ``cm3rt eval``): ``n`` prompts
-    of train concepts and ``n`` of held-out pairs, CFG, no retrieval, one image each; the
-    analyzer must find exactly what the prompt says."""
+    """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
+    ``n`` of ``cm3rt eval``'s train-concept and held-out prompts, CFG, no retrieval, one image
+    each, scored by the same ``adheres`` rule."""
     from cm3rt.engine import Engine, Request, SamplingParams
+    from cm3rt.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.model import load_pretrained
-    from cm3rt.shapes import WorldConfig, sample_scene, uses_held_out
-    from cm3rt.shapes.analyzer import caption_matches
 
     model, proc = load_pretrained(model_dir)
     engine = Engine(model, proc)
     out: dict = {"n": n, "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
-    for name, held in (("train_concepts", False), ("held_out", True)):
-        prompts: list[str] = []
-        i = 0
-        while len(prompts) < n:
-            scene = sample_scene(np.random.default_rng([seed, 11, i]), WorldConfig())
-            i += 1
-            if uses_held_out(scene) == held:
-                prompts.append(scene.caption(np.random.default_rng([seed, 12, i])))
-        reqs = [Request(prompt=[p], task="text_to_image",
+    for name, prompts in (("train_concepts", train_prompts(n, seed)),
+                          ("held_out", held_out_prompts(n, seed))):
+        reqs = [Request(prompt=[p.text], task="text_to_image",
                         params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale, seed=k,
                                               temperature=temperature, top_k=top_k))
                 for k, p in enumerate(prompts)]
         results = engine.generate(reqs)
-        ok = sum(bool(r.images) and caption_matches(p, r.images[0])
-                 for p, r in zip(prompts, results))
-        out[name] = ok / n
+        out[name] = sum(bool(r.images) and adheres(p.text, r.images[0])
+                        for p, r in zip(prompts, results)) / n
     return out
 
 
