@@ -36,29 +36,29 @@ def _cases(image: Image.Image, retrieval: bool) -> dict[str, dict[str, Any]]:
     prompt = "a red star above a blue circle"
     k = 2 if retrieval else 0
     return {
-        "t2i_cfg": dict(prompt=prompt, task="text_to_image", k_docs=k,
-                        params=dict(guidance="cfg", cfg_scale=3.0, seed=0)),
-        "t2i_none": dict(prompt="a green cross", task="text_to_image",
-                         params=dict(guidance="none", seed=1, top_k=50)),
-        "t2i_cdk": dict(prompt=prompt, task="text_to_image", k_docs=k,
-                        params=dict(guidance="cdk", cd_alpha=0.1, cd_k=1, seed=2)),
-        "t2i_cfg_n3": dict(prompt="a small yellow circle at the top left",
-                           task="text_to_image", k_docs=k,
-                           params=dict(guidance="cfg", cfg_scale=1.5, n=3, seed=3,
-                                       top_p=0.9)),
-        "caption_greedy": dict(prompt=[image], task="image_to_text",
-                               params=dict(guidance="none", temperature=0.0,
-                                           max_new_tokens=24)),
-        "caption_sampled": dict(prompt=[image, "Describe the image."], task="image_to_text",
-                                params=dict(temperature=1.0, top_k=8, seed=4, n=2,
-                                            max_new_tokens=16)),
-        "edit_cfg3": dict(prompt=[image, "make it green"], task="edit",
-                          params=dict(guidance="cfg3", cfg_scale=3.0, cfg_image_scale=1.5,
-                                      seed=5)),
-        "infill": dict(prompt="a red", task="infill", suffix=" above a blue circle",
-                       params=dict(seed=6, max_new_tokens=12)),
-        "interleaved": dict(prompt="a small blue square", task="interleaved",
-                            params=dict(guidance="cfg", seed=7, max_new_tokens=40)),
+        "t2i_cfg": {"prompt": prompt, "task": "text_to_image", "k_docs": k,
+                        "params": {"guidance": "cfg", "cfg_scale": 3.0, "seed": 0}},
+        "t2i_none": {"prompt": "a green cross", "task": "text_to_image",
+                         "params": {"guidance": "none", "seed": 1, "top_k": 50}},
+        "t2i_cdk": {"prompt": prompt, "task": "text_to_image", "k_docs": k,
+                        "params": {"guidance": "cdk", "cd_alpha": 0.1, "cd_k": 1, "seed": 2}},
+        "t2i_cfg_n3": {"prompt": "a small yellow circle at the top left",
+                           "task": "text_to_image", "k_docs": k,
+                           "params": {"guidance": "cfg", "cfg_scale": 1.5, "n": 3, "seed": 3,
+                                       "top_p": 0.9}},
+        "caption_greedy": {"prompt": [image], "task": "image_to_text",
+                               "params": {"guidance": "none", "temperature": 0.0,
+                                           "max_new_tokens": 24}},
+        "caption_sampled": {"prompt": [image, "Describe the image."], "task": "image_to_text",
+                                "params": {"temperature": 1.0, "top_k": 8, "seed": 4, "n": 2,
+                                            "max_new_tokens": 16}},
+        "edit_cfg3": {"prompt": [image, "make it green"], "task": "edit",
+                          "params": {"guidance": "cfg3", "cfg_scale": 3.0, "cfg_image_scale": 1.5,
+                                      "seed": 5}},
+        "infill": {"prompt": "a red", "task": "infill", "suffix": " above a blue circle",
+                       "params": {"seed": 6, "max_new_tokens": 12}},
+        "interleaved": {"prompt": "a small blue square", "task": "interleaved",
+                            "params": {"guidance": "cfg", "seed": 7, "max_new_tokens": 40}},
     }
 
 
@@ -88,7 +88,8 @@ def _tiny_setup(tmp: Path):
 
 def run_cases(which: str, tmp: Path) -> dict[str, list[list[int]]]:
     """Run the table on model ``which`` ("default" or "tiny"); -> name -> [the cond
-    stream's prompt ids, then the generated ids of each sample in sample index order]."""
+    stream's prompt ids, then the generated ids of each sample in sample index order], and
+    name + ":decoded" -> [text, number of images] of each sample."""
     import torch
 
     from cm3rt.engine import Engine, Request, SamplingParams
@@ -109,6 +110,8 @@ def run_cases(which: str, tmp: Path) -> dict[str, list[list[int]]]:
         samples = sorted(out.samples, key=lambda s: s.index)
         result[name] = [list(map(int, out.prompt_token_ids)),
                         *(list(map(int, s.token_ids)) for s in samples)]
+        # What the output decodes to: each sample's text, and how many images it holds.
+        result[name + ":decoded"] = [[s.text, len(s.images)] for s in samples]
     return result
 
 
