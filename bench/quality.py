@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from cm3rt.evaluation.cli import register_cli
+from cm3rt.cli.eval import register_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from model_fixtures import make_tiny_model_dir
 
-from cm3rt.engine.request import RequestOutput, SampleOutput, TokenEvent
-from cm3rt.evaluation import (
+from cm3rt.demo.evaluation import (
     QualityConfig,
     adheres,
     caption_correct,
@@ -23,8 +22,8 @@ from cm3rt.evaluation import (
     run_quality,
     train_prompts,
 )
-from cm3rt.evaluation.quality import Row, Score, Setting
-from cm3rt.shapes import (
+from cm3rt.demo.evaluation.quality import Row, Score, Setting
+from cm3rt.demo.shapes import (
     COLOURS,
     HELD_OUT_PAIRS,
     Scene,
@@ -34,6 +33,7 @@ from cm3rt.shapes import (
     random_caption,
     uses_held_out,
 )
+from cm3rt.engine.request import RequestOutput, SampleOutput, TokenEvent
 
 # ------------------------------------------------------------------------ prompt sets
 
@@ -260,9 +260,9 @@ def tiny_model(tmp_path_factory):
     rendered scenes (half with a held-out pair)."""
     from retrieval_fixtures import make_tiny_clip
 
+    from cm3rt.demo.shapes import WorldConfig, scene_at
     from cm3rt.retrieval.bank import MemoryBank
     from cm3rt.retrieval.clip import ClipEncoder
-    from cm3rt.shapes import WorldConfig, scene_at
     from cm3rt.tokenizer import ImageTokenizer
 
     tmp = tmp_path_factory.mktemp("eval")

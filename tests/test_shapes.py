@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from cm3rt.shapes import (
+from cm3rt.demo.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -33,15 +33,15 @@ from cm3rt.shapes import (
     spec_of_scene,
     uses_held_out,
 )
-from cm3rt.shapes.analyzer import (
+from cm3rt.demo.shapes.analyzer import (
     AnalyzerConfig,
     analyze,
     analyze_scene,
     caption_matches,
     matches,
 )
-from cm3rt.shapes.geometry import coverage, unit_area
-from cm3rt.shapes.vocab import CELLS, TEXTURES
+from cm3rt.demo.shapes.geometry import coverage, unit_area
+from cm3rt.demo.shapes.vocab import CELLS, TEXTURES
 
 SEED = int(os.environ.get("CM3RT_SHAPES_SEED", "20250607"))
 

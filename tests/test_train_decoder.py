@@ -91,7 +91,6 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
     from cm3rt.engine.sequence import build_prompt
     from cm3rt.engine.state import VocabInfo
     from cm3rt.model import load_pretrained
-    from cm3rt.retrieval.augment import document_ids
     from cm3rt.retrieval.bank import Document
 
     opts = _options(runs, tmp_path)
@@ -106,8 +105,8 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
     ids, mask = src.build("t2i", i, rng, p_uncond=0.0)
     caption = proc.text.decode(ids[1: ids.index(src.boi)])
     req = Request(prompt=[caption], task="text_to_image",
-                  params=SamplingParams(guidance="cfg", cfg_scale=3.0))
-    spec = build_prompt(req, vocab, proc, max_len=4096, max_new_tokens=300).spec
+                  params=SamplingParams(guidance="cfg", cfg_scale=3.0, max_new_tokens=300))
+    spec = build_prompt(req, vocab, proc, max_len=4096).spec
     n = vocab.tokens_per_image
     assert ids[: len(spec.cond)] == spec.cond  # the prompt the engine continues
     assert len(ids) == len(spec.cond) + n + 1 and ids[-1] == src.eoi
@@ -126,7 +125,7 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
         doc = Document(id=d, source=str(d), modality="image+text", caption=src.recs[d]["text"],
                        codes=torch.from_numpy(np.load(runs / "codes" / "train_codes.npy")[d]
                                               .astype(np.int64)))
-        prefix += document_ids(doc, proc.text)
+        prefix += proc.document_ids(doc.caption, doc.codes)
     assert ids[: len(prefix)] == prefix
     assert not any(mask[: len(prefix)]) and all(mask[len(prefix):])
 

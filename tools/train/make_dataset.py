@@ -33,7 +33,7 @@ import numpy as np
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cm3rt.shapes import HELD_OUT_PAIRS, WorldConfig, sample_scene, uses_held_out
+from cm3rt.demo.shapes import HELD_OUT_PAIRS, WorldConfig, sample_scene, uses_held_out
 
 SPLIT_CODES = {"train": 1, "bank": 2, "eval": 3}
 """Second word of each split's seed: numpy.random.default_rng([seed, code, index])."""

@@ -13,7 +13,7 @@ Writes one directory that ``cm3rt.model.load_pretrained`` reads whole and that
     vqgan.safetensors, vqgan_config.json   the VQGAN that encoded the bank's codes (as is)
     clip/                            the tiny CLIP (open_clip local-dir layout, as is)
     bank/                            the shipped memory bank (build_banks.py)
-    defaults.json                    generation defaults (cm3rt.engine.defaults)
+    defaults.json                    generation defaults (cm3rt.api.defaults)
     TRAINING.md                      commands, seeds, wall times, evaluation table
 
 Everything is checked before the directory replaces the old one: the model loads, the
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from train_common import REPO, Timer
 
-from cm3rt.engine import defaults as dflt
+from cm3rt.api import defaults as dflt
 
 DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
 MAX_MB = 40.0
@@ -112,7 +112,7 @@ def _copy_tokenizer(src: Path, decoder: Path, dst: Path) -> None:
 
 
 def write_defaults(opts: PackageOptions, dst: Path) -> dict:
-    """defaults.json (read by cm3rt.engine.defaults)."""
+    """defaults.json (read by cm3rt.api.defaults)."""
     d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
          "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
          "k_docs": opts.k_docs, "bank": "bank",

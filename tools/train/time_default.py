@@ -5,7 +5,7 @@
 
 Runs the command in a fresh Python process ``--runs`` times (imports, loading the default
 model, CLIP and bank, retrieval, CFG sampling and VQGAN decoding all included) and prints
-each wall time and the median. The issue's target is <= 5 s on this machine. Extra
+each wall time and the median. The start-up target is <= 5 s on this machine. Extra
 arguments after ``--`` go to ``cm3rt generate`` (e.g. ``-- --model DIR``).
 """
 

@@ -17,7 +17,7 @@ Every step draws one kind of sequence (so a batch pads little), by the mixture
 which is exactly what cm3rt's engine builds at inference (``cm3rt/engine/sequence.py``:
 text -> image prompts end in <racm3:break>; the unconditional CFG stream is
 ``<s> <mask> <racm3:break>``; retrieved documents come first, best first, as
-``cm3rt.retrieval.augment.document_ids`` lays them out). The retrieved documents are train
+``cm3rt.tokenizer.Processor.document_ids`` lays them out). The retrieved documents are train
 scenes (held-out colour x shape pairs never occur in them), so the decoder never sees a
 held-out pair; the shipped bank (``build_banks.py``) has them.
 
@@ -303,8 +303,8 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0
     """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
     ``n`` of ``cm3rt eval``'s train-concept and held-out prompts, CFG, no retrieval, one image
     each, scored by the same ``adheres`` rule."""
+    from cm3rt.demo.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.engine import Engine, Request, SamplingParams
-    from cm3rt.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.model import load_pretrained
 
     model, proc = load_pretrained(model_dir)

@@ -326,8 +326,8 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
 def evaluate(vqgan_dir: Path, n: int = 500, seed: int = 0) -> dict:
     """Analyzer agreement with the scene on ``n`` fresh renders, raw and after a VQ round
     trip through cm3rt's ImageTokenizer loaded from ``vqgan_dir``."""
-    from cm3rt.shapes import WorldConfig, sample_scene, spec_of_scene
-    from cm3rt.shapes.analyzer import analyze_scene, matches
+    from cm3rt.demo.shapes import WorldConfig, sample_scene, spec_of_scene
+    from cm3rt.demo.shapes.analyzer import analyze_scene, matches
 
     tok = ImageTokenizer.from_pretrained(vqgan_dir)
     scenes = [sample_scene(np.random.default_rng([seed, EVAL_TAG, i]), WorldConfig())

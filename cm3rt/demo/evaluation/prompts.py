@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3rt.shapes import HELD_OUT_PAIRS, Scene, WorldConfig, random_caption, sample_scene
-from cm3rt.shapes.analyzer import matches
-from cm3rt.shapes.captions import parse_caption
+from cm3rt.demo.shapes import HELD_OUT_PAIRS, Scene, WorldConfig, random_caption, sample_scene
+from cm3rt.demo.shapes.analyzer import matches
+from cm3rt.demo.shapes.captions import parse_caption
 
 # Seed-stream tags (arbitrary constants, distinct from the training splits' small ints).
 HELD_OUT_STREAM = 0xE7A1_0001

@@ -1,7 +1,8 @@
 """Quality evaluation of a shapes-world model: prompt adherence per sampling setting, with
-and without retrieval, and captioning accuracy (issue 7's targets).
+and without retrieval, and captioning accuracy, checked against the default model's
+quality targets (adherence with CFG >= 80%, retrieval gain >= 20 points, captions >= 90%).
 
-    engine = cm3rt.engine.get_engine("cm3rt/assets/default")
+    engine = cm3rt.api.load_engine("cm3rt/assets/default")
     report = run_quality(engine, bank, QualityConfig(prompts=200, captions=200))
     print(format_report(report))
 
@@ -24,18 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from cm3rt.evaluation.metrics import adheres, caption_correct, wilson_interval
-from cm3rt.evaluation.prompts import (
+from cm3rt.demo.evaluation.metrics import adheres, caption_correct, wilson_interval
+from cm3rt.demo.evaluation.prompts import (
     EvalPrompt,
     caption_scenes,
     held_out_prompts,
     train_prompts,
 )
-from cm3rt.shapes import HELD_OUT_PAIRS, Scene, parse_caption
+from cm3rt.demo.shapes import HELD_OUT_PAIRS, Scene, parse_caption
 
 TRAIN_SETTINGS = ("best", "all", "none")
 
-# Issue 7's targets.
+# The default model's quality targets.
 TARGET_CFG_ADHERENCE = 0.80
 TARGET_RETRIEVAL_GAIN = 0.20
 TARGET_CAPTIONS = 0.90
@@ -177,7 +178,7 @@ class Row:
 
 @dataclass
 class Target:
-    """One of issue 7's targets and how the run did on it."""
+    """One of the quality targets and how the run did on it."""
 
     name: str
     value: str
@@ -401,7 +402,7 @@ def _pct(x: float) -> str:
 
 
 def evaluate_targets(rows: list[Row], captions: Score | None) -> list[Target]:
-    """Issue 7's targets, each PASS / MISS (SKIP when the run did not measure it).
+    """The default model's quality targets, each PASS / MISS (SKIP when the run did not measure it).
 
     * CFG adherence >= 80%: the best CFG scale's held-out adherence with retrieval on (the
       shipped configuration; retrieval off when the run had no retrieval).

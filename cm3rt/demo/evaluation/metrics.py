@@ -1,15 +1,15 @@
 """The two scores of ``cm3rt eval``: prompt adherence of an image, correctness of a caption.
 
-Both read images with the world's analyzer (``cm3rt.shapes.analyzer``) and prompts with the
-world's parser (``cm3rt.shapes.captions.parse_caption``); neither looks at the model.
+Both read images with the world's analyzer (``cm3rt.demo.shapes.analyzer``) and prompts with the
+world's parser (``cm3rt.demo.shapes.captions.parse_caption``); neither looks at the model.
 """
 
 from __future__ import annotations
 
 import math
 
-from cm3rt.shapes import Scene, parse_caption
-from cm3rt.shapes.analyzer import analyze_scene, matches
+from cm3rt.demo.shapes import Scene, parse_caption
+from cm3rt.demo.shapes.analyzer import analyze_scene, matches
 
 
 def adheres(prompt: str, image) -> bool:
@@ -18,7 +18,7 @@ def adheres(prompt: str, image) -> bool:
     The analyzer's reading of the image must pair one-to-one with the prompt's objects
     (none missing, none extra), every attribute the prompt names (colour, shape, and size /
     position where given) must agree, a relation it names must hold, and a background it
-    names must be the image's (``cm3rt.shapes.analyzer.matches``). A missing image (the
+    names must be the image's (``cm3rt.demo.shapes.analyzer.matches``). A missing image (the
     generation failed) does not adhere.
     """
     if image is None:

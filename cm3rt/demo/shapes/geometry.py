@@ -15,7 +15,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cm3rt.shapes.vocab import SHAPES
+from cm3rt.demo.shapes.vocab import SHAPES
 
 STAR_INNER_RATIO = 0.45
 """Inner / outer radius of the five-pointed star (0.38 is the classic pentagram; fatter

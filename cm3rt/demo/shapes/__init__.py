@@ -6,7 +6,7 @@
     vocab      shapes, colours, sizes, cells, backgrounds, held-out colour x shape pairs
 """
 
-from cm3rt.shapes.captions import (
+from cm3rt.demo.shapes.captions import (
     ObjectSpec,
     PromptSpec,
     Relation,
@@ -15,7 +15,7 @@ from cm3rt.shapes.captions import (
     random_caption,
     spec_of_scene,
 )
-from cm3rt.shapes.vocab import (
+from cm3rt.demo.shapes.vocab import (
     BACKGROUNDS,
     CELL_WORDS,
     COLOURS,
@@ -23,7 +23,7 @@ from cm3rt.shapes.vocab import (
     SHAPES,
     SIZES,
 )
-from cm3rt.shapes.world import (
+from cm3rt.demo.shapes.world import (
     Scene,
     SceneObject,
     WorldConfig,

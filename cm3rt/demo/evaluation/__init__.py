@@ -1,16 +1,16 @@
-"""Quality evaluation of shapes-world models (``cm3rt eval``, ``bench/quality.py``).
+"""Quality evaluation of shapes-world models (used by ``cm3rt eval`` in ``cm3rt/cli/eval.py``
+and by ``bench/quality.py``).
 
     prompts   deterministic prompt sets: held-out concepts, train concepts, scenes to caption
     metrics   ``adheres(prompt, image)``, ``caption_correct(caption, scene)``
     quality   ``run_quality(engine, bank, QualityConfig(...))`` -> report; ``format_report``
-    cli       the ``eval`` subcommand (``register_cli``)
 """
 
 import importlib
 from typing import Any
 
-# Exported names -> their module, imported on first use: `cm3rt --help` / `cm3rt generate`
-# register the eval command without paying for the analyzer's imports (scipy).
+# Exported names -> their module, imported on first use: importing the package costs
+# nothing until a name is used (the analyzer imports scipy).
 _LAZY = {
     "adheres": "metrics", "caption_correct": "metrics", "wilson_interval": "metrics",
     "EvalPrompt": "prompts", "caption_scenes": "prompts", "held_out_prompts": "prompts",
@@ -23,8 +23,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'cm3rt.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cm3rt.evaluation.{module}"), name)
+        raise AttributeError(f"module 'cm3rt.demo.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cm3rt.demo.evaluation.{module}"), name)
 
 
 __all__ = [

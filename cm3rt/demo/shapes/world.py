@@ -2,7 +2,7 @@
 
 A scene is one or two flat objects (shape, colour, size) on a 3 x 3 grid of cells over a
 plain or faintly textured background. Scenes render to a small image (64 px by default)
-and to captions (see ``cm3rt.shapes.captions``); ``cm3rt.shapes.analyzer`` reads an image
+and to captions (see ``cm3rt.demo.shapes.captions``); ``cm3rt.demo.shapes.analyzer`` reads an image
 back into objects. Sampling is counter-based (``numpy.random.default_rng([seed, index])``)
 so scene ``i`` of a seed is the same whatever else is sampled.
 """
@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from cm3rt.shapes.geometry import coverage
-from cm3rt.shapes.vocab import (
+from cm3rt.demo.shapes.geometry import coverage
+from cm3rt.demo.shapes.vocab import (
     BACKGROUNDS,
     CELLS,
     COLOURS,
@@ -144,13 +144,13 @@ class Scene:
 
     def caption(self, rng: np.random.Generator | int | None = None) -> str:
         """A caption from a randomly chosen template (see ``captions.random_caption``)."""
-        from cm3rt.shapes.captions import random_caption
+        from cm3rt.demo.shapes.captions import random_caption
 
         return random_caption(self, rng)
 
     def describe(self) -> str:
         """The canonical, fully specified caption (every attribute and position)."""
-        from cm3rt.shapes.captions import describe
+        from cm3rt.demo.shapes.captions import describe
 
         return describe(self)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3rt.shapes.vocab import (
+from cm3rt.demo.shapes.vocab import (
     BACKGROUNDS,
     COLOURS,
     SHAPE_PLURALS,

@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from cm3rt.shapes.captions import PromptSpec, parse_caption
-from cm3rt.shapes.geometry import coverage, unit_area, unit_polygons
-from cm3rt.shapes.vocab import BACKGROUNDS, COLOURS, GRID, SHAPES, SIZES
+from cm3rt.demo.shapes.captions import PromptSpec, parse_caption
+from cm3rt.demo.shapes.geometry import coverage, unit_area, unit_polygons
+from cm3rt.demo.shapes.vocab import BACKGROUNDS, COLOURS, GRID, SHAPES, SIZES
 
 _PALETTE = np.asarray(list(COLOURS.values()), dtype=np.float32)  # [K, 3]
 _COLOUR_NAMES = tuple(COLOURS)
