@@ -178,7 +178,8 @@ def paged_attention(
 # ---- sampling -----------------------------------------------------------------------------------
 
 #: Combine modes of :func:`sample_logits` and their ids (for per-group ``mode`` tensors).
-SAMPLE_MODES: dict[str, int] = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}
+#: Built from the extension's own table, so the names can never drift from the C++ enum.
+SAMPLE_MODES: dict[str, int] = {name: i for i, name in enumerate(_C.SAMPLE_MODE_NAMES)}
 
 _GroupValue = int | float | torch.Tensor
 

@@ -341,7 +341,10 @@ void bind_sampling(py::module_& m) {
   m.def("_log_pos", &log_pos_hook, py::arg("x"), "Test hook: the sampler's log (x > 0).");
   m.def("_weight_fixed", &weight_fixed_hook, py::arg("w"),
         "Test hook: the two forms of the sampler's fixed-point weight floor(w * 2^40).");
-  m.attr("SAMPLE_MODE_NAMES") = py::make_tuple("none", "cfg", "cfg3", "cdk");
+  // The combine modes, in id order: cm3rt.ops.SAMPLE_MODES is built from this tuple.
+  py::tuple mode_names(kNumSampleModes);
+  for (int i = 0; i < kNumSampleModes; ++i) mode_names[i] = kModeNames[i];
+  m.attr("SAMPLE_MODE_NAMES") = mode_names;
 }
 
 }  // namespace cm3rt::py_binding

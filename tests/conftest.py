@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# A failing engine step raises in the tests instead of failing only its requests, so a
+# programming error never hides behind a failed request (Engine.raise_step_errors).
+os.environ["CM3RT_RAISE_STEP_ERRORS"] = "1"
 
 from cm3rt import ops
 

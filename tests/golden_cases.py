@@ -63,9 +63,9 @@ def _cases(image: Image.Image, retrieval: bool) -> dict[str, dict[str, Any]]:
 
 
 def _default_setup():
-    from cm3rt.engine.defaults import default_model_dir
+    from cm3rt.api.defaults import default_model_dir
     from cm3rt.model import load_pretrained
-    from cm3rt.retrieval.augment import open_cached
+    from cm3rt.retrieval.bank import open_cached
 
     root = default_model_dir()
     model, proc = load_pretrained(root)

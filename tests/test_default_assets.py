@@ -24,8 +24,8 @@ from PIL import Image
 from retrieval_fixtures import TINY_CLIP_CFG, random_image
 
 from cm3rt import cli
-from cm3rt.engine import defaults as dflt
-from cm3rt.engine.generate import generate
+from cm3rt.api import defaults as dflt
+from cm3rt.api import generate
 from cm3rt.retrieval import clip as clip_mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,10 +187,12 @@ def test_explicit_k_docs_zero_turns_retrieval_off(default_dir):
     out = generate(PROMPT, k_docs=0, seed=0)
     assert out.docs == []
     assert out.prompt_token_ids == [tok.bos_id, *tok.encode(PROMPT), tok.boi_id]
-    with_model = generate(PROMPT, model=str(default_dir), seed=0)  # a model given: no defaults
+    # A model given: defaults.json does not apply (no documents); the built-in defaults do
+    # (cm3rt.api.BUILTIN_SAMPLING: text -> image with CFG at SamplingParams' scale).
+    with_model = generate(PROMPT, model=str(default_dir), seed=0)
     assert with_model.docs == []
-    plain = generate(PROMPT, model=str(default_dir), guidance="none", seed=0)
-    assert with_model.samples[0].token_ids == plain.samples[0].token_ids
+    builtin = generate(PROMPT, model=str(default_dir), guidance="cfg", cfg_scale=3.0, seed=0)
+    assert with_model.samples[0].token_ids == builtin.samples[0].token_ids
 
 
 def test_cli_generate_no_flags(default_dir, tmp_path, capsys):

@@ -338,8 +338,8 @@ def test_decode_graphs_match_eager_steps(model_dir, device):
     graphs = make_engine(m, use_cuda_graphs=True)
     a = eager.generate(reqs())
     b = graphs.generate(reqs())
-    assert graphs.graphs is not None and not graphs.graphs.disabled
-    assert graphs.graphs.graphs, "no decode step was captured"
+    assert graphs.runner.graphs is not None and not graphs.runner.graphs.disabled
+    assert graphs.runner.graphs.graphs, "no decode step was captured"
     for x, y in zip(a, b):
         assert tokens_of(x) == tokens_of(y)
     for req, out in zip(reqs(), a):
@@ -348,6 +348,7 @@ def test_decode_graphs_match_eager_steps(model_dir, device):
 
 def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
     eng = make_engine(model)
+    eng.raise_step_errors = False  # serving behaviour (the suite sets it True)
     real = model.forward_step
     calls = {"n": 0}
 
@@ -374,6 +375,20 @@ def test_step_by_step_use_keeps_no_outputs_behind(model):
     while eng.has_unfinished():
         finals += [e.output for e in eng.step() if e.output is not None]
     assert [o.request_id for o in finals] == [rid] and finals[0].ok
-    assert not eng._outputs and not eng._requests
+    assert not eng._requests  # the engine keeps nothing of a finished request
     with pytest.raises(ValueError, match="unknown"):
-        eng.run_until_done([rid])
+        eng.abort(rid)
+
+
+def test_a_step_error_propagates_when_raise_step_errors(model, monkeypatch):
+    """In the test suite (and with CM3RT_RAISE_STEP_ERRORS=1) a bug in a step is raised with
+    its traceback, not turned into a failed request."""
+    eng = make_engine(model)
+    assert eng.raise_step_errors
+
+    def broken(*args, **kwargs):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(model, "forward_step", broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        eng.generate([text_request(96)])

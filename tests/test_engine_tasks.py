@@ -225,10 +225,7 @@ def test_bad_inputs_with_tokenizers(loaded):
 
 
 def test_generate_function(model_dir, monkeypatch, tmp_path):
-    import importlib
-
-    gen_mod = importlib.import_module("cm3rt.engine.generate")
-    generate = gen_mod.generate
+    from cm3rt.api import generate
 
     out = generate("a red circle", model=model_dir, guidance="cfg", seed=4, n=2)
     assert len(out.images) == 2 and out.images[0].size == (16, 16)
@@ -239,7 +236,7 @@ def test_generate_function(model_dir, monkeypatch, tmp_path):
     assert isinstance(cap.text, str) and cap.images == []
     with pytest.raises(TypeError, match="unknown sampling argument"):
         generate("a red circle", model=model_dir, guidence="cfg")
-    from cm3rt.engine import defaults as defaults_mod
+    from cm3rt.api import defaults as defaults_mod
 
     monkeypatch.setattr(defaults_mod, "DEFAULT_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="embedded default model"):

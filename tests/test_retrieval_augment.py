@@ -1,71 +1,54 @@
-"""retrieve_prefix: the token layout of retrieved documents in front of the prompt.
-
-The engine (branch `engine`) prepends exactly these ids to the conditional streams; until it
-lands, the layout is checked here on the ids retrieve_prefix returns, with a stand-in
-text tokenizer that has the documented TextTokenizer interface.
-"""
+"""retrieve_prefix: the token layout of retrieved documents in front of the prompt, with
+cm3rt's own Processor of a tiny random model; expected ids are written out independently of
+``Processor.document_ids``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from retrieval_fixtures import GridTokenizer, make_tiny_clip, random_image
+from model_fixtures import make_tiny_model_dir
+from retrieval_fixtures import make_tiny_clip, random_image
 
+from cm3rt.model import load_pretrained
 from cm3rt.retrieval.augment import retrieve_prefix
 from cm3rt.retrieval.bank import MemoryBank
 from cm3rt.retrieval.clip import ClipEncoder
 
-BOS, EOS, BOI, EOI, IMAGE_BASE = 1, 2, 3, 4, 1000
 
-
-class CharTokenizer:
-    """Stand-in TextTokenizer: one id per character, wrapped in bos/eos like HF templates."""
-
-    bos_id, eos_id, boi_id, eoi_id = BOS, EOS, BOI, EOI
-
-    def encode(self, text: str) -> list[int]:
-        return [BOS, *(10 + ord(c) % 200 for c in text), EOS]
-
-    def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(codes) + IMAGE_BASE
-
-
-class Processor:
-    def __init__(self, image_tokenizer) -> None:
-        self.text_tokenizer = CharTokenizer()
-        self.image_tokenizer = image_tokenizer
-
-
-def expected_ids(doc, codes) -> list[int]:
-    """The layout written out independently: caption chars, boi, image ids, eoi."""
-    ids = [10 + ord(c) % 200 for c in doc.caption] if doc.caption else []
+def expected_ids(proc, doc, codes) -> list[int]:
+    """The layout: caption tokens, boi, the image ids of the codes, eoi."""
+    t = proc.text
+    ids = list(t.encode(doc.caption)) if doc.caption else []
     if codes is not None:
-        ids += [BOI] + [IMAGE_BASE + int(c) for c in codes] + [EOI]
+        ids += [t.boi_id, *t.image_token_ids[torch.as_tensor(codes)].tolist(), t.eoi_id]
     return ids
 
 
 @pytest.fixture(scope="module")
-def bank_dir(tmp_path_factory):
+def tiny(tmp_path_factory):
+    """(processor, bank dir, source dir, another model's processor)."""
     tmp = tmp_path_factory.mktemp("aug")
+    _, proc = load_pretrained(make_tiny_model_dir(tmp, use_hf=False))
+    _, other = load_pretrained(make_tiny_model_dir(tmp / "other", use_hf=False, seed=99))
     cfg, w = make_tiny_clip(tmp / "clip", seed=7)
     rng = np.random.default_rng(3)
     src = tmp / "src"
     src.mkdir()
     for i, cap in enumerate(["a red circle", "a blue square", "a green star"]):
-        random_image(rng).save(src / f"mm{i}.png")
+        random_image(rng, (16, 16)).save(src / f"mm{i}.png")
         (src / f"mm{i}.txt").write_text(cap)
-    random_image(rng).save(src / "pic.png")
+    random_image(rng, (16, 16)).save(src / "pic.png")
     (src / "words.txt").write_text("shapes on a plain background")
     enc = ClipEncoder(str(cfg), weights=w)
-    MemoryBank.build(src, tmp / "bank", enc, GridTokenizer(), progress=False).close()
-    return tmp / "bank", src
+    MemoryBank.build(src, tmp / "bank", enc, proc.image, progress=False).close()
+    return proc, tmp / "bank", src, other
 
 
-def test_layout_and_budget(bank_dir) -> None:
-    path, src = bank_dir
-    tok = GridTokenizer()
-    proc = Processor(tok)
+def test_layout_and_budget(tiny) -> None:
+    proc, path, src, _ = tiny
+    tok = proc.image
+    t = proc.text
     off = {"max_score": None, "dedupe": None, "prefer_multimodal": False}
     with MemoryBank.open(path, image_tokenizer=tok) as bank:
         everything = bank.search(text="a red circle", k=5, **off)
@@ -78,12 +61,12 @@ def test_layout_and_budget(bank_dir) -> None:
             with Image.open(src / doc.source) as im:
                 return tok.encode([im.copy()])[0].tolist()
 
-        by_id = {d.id: expected_ids(d, codes_of(d)) for d in everything}
+        by_id = {d.id: expected_ids(proc, d, codes_of(d)) for d in everything}
         prefix, docs = retrieve_prefix(bank, "a red circle", None, k=5, max_tokens=10_000,
                                        processor=proc, **off)
         assert [d.id for d in docs] == [d.id for d in everything]
         assert prefix == [t for d in everything for t in by_id[d.id]]
-        assert all(t not in (BOS, EOS) for t in prefix)
+        assert t.bos_id not in prefix and t.eos_id not in prefix
 
         # Default rules: the documents search() chooses, in its order.
         default = bank.search(text="a red circle", k=3)
@@ -114,28 +97,25 @@ def test_layout_and_budget(bank_dir) -> None:
     assert p1 == p2 and len(d1) == 2
 
 
-def test_errors(bank_dir) -> None:
-    path, _ = bank_dir
+def test_errors(tiny) -> None:
+    proc, path, _, other = tiny
     with pytest.raises(ValueError, match="image tokenizer"):
-        retrieve_prefix(path, "x", None, 2, 100, Processor(GridTokenizer(tag="other")))
+        retrieve_prefix(path, "x", None, 2, 100, other)
     with pytest.raises(TypeError, match="processor"):
         retrieve_prefix(path, "x", None, 2, 100, object())
     with pytest.raises(ValueError, match="k"):
-        retrieve_prefix(path, "x", None, -1, 100, Processor(GridTokenizer()))
+        retrieve_prefix(path, "x", None, -1, 100, proc)
     with pytest.raises(ValueError, match="max_tokens"):
-        retrieve_prefix(path, "x", None, 2, 1.5, Processor(GridTokenizer()))
+        retrieve_prefix(path, "x", None, 2, 1.5, proc)
     with pytest.raises(TypeError, match="bank"):
-        retrieve_prefix(42, "x", None, 2, 100, Processor(GridTokenizer()))
+        retrieve_prefix(42, "x", None, 2, 100, proc)
     with pytest.raises(ValueError, match="expected text"):
-        retrieve_prefix(path, None, None, 2, 100, Processor(GridTokenizer()))
+        retrieve_prefix(path, None, None, 2, 100, proc)
 
 
 def test_layout_with_the_model_tokenizers(tmp_path) -> None:
     """retrieve_prefix with cm3rt.tokenizer's Processor, TextTokenizer and VQGAN codes."""
-    from model_fixtures import make_tiny_model_dir
     from PIL import Image
-
-    from cm3rt.model import load_pretrained
 
     model_dir = make_tiny_model_dir(tmp_path, use_hf=False)
     _, proc = load_pretrained(model_dir)

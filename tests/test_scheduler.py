@@ -12,6 +12,7 @@ from cm3rt.engine.kv_cache import BlockPool, KVCacheManager
 from cm3rt.engine.params import SamplingParams
 from cm3rt.engine.request import Request, TokenPrompt
 from cm3rt.engine.scheduler import CacheTooSmallError, Scheduler
+from cm3rt.engine.sequence import BuiltPrompt
 from cm3rt.engine.state import FINISHED, VocabInfo, new_request_state
 
 VOCAB = VocabInfo(vocab_size=64, bos_id=0, eos_id=1, boi_id=2, eoi_id=3,
@@ -29,8 +30,9 @@ def make_req(i: int, cond, guidance="none", n=1, max_new=8, uncond=None, image_c
     p = SamplingParams(guidance=guidance, n=n, max_new_tokens=max_new)
     spec = TokenPrompt(cond=list(cond), uncond=uncond, image_cond=image_cond,
                        allow_images=True)
-    return new_request_state(f"r{i}", i, Request(prompt=spec, params=p), spec, p, max_new,
-                             VOCAB)
+    built = BuiltPrompt(spec=spec, max_new_tokens=max_new,
+                        starts_in_image=spec.cond[-1] == VOCAB.boi_id)
+    return new_request_state(f"r{i}", i, Request(prompt=spec, params=p), built)
 
 
 def simulate(sched: Scheduler, reqs, *, arrivals=None, max_steps=5000):
@@ -62,12 +64,9 @@ def simulate(sched: Scheduler, reqs, *, arrivals=None, max_steps=5000):
         # Blocks of each chunk are allocated.
         for c in out.chunks:
             assert len(c.stream.blocks) * sched.kv.block_size >= c.start + c.n
-        sched.commit(out)
-        for g in out.samples:
-            tok = token_for(int(g.req.request_id[1:]), g.index, len(g.generated), g.in_image)
-            g.accept(tok, 0.0, VOCAB, g.req.max_new_tokens, MAX_LEN)
-        for r in list(sched.running):
-            sched.release_finished(r)
+        tokens = [token_for(int(g.req.request_id[1:]), g.index, len(g.generated), g.in_image)
+                  for g in out.samples]
+        sched.update(out, tokens, [0.0] * len(tokens), VOCAB, MAX_LEN)
         step += 1
         assert step < max_steps, "scheduler made no progress"
     return log

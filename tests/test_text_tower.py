@@ -156,7 +156,7 @@ def test_text_query_through_default_bank_imports_no_open_clip(tmp_path):
     bank.close()
     script = textwrap.dedent(f"""
         import sys
-        from cm3rt.engine.defaults import DefaultAssets, open_default_bank
+        from cm3rt.api.defaults import DefaultAssets, open_default_bank
         bank = open_default_bank(DefaultAssets(root=__import__("pathlib").Path(
             {str(tmp_path / "root")!r}), k_docs=1, bank="bank"))
         docs = bank.search("two blue squares", k=1, max_score=None)

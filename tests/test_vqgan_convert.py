@@ -11,7 +11,8 @@ import torch
 from model_fixtures import make_tiny_model_dir
 from safetensors.torch import load_file
 
-from cm3rt.convert import convert_vqgan, register_cli
+from cm3rt.cli.convert import register_cli
+from cm3rt.tokenizer.convert import convert_vqgan
 from cm3rt.tokenizer import ImageTokenizer
 
 YAML = """\

@@ -4,11 +4,10 @@ sampling streams (CFG / CFG3 / CD-K) and the request / output types.
     engine = Engine(model, processor)
     outs = engine.generate([Request("a red circle", params=SamplingParams(guidance="cfg"))])
 
-The one-call API is ``cm3rt.engine.generate.generate`` (exported as ``cm3rt.generate``).
+The one-call front door above it is :mod:`cm3rt.api` (``cm3rt.generate``).
 """
 
 from cm3rt.engine.engine import Engine, SamplingError
-from cm3rt.engine.generate import get_engine
 from cm3rt.engine.kv_cache import BlockPool, CacheStats, KVCacheManager
 from cm3rt.engine.params import GUIDANCE_MODES, SamplingParams, group_seed
 from cm3rt.engine.request import (
@@ -39,6 +38,5 @@ __all__ = [
     "TokenEvent",
     "TokenPrompt",
     "VocabInfo",
-    "get_engine",
     "group_seed",
 ]

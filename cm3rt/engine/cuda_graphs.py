@@ -117,8 +117,8 @@ class DecodeGraphRunner:
         if cap is None:
             try:
                 cap = self._capture(bsz)
-            except (RuntimeError, ValueError, TypeError) as exc:  # capture-unsafe model: eager
-                log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
+            except RuntimeError:  # a capture-unsafe model (CUDA refuses an op): run eagerly
+                log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
                 self.disabled = True
                 return None
             self.graphs[bsz] = cap

@@ -174,9 +174,6 @@ class BlockPool:
             self.cached[h] = bid
             self.hash_of[bid] = h
 
-    def is_free_cached(self, bid: int) -> bool:
-        return bid in self._free_cached
-
 
 class KVCacheManager:
     """Block tables of streams over one :class:`BlockPool`."""
@@ -301,9 +298,6 @@ class KVCacheManager:
         seq.blocks = []
         seq.block_hashes = []
         seq.num_computed = 0
-
-    def slot_of(self, seq: KVSeq, pos: int) -> int:
-        return seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
 
 
 # --- device side ------------------------------------------------------------------------

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-GUIDANCE_MODES = ("none", "cfg", "cfg3", "cdk")
+from cm3rt.ops import SAMPLE_MODES
 
-# Streams a group runs for each guidance mode: cond [, image-cond], uncond.
-STREAMS_PER_GUIDANCE = {"none": 1, "cfg": 2, "cdk": 2, "cfg3": 3}
+# The guidance modes are the sampler's combine modes (one table, the kernel's own).
+GUIDANCE_MODES: tuple[str, ...] = tuple(SAMPLE_MODES)
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -107,15 +107,6 @@ class SamplingParams:
                     f"SamplingParams.max_new_tokens must be >= 1 (or None), "
                     f"got {self.max_new_tokens}"
                 )
-
-    @property
-    def num_streams(self) -> int:
-        """Streams per group: 1 (none), 2 (cfg, cdk) or 3 (cfg3)."""
-        return STREAMS_PER_GUIDANCE[self.guidance]
-
-    def with_updates(self, **changes) -> SamplingParams:
-        """A copy with some fields replaced (validated again)."""
-        return replace(self, **changes)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:

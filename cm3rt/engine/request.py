@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,13 @@ class TokenPrompt:
     content_keys: dict[str, list[tuple[int, int, bytes]]] = field(default_factory=dict)
 
 
+def check_k_docs(k_docs: object) -> int:
+    """``k_docs`` if it is an int >= 0 (documents to retrieve), else ValueError."""
+    if isinstance(k_docs, bool) or not isinstance(k_docs, int) or k_docs < 0:
+        raise ValueError(f"argument 'k_docs' must be an int >= 0, got {k_docs!r}")
+    return k_docs
+
+
 @dataclass
 class Request:
     """One generation request.
@@ -54,6 +61,8 @@ class Request:
             prepended to the conditional streams.
         k_docs: retrieved documents to prepend.
         request_id: caller's id (default: assigned by the engine).
+        scorer: best-of-n ranking of this request's samples, ``scorer(prompt_text, images)
+            -> scores`` (default: the engine's scorer).
     """
 
     prompt: str | Sequence[Any] | TokenPrompt
@@ -63,6 +72,10 @@ class Request:
     bank: Any = None
     k_docs: int = 0
     request_id: str | None = None
+    scorer: Callable[[str, list[Any]], Sequence[float]] | None = None
+
+    def __post_init__(self) -> None:
+        check_k_docs(self.k_docs)
 
 
 @dataclass

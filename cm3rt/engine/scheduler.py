@@ -18,11 +18,24 @@ import bisect
 from dataclasses import dataclass, field
 
 from cm3rt.engine.kv_cache import KVCacheManager
-from cm3rt.engine.state import FINISHED, RUNNING, WAITING, Group, RequestState, Stream
+from cm3rt.engine.request import TokenEvent
+from cm3rt.engine.state import (
+    FINISHED,
+    RUNNING,
+    WAITING,
+    Group,
+    RequestState,
+    Stream,
+    VocabInfo,
+)
 
 
 class CacheTooSmallError(RuntimeError):
     """A request cannot run even alone in the KV cache."""
+
+
+class SamplingError(RuntimeError):
+    """The sampler found no valid token (NaN logits or an empty allowed set)."""
 
 
 @dataclass
@@ -245,20 +258,47 @@ class Scheduler:
             budget -= plan.tokens
 
     # --- after the forward --------------------------------------------------------------
-    def commit(self, out: SchedulerOutput) -> None:
-        """Mark the step's chunks computed and fork the samples that waited on a leader."""
+    def update(self, out: SchedulerOutput, tokens: list[int], logprobs: list[float],
+               vocab: VocabInfo, max_model_len: int
+               ) -> tuple[list[TokenEvent], list[RequestState]]:
+        """Apply a step's results: mark its chunks computed, fork the samples that waited
+        on a leader, append each group's sampled token (and the grammar's forced ones),
+        fail a group whose sampler found no valid token, and retire finished requests.
+        -> (the step's token events, the requests that finished)."""
         for c in out.chunks:
-            if c.group.finished:
-                continue
-            self.kv.commit(c.stream, c.n)
-        for g in out.samples:
+            if not c.group.finished:
+                self.kv.commit(c.stream, c.n)
+        for g in out.samples:  # before any token lands: a fork copies its leader's prompt
             if g.leader is not None and not g.finished:
                 for fs, ls in zip(g.streams, g.leader.streams):
                     assert fs.tokens == ls.tokens, "a fork's prompt differs from its leader's"
                     self.kv.fork(ls, fs)
                 g.leader = None
+        events: list[TokenEvent] = []
+        finished: list[RequestState] = []
+        touched: dict[int, RequestState] = {}
+        for g, tok, lp in zip(out.samples, tokens, logprobs):
+            req = g.req
+            if req.status == FINISHED:
+                continue
+            if tok < 0:
+                self.abort(req, SamplingError(
+                    f"request {req.request_id!r}, sample {g.index}: the sampler found no valid "
+                    f"token at generated position {len(g.generated)} (NaN logits or no allowed "
+                    "token)"))
+                finished.append(req)
+                continue
+            for t, lp_, image_index, image_pos in g.accept(tok, lp, vocab, req.max_new_tokens,
+                                                           max_model_len):
+                events.append(TokenEvent(req.request_id, g.index, t, lp_, image_index,
+                                         image_pos))
+            touched[id(req)] = req
+        for req in touched.values():
+            if req.status != FINISHED and self._release_finished(req):
+                finished.append(req)
+        return events, finished
 
-    def release_finished(self, req: RequestState) -> bool:
+    def _release_finished(self, req: RequestState) -> bool:
         """Free finished groups' blocks; retire the request when all are done."""
         for g in req.groups:
             if g.finished:
@@ -271,3 +311,30 @@ class Scheduler:
             req.status = FINISHED
             return True
         return False
+
+    # --- admission checks ---------------------------------------------------------------
+    def check_fits(self, req: RequestState, max_model_len: int, tokens_per_image: int) -> None:
+        """ValueError unless ``req`` can ever run: its streams fit the context (with one
+        image, for image tasks), its streams fit ``max_num_seqs``, its prompt the cache."""
+        streams = req.groups[0].streams
+        for s in streams:
+            if len(s.tokens) >= max_model_len:
+                raise ValueError(
+                    f"prompt too long: the {s.role} stream has {len(s.tokens)} tokens, the "
+                    f"context holds {max_model_len} (and at least one new token must fit)")
+        if req.spec.stop_after_images and req.starts_in_image:
+            longest = max(len(s.tokens) for s in streams)
+            if longest + tokens_per_image + 1 > max_model_len:
+                raise ValueError(
+                    f"prompt too long: {longest} prompt tokens + one image ({tokens_per_image} "
+                    f"codes + end-of-image) exceed the context of {max_model_len} tokens")
+        total = len(req.groups) * len(streams)
+        if total > self.max_num_seqs:
+            raise ValueError(
+                f"n={len(req.groups)} samples x {len(streams)} streams = {total} streams "
+                f"exceed the engine's max_num_seqs={self.max_num_seqs}")
+        need = sum(self.kv.blocks_for(len(s.tokens) + 1) for s in streams)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"prompt too long for the KV cache: it needs {need} blocks, the cache has "
+                f"{self.pool.num_blocks}; raise kv_cache_bytes")

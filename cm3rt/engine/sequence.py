@@ -14,31 +14,27 @@ where the vocabulary has it, else it is left out (Chameleon's ``[bos, boi]``).
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from cm3rt.engine.request import TASKS, Request, TokenPrompt
-from cm3rt.engine.state import VocabInfo, processor_parts
-
-try:  # PIL is a runtime dependency; keep the import error readable if it is missing
-    from PIL import Image as _PILImage
-except ImportError:  # pragma: no cover
-    _PILImage = None
+from cm3rt.engine.state import VocabInfo
+from cm3rt.tokenizer.processor import Processor, prompt_items
 
 _IMAGE_TASKS = ("text_to_image", "edit")
 
 
 @dataclass
 class BuiltPrompt:
-    """A request's streams as ids, plus what the engine reports back."""
+    """A request's streams as ids, plus what the engine needs to run and report it."""
 
     spec: TokenPrompt
+    max_new_tokens: int
+    starts_in_image: bool  # the prompt ends with begin-image: generation opens in a span
     prompt_text: str = ""
     docs: list = field(default_factory=list)
-    task: str = "interleaved"
 
 
 def default_max_new_tokens(task: str, vocab: VocabInfo) -> int:
@@ -49,85 +45,6 @@ def default_max_new_tokens(task: str, vocab: VocabInfo) -> int:
     if task == "interleaved":
         return n + 66
     return 64
-
-
-def image_digest(img) -> bytes:
-    """A content key for an image: a digest of its mode, size and pixels."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{img.mode}|{img.size[0]}x{img.size[1]}|".encode())
-    h.update(img.tobytes())
-    return h.digest()
-
-
-def _check_items(prompt, name: str) -> list:
-    if isinstance(prompt, str):
-        return [prompt]
-    if _PILImage is not None and isinstance(prompt, _PILImage.Image):
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)):
-        raise TypeError(
-            f"argument '{name}' must be a str, a PIL image or a list of them, "
-            f"got {type(prompt).__name__}"
-        )
-    items = list(prompt)
-    for i, it in enumerate(items):
-        if isinstance(it, str):
-            continue
-        if _PILImage is not None and isinstance(it, _PILImage.Image):
-            continue
-        raise TypeError(
-            f"argument '{name}[{i}]' must be a str or a PIL.Image.Image, got "
-            f"{type(it).__module__}.{type(it).__name__}"
-        )
-    return items
-
-
-def _is_image(it) -> bool:
-    return not isinstance(it, str)
-
-
-class _Encoder:
-    """Encodes text pieces and images (all images of a request in one VQ batch)."""
-
-    def __init__(self, processor, vocab: VocabInfo):
-        self.processor = processor
-        self.vocab = vocab
-        self.text_tok, self.image_tok = processor_parts(processor)
-        self._codes: dict[int, list[int]] = {}
-
-    def prepare_images(self, images: list) -> None:
-        todo = [im for im in images if id(im) not in self._codes]
-        if not todo:
-            return
-        if self.image_tok is None:
-            raise ValueError("the prompt has images but the processor has no image tokenizer")
-        for i, im in enumerate(todo):
-            if im.size[0] < 1 or im.size[1] < 1:
-                raise ValueError(f"prompt image {i} is empty (size {im.size})")
-        codes = self.image_tok.encode(todo)
-        codes = codes.tolist() if isinstance(codes, torch.Tensor) else [list(c) for c in codes]
-        ids = self.text_tok.code_to_id(torch.tensor(codes, dtype=torch.long))
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        for im, row in zip(todo, ids):
-            if len(row) != self.vocab.tokens_per_image:
-                raise ValueError(
-                    f"the image tokenizer gave {len(row)} tokens per image, the engine expects "
-                    f"{self.vocab.tokens_per_image}"
-                )
-            self._codes[id(im)] = [int(t) for t in row]
-
-    def encode(self, items: list, ids: list[int], keys: list) -> None:
-        """Append ``items`` to ``ids`` (and their content keys to ``keys``)."""
-        for it in items:
-            if isinstance(it, str):
-                if it:
-                    ids.extend(int(t) for t in self.text_tok.encode(it))
-            else:
-                start = len(ids)
-                ids.append(self.vocab.boi_id)
-                ids.extend(self._codes[id(it)])
-                ids.append(self.vocab.eoi_id)
-                keys.append((start, len(ids), image_digest(it)))
 
 
 def _validate_ids(ids, name: str, vocab_size: int) -> list[int]:
@@ -166,13 +83,8 @@ def _check_token_prompt(tp: TokenPrompt, guidance: str, vocab: VocabInfo) -> Tok
                        content_keys=dict(tp.content_keys))
 
 
-def _retrieve(request: Request, text: str, images: list, processor, budget: int):
-    if request.bank is None or not request.k_docs:
-        return [], []
-    if isinstance(request.k_docs, bool) or not isinstance(request.k_docs, int) \
-            or request.k_docs < 0:
-        raise ValueError(f"argument 'k_docs' must be an int >= 0, got {request.k_docs!r}")
-    if budget <= 0:
+def _retrieve(request: Request, text: str, images: list, processor: Processor, budget: int):
+    if request.bank is None or not request.k_docs or budget <= 0:
         return [], []
     # Imported here: the engine works without faiss / open_clip unless retrieval is used.
     from cm3rt.retrieval.augment import retrieve_prefix
@@ -182,25 +94,36 @@ def _retrieve(request: Request, text: str, images: list, processor, budget: int)
     return [int(t) for t in prefix], list(docs)
 
 
-def build_prompt(request: Request, vocab: VocabInfo, processor, max_len: int,
-                 max_new_tokens: int) -> BuiltPrompt:
+def _shifted(keys: list, by: int) -> list:
+    return [(s + by, e + by, k) for s, e, k in keys]
+
+
+def build_prompt(request: Request, vocab: VocabInfo, processor: Processor | None,
+                 max_len: int) -> BuiltPrompt:
     """The streams' prompts of ``request`` (see the module docstring for the formats)."""
     guidance = request.params.guidance
+    max_new = request.params.max_new_tokens
     if isinstance(request.prompt, TokenPrompt):
         spec = _check_token_prompt(request.prompt, guidance, vocab)
-        return BuiltPrompt(spec=spec, task="tokens")
+        starts_in_image = spec.cond[-1] == vocab.boi_id
+        if max_new is None:
+            max_new = default_max_new_tokens(
+                "text_to_image" if starts_in_image else "interleaved", vocab)
+        return BuiltPrompt(spec=spec, max_new_tokens=max_new, starts_in_image=starts_in_image)
 
     task = request.task
     if task not in TASKS:
         raise ValueError(f"argument 'task' must be one of {TASKS}, got {task!r}")
-    items = _check_items(request.prompt, "prompt")
+    items = prompt_items(request.prompt, "prompt")
     if processor is None:
         raise ValueError(
             "this engine has no processor (tokenizers): pass Engine(model, processor) or give "
             "the prompt as a TokenPrompt of ids"
         )
+    if max_new is None:
+        max_new = default_max_new_tokens(task, vocab)
     texts = [it for it in items if isinstance(it, str)]
-    images = [it for it in items if _is_image(it)]
+    images = [it for it in items if not isinstance(it, str)]
     text = "".join(texts)
     if not text.strip() and not images:
         raise ValueError("argument 'prompt' is empty: give some text or an image")
@@ -218,33 +141,38 @@ def build_prompt(request: Request, vocab: VocabInfo, processor, max_len: int,
             raise ValueError("task 'infill' needs <mask> and <infill> tokens; this model's "
                              "vocabulary has none")
         if request.suffix is not None:
-            suffix_items = _check_items(request.suffix, "suffix")
+            suffix_items = prompt_items(request.suffix, "suffix")
     elif request.suffix is not None:
         raise ValueError(f"argument 'suffix' is for task 'infill' only, got task {task!r}")
 
-    enc = _Encoder(processor, vocab)
-    enc.prepare_images(images + [it for it in suffix_items if _is_image(it)])
+    # Every image of the request (prompt and suffix) goes through one VQ encoder batch.
+    image_ids = processor.encode_images(
+        images + [it for it in suffix_items if not isinstance(it, str)])
+    for ids in image_ids.values():
+        if len(ids) != vocab.tokens_per_image + 2:
+            raise ValueError(f"the image tokenizer gave {len(ids) - 2} tokens per image, the "
+                             f"engine expects {vocab.tokens_per_image}")
     bos, boi = vocab.bos_id, vocab.boi_id
     mask = [vocab.mask_id] if vocab.mask_id is not None else []
 
-    body: list[int] = []
     body_keys: list = []
-    enc.encode(items, body, body_keys)
+    body = processor.encode(items, add_bos=False, image_ids=image_ids, content_keys=body_keys)
     if task == "infill":
         body.append(vocab.mask_id)
-        enc.encode(suffix_items, body, body_keys)
+        suffix_keys: list = []
+        suffix = processor.encode(suffix_items, add_bos=False, image_ids=image_ids,
+                                  content_keys=suffix_keys)
+        body_keys += _shifted(suffix_keys, len(body))
+        body += suffix
         body.append(vocab.infill_id)
     ends_in_image = task in _IMAGE_TASKS
     tail = [boi] if ends_in_image else []
 
-    budget = max_len - 1 - len(body) - len(tail) - max_new_tokens
+    budget = max_len - 1 - len(body) - len(tail) - max_new
     prefix, docs = _retrieve(request, text, images, processor, budget)
 
-    def shifted(keys, by):
-        return [(s + by, e + by, k) for s, e, k in keys]
-
     cond = [bos] + prefix + body + tail
-    keys = {"cond": shifted(body_keys, 1 + len(prefix))}
+    keys = {"cond": _shifted(body_keys, 1 + len(prefix))}
     uncond = image_cond = None
     multi = guidance != "none" and task != "image_to_text"
     if multi:
@@ -252,15 +180,16 @@ def build_prompt(request: Request, vocab: VocabInfo, processor, max_len: int,
         if task == "infill":
             uncond = [bos] + mask + [vocab.infill_id]
     if multi and guidance == "cfg3":
-        img_ids: list[int] = []
         img_keys: list = []
-        enc.encode(images, img_ids, img_keys)
+        img_ids = processor.encode(images, add_bos=False, image_ids=image_ids,
+                                   content_keys=img_keys)
         image_cond = [bos] + prefix + img_ids + mask + tail
-        keys["image_cond"] = shifted(img_keys, 1 + len(prefix))
+        keys["image_cond"] = _shifted(img_keys, 1 + len(prefix))
     spec = TokenPrompt(
         cond=cond, uncond=uncond, image_cond=image_cond,
         allow_images=task != "image_to_text",
         stop_after_images=1 if ends_in_image else None,
         content_keys=keys,
     )
-    return BuiltPrompt(spec=spec, prompt_text=text, docs=docs, task=task)
+    return BuiltPrompt(spec=spec, max_new_tokens=max_new, starts_in_image=ends_in_image,
+                       prompt_text=text, docs=docs)

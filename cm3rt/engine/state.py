@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cm3rt.engine.kv_cache import KVSeq
-from cm3rt.engine.params import SamplingParams
+from cm3rt.engine.params import SamplingParams, group_seed
 from cm3rt.engine.request import Request, RequestOutput, TokenPrompt
+from cm3rt.tokenizer.processor import Processor
+
+if TYPE_CHECKING:
+    from cm3rt.engine.sequence import BuiltPrompt
 
 # Allowed-token classes a group samples from (rows of VocabInfo.allowed_table()).
 MASK_IMAGE = 0  # inside an image span: image codes only
@@ -63,24 +67,20 @@ class VocabInfo:
             )
 
     @classmethod
-    def from_processor(cls, processor, vocab_size: int, tokens_per_image: int | None = None):
+    def from_processor(cls, processor: Processor, vocab_size: int,
+                       tokens_per_image: int | None = None) -> VocabInfo:
         """Read the ids from a cm3rt Processor (text + image tokenizer)."""
-        tt, it = processor_parts(processor)
-        n = tokens_per_image
-        if n is None:
-            if it is None:
-                raise ValueError("tokens_per_image is needed when the processor has no image "
-                                 "tokenizer")
-            n = int(it.num_tokens)
-        ids = tt.image_token_ids
-        ids = tuple(int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
+        if not isinstance(processor, Processor):
+            raise TypeError(f"argument 'processor' must be a cm3rt Processor (text + image "
+                            f"tokenizer), got {type(processor).__name__}")
+        tt = processor.text
+        n = tokens_per_image if tokens_per_image is not None else processor.num_image_tokens
         return cls(
             vocab_size=int(vocab_size), bos_id=int(tt.bos_id), eos_id=int(tt.eos_id),
-            boi_id=int(tt.boi_id), eoi_id=int(tt.eoi_id), image_token_ids=ids,
-            tokens_per_image=n, pad_id=_opt_int(tt.pad_id),
-            mask_id=_opt_int(getattr(tt, "mask_id", None)),
-            infill_id=_opt_int(getattr(tt, "infill_id", None)),
-            num_spelled=_opt_int(getattr(tt, "vocab_size", None)),
+            boi_id=int(tt.boi_id), eoi_id=int(tt.eoi_id),
+            image_token_ids=tuple(int(i) for i in tt.image_token_ids.tolist()),
+            tokens_per_image=int(n), pad_id=_opt_int(tt.pad_id), mask_id=_opt_int(tt.mask_id),
+            infill_id=_opt_int(tt.infill_id), num_spelled=int(tt.vocab_size),
         )
 
     @classmethod
@@ -130,21 +130,6 @@ def tokens_per_image_of(cfg) -> int:
     if side < 1:
         raise ValueError(f"vq_config: resolution {res} with {levels} levels leaves no tokens")
     return side * side
-
-
-def processor_parts(processor) -> tuple[Any, Any]:
-    """(text tokenizer, image tokenizer or None) of a cm3rt Processor (``.text`` /
-    ``.image``) or any object with ``.text_tokenizer`` / ``.image_tokenizer``."""
-    text = getattr(processor, "text", None)
-    if text is None or isinstance(text, str):
-        text = getattr(processor, "text_tokenizer", None)
-    image = getattr(processor, "image", None)
-    if image is None:
-        image = getattr(processor, "image_tokenizer", None)
-    if text is None or not hasattr(text, "encode") or not hasattr(text, "boi_id"):
-        raise TypeError(f"argument 'processor' must be a cm3rt Processor (text + image "
-                        f"tokenizer), got {type(processor).__name__}")
-    return text, image
 
 
 def _opt_int(v) -> int | None:
@@ -245,14 +230,15 @@ class RequestState:
     """A request inside the engine: its prompt streams, sample groups and status."""
 
     def __init__(self, request_id: str, arrival: int, request: Request, spec: TokenPrompt,
-                 params: SamplingParams, max_new_tokens: int, prompt_text: str = "",
-                 docs: list[Any] | None = None):
+                 params: SamplingParams, max_new_tokens: int, starts_in_image: bool,
+                 prompt_text: str = "", docs: list[Any] | None = None):
         self.request_id = request_id
         self.arrival = arrival
         self.request = request
         self.spec = spec
         self.params = params
         self.max_new_tokens = max_new_tokens
+        self.starts_in_image = starts_in_image
         self.prompt_text = prompt_text
         self.docs = docs or []
         self.status = WAITING
@@ -274,20 +260,18 @@ class RequestState:
         return all(g.finished for g in self.groups)
 
 
-def new_request_state(request_id: str, arrival: int, request: Request, spec: TokenPrompt,
-                      params: SamplingParams, max_new_tokens: int, vocab: VocabInfo,
-                      prompt_text: str = "", docs: list[Any] | None = None) -> RequestState:
+def new_request_state(request_id: str, arrival: int, request: Request,
+                      built: BuiltPrompt) -> RequestState:
     """A request's state with its ``params.n`` groups of streams (cond [, image-cond],
     uncond per the guidance). Samples 1..n-1 wait to fork sample 0's computed prompt."""
-    from cm3rt.engine.params import group_seed
-
-    req = RequestState(request_id, arrival, request, spec, params, max_new_tokens,
-                       prompt_text=prompt_text, docs=docs)
+    params, spec = request.params, built.spec
+    req = RequestState(request_id, arrival, request, spec, params, built.max_new_tokens,
+                       built.starts_in_image, prompt_text=built.prompt_text, docs=built.docs)
     roles = stream_roles(spec, params)
-    in_image = spec.cond[-1] == vocab.boi_id
     for i in range(params.n):
         streams = [Stream(role, ids, spec.content_keys.get(role)) for role, ids in roles]
-        req.groups.append(Group(req, i, streams, group_seed(params.seed, i), in_image))
+        req.groups.append(Group(req, i, streams, group_seed(params.seed, i),
+                                built.starts_in_image))
     for g in req.groups[1:]:
         g.leader = req.groups[0]
     return req

@@ -14,9 +14,9 @@ from itertools import chain
 import torch
 
 from cm3rt.engine.scheduler import SchedulerOutput
+from cm3rt.ops import SAMPLE_MODES
 from cm3rt.model.step import StepMetadata
 
-MODE_CODE = {"none": 0, "cfg": 1, "cfg3": 2, "cdk": 3}  # ops.SAMPLE_MODES
 
 
 @dataclass
@@ -40,10 +40,6 @@ class StepInputs:
     cfg_scale: torch.Tensor
     cfg_image_scale: torch.Tensor
     cd_alpha: torch.Tensor
-
-    @property
-    def num_groups(self) -> int:
-        return int(self.streams.shape[0])
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -92,7 +88,7 @@ def build_step_inputs(out: SchedulerOutput, block_size: int,
         use = src.streams if guided else src.streams[:1]
         rows.extend(row_of[id(s)] for s in use)
         p = g.req.params
-        for lst, v in zip(g_i32, (len(use), MODE_CODE[p.guidance] if guided else 0, p.top_k,
+        for lst, v in zip(g_i32, (len(use), SAMPLE_MODES[p.guidance] if guided else 0, p.top_k,
                                   p.cd_k, g.mask_kind())):
             lst.append(v)
         g_i64[0].append(g.seed)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3rt import ops
+from cm3rt.devices import resolve_dtype
 from cm3rt.model.config import ChameleonConfig
 from cm3rt.model.layers import (
     apply_rope,
@@ -37,7 +38,6 @@ from cm3rt.model.layers import (
 )
 from cm3rt.model.step import StepMetadata
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Block size of the throw-away cache that ``logits`` builds (any size the kernels accept).
 _LOGITS_BLOCK_SIZE = 16
@@ -133,8 +133,7 @@ class ChameleonModel(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"argument 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        dtype = resolve_dtype(dtype, device)
         device = torch.device(device)
         self.config = config
         v, h = config.vocab_size, config.hidden_size
@@ -191,6 +190,8 @@ class ChameleonModel(nn.Module):
     def attention_workspace(self, num_tokens: int, meta: StepMetadata) -> torch.Tensor | None:
         """Scratch the CUDA attention kernel needs for a step of this shape (None on CPU or
         when the kernel plans no split); pass it to :meth:`forward_step` as ``workspace``."""
+        if self.device.type != "cuda":
+            return None
         c = self.config
         q = torch.empty((num_tokens, c.num_attention_heads, c.head_dim), dtype=self.dtype,
                         device=self.device)

@@ -12,47 +12,10 @@ from pathlib import Path
 
 import torch
 
-from cm3rt.model.chameleon import SUPPORTED_DTYPES, ChameleonModel
-from cm3rt.model.checkpoint import SafetensorsCheckpoint, TensorSpec
+from cm3rt.checkpoint import SafetensorsCheckpoint, TensorSpec
+from cm3rt.devices import resolve_device, resolve_dtype
+from cm3rt.model.chameleon import ChameleonModel
 from cm3rt.model.config import ChameleonConfig
-
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A supported weight dtype from a torch dtype or its name (``"bf16"``, ``"float16"``)."""
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPE_NAMES:
-            raise ValueError(f"argument 'dtype' must be one of {sorted(_DTYPE_NAMES)}, "
-                             f"got {dtype!r}")
-        return _DTYPE_NAMES[dtype.lower()]
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"argument 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
-    return dtype
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """A usable torch device; ValueError for CUDA when no CUDA device is visible."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"argument 'device' is not a device: {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"argument 'device' is {device!r} but no CUDA device is available")
-        from cm3rt import ops  # only needed for CUDA
-
-        if not ops.cuda_available():
-            raise ValueError(f"argument 'device' is {device!r} but cm3rt was built without "
-                             "CUDA kernels")
-    elif dev.type != "cpu":
-        raise ValueError(f"argument 'device' must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
-
 
 def _prefix(ckpt: SafetensorsCheckpoint) -> str:
     # ChameleonForConditionalGeneration nests the decoder under "model."; ChameleonModel
@@ -141,8 +104,8 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"load_model: argument 'path' must be a model directory, "
                                 f"got {str(path)!r} (no such directory)")
-    dtype = resolve_dtype(dtype)
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     config = ChameleonConfig.from_json(path / "config.json")
     with SafetensorsCheckpoint.open_dir(path) as ckpt:
         prefix = _prefix(ckpt)

@@ -15,6 +15,7 @@ are keyed by their source, and the index catches up from the database).
 from __future__ import annotations
 
 from collections.abc import Sequence
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,34 @@ class MemoryBank:
     def get(self, ids: Sequence[int]) -> list[Document]:
         """Stored documents by id (no score)."""
         return [self._document(r, None) for r in self.store.fetch(ids)]
+
+
+_OPEN_LOCK = threading.Lock()
+_OPEN_BANKS: dict[tuple, MemoryBank] = {}
+
+
+def open_cached(path: str | Path, *, device: str = "cpu",
+                query_encoder: str | None = None) -> MemoryBank:
+    """Open a bank read-only once per process and reuse it (the one bank cache).
+
+    ``query_encoder``: a CLIP spec (e.g. ``"local-dir:DIR"``) whose text tower encodes the
+    queries, instead of the encoder the manifest names (it must be the bank's own; the
+    embedded default bank passes its own ``clip/`` so it never depends on where it was
+    built). A bank rewritten on disk since it was opened is opened again.
+    """
+    path = Path(path).expanduser().resolve()
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"argument 'bank' must be a memory bank directory (with "
+                                f"{MANIFEST}), got {str(path)!r}")
+    stamps = tuple((path / f).stat().st_mtime_ns if (path / f).exists() else 0
+                   for f in (DATABASE, INDEX))
+    where = (str(path), str(device), query_encoder)
+    with _OPEN_LOCK:
+        bank = _OPEN_BANKS.get(where + stamps)
+        if bank is None:
+            for old in [k for k in _OPEN_BANKS if k[:3] == where]:
+                _OPEN_BANKS.pop(old).close()
+            encoder = ClipEncoder.for_queries(query_encoder) if query_encoder else None
+            bank = _OPEN_BANKS[where + stamps] = MemoryBank.open(path, encoder=encoder,
+                                                                 device=device)
+        return bank

@@ -38,6 +38,20 @@ MASK_NAMES = ("<mask>",)
 INFILL_NAMES = ("<infill>",)
 
 
+def check_text(text: object, name: str) -> str:
+    """``text`` if it is a str that can be encoded as UTF-8 (no lone surrogates, which
+    Python strings may hold but no tokenizer can read); TypeError / ValueError naming
+    argument ``name`` otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"argument '{name}' must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"argument '{name}' is not valid Unicode text: {exc.reason} "
+                         f"{text[exc.start:exc.end]!r} at index {exc.start}") from None
+    return text
+
+
 def _configured_specials(directory: Path) -> dict[str, str]:
     """bos/eos/pad token *names* from HF's tokenizer_config.json / special_tokens_map.json."""
     found: dict[str, str] = {}
@@ -123,8 +137,7 @@ class TextTokenizer:
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` (no bos/eos added)."""
-        if not isinstance(text, str):
-            raise TypeError(f"argument 'text' must be a str, got {type(text).__name__}")
+        check_text(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:

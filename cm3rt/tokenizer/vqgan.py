@@ -21,7 +21,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from cm3rt.model.checkpoint import SafetensorsCheckpoint, TensorSpec
+from cm3rt.checkpoint import SafetensorsCheckpoint, TensorSpec
+from cm3rt.devices import resolve_device, resolve_dtype
 from cm3rt.tokenizer.image_io import image_to_tensor, tensor_to_image
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 from cm3rt.tokenizer.vqgan_modules import Decoder, Encoder
@@ -165,11 +166,8 @@ class ImageTokenizer:
 
         Every tensor is checked (presence, shape, dtype) before anything is copied.
         """
-        from cm3rt.model.loader import resolve_device
-
         device = resolve_device(device)
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"argument 'dtype' must be float32, bfloat16 or float16, got {dtype}")
+        dtype = resolve_dtype(dtype, device)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"ImageTokenizer: argument 'path' does not exist: {path}")

@@ -1,4 +1,4 @@
-"""``cm3rt convert``: original checkpoints -> the safetensors layouts cm3rt loads.
+"""Original VQGAN checkpoints -> the safetensors layout cm3rt loads (``cm3rt convert vqgan``).
 
     cm3rt convert vqgan --ckpt tokenizer/vqgan.ckpt --config tokenizer/vqgan.yaml --out DIR
 
@@ -13,35 +13,12 @@ containers only, nothing else is unpickled (a checkpoint that needs more is refu
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 from pathlib import Path
 
 VQGAN_KEEP = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
               "quantize.embedding.weight")
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``convert`` (and its ``vqgan`` target) to the ``cm3rt`` command line."""
-    convert = subparsers.add_parser(
-        "convert", help="convert original checkpoints to cm3rt's safetensors layouts")
-    targets = convert.add_subparsers(dest="target", metavar="TARGET", required=True)
-    vq = targets.add_parser(
-        "vqgan", help="Chameleon's vqgan.ckpt + vqgan.yaml -> vqgan.safetensors")
-    vq.add_argument("--ckpt", required=True, type=Path, help="the original vqgan.ckpt")
-    vq.add_argument("--config", required=True, type=Path, help="its vqgan.yaml")
-    vq.add_argument("--out", required=True, type=Path,
-                    help="output directory (e.g. the Chameleon model directory)")
-    vq.add_argument("--overwrite", action="store_true",
-                    help="replace an existing vqgan.safetensors in --out")
-    vq.set_defaults(handler=_run_vqgan)
-
-
-def _run_vqgan(args: argparse.Namespace) -> int:
-    out = convert_vqgan(args.ckpt, args.config, args.out, overwrite=args.overwrite)
-    print(f"wrote {out} and {out.parent / 'vqgan_config.json'}")
-    return 0
 
 
 def read_taming_yaml(path: str | Path):
@@ -54,7 +31,7 @@ def read_taming_yaml(path: str | Path):
     try:
         import yaml
     except ImportError as exc:  # pragma: no cover - PyYAML is a dependency of convert
-        raise RuntimeError("convert: reading vqgan.yaml needs PyYAML (pip install pyyaml)") \
+        raise ImportError("convert: reading vqgan.yaml needs PyYAML (pip install pyyaml)") \
             from exc
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))

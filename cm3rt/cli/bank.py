@@ -1,8 +1,8 @@
 """`cm3rt bank build|search`: build a memory bank from a folder/JSONL, query it.
 
-cm3rt/cli.py calls ``register_cli(subparsers)``; each command sets ``args.handler(args) ->
-int`` (the exit status). Errors a person can fix are raised as ValueError / TypeError /
-FileNotFoundError / RuntimeError, which cm3rt/cli.py prints as one line.
+cm3rt/cli/__init__.py calls ``register_cli(subparsers)``; each command sets
+``args.handler(args) -> int`` (the exit status). Errors a person can fix are raised as
+ValueError / TypeError / OSError / ImportError, which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -63,16 +63,14 @@ def _encoder_args(p: argparse.ArgumentParser, default: str | None) -> None:
 def _load_image_tokenizer(path: str | None):
     if path is None:
         return None
-    try:
-        from cm3rt.tokenizer import ImageTokenizer
-    except ImportError as e:
-        raise RuntimeError(f"--image-tokenizer: cm3rt.tokenizer is unavailable: {e}") from e
+    from cm3rt.tokenizer import ImageTokenizer
+
     return ImageTokenizer.from_pretrained(path)
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
-    from .clip import ClipEncoder
+    from cm3rt.retrieval.bank import MemoryBank
+    from cm3rt.retrieval.clip import ClipEncoder
 
     _require_retrieval_packages()
     encoder = ClipEncoder(args.encoder, weights=args.weights, device=args.device)
@@ -84,9 +82,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
-    from .clip import ClipEncoder
-    from .sources import load_image
+    from cm3rt.retrieval.bank import MemoryBank
+    from cm3rt.retrieval.clip import ClipEncoder
+    from cm3rt.retrieval.sources import load_image
 
     _require_retrieval_packages()
     encoder = None
@@ -112,4 +110,4 @@ def _require_retrieval_packages() -> None:
 
     for module, package in (("faiss", "faiss-cpu"), ("open_clip", "open_clip_torch")):
         if importlib.util.find_spec(module) is None:
-            raise RuntimeError(f"memory banks need {package}: pip install 'cm3rt[retrieval]'")
+            raise ImportError(f"memory banks need {package}: pip install {package}")

@@ -1,0 +1,228 @@
+"""The one front door: user arguments -> (Engine, Request) -> output.
+
+``cm3rt.generate``, the ``cm3rt`` command line and the HTTP server all call
+:func:`resolve_request`, which resolves, once and in one order, everything a call leaves
+open: the model (a directory, a loaded model, an Engine, or the embedded default), device
+and dtype, the default model's ``defaults.json``, the memory bank and ``k_docs``, the
+best-of-n scorer and the :class:`SamplingParams`. Bad input raises ValueError / TypeError /
+FileNotFoundError naming the argument, before any model work.
+
+    out = cm3rt.generate("a red circle", guidance="cfg", cfg_scale=3.0, seed=1)
+    out.images[0].save("circle.png")
+
+Engines are cached per (model directory, device, dtype): the weights load and the KV cache
+is allocated once per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cm3rt.api.defaults import DefaultAssets, load_defaults, open_default_bank
+from cm3rt.devices import resolve_device, resolve_dtype
+from cm3rt.engine import Engine, Request, RequestOutput, SamplingParams, TokenEvent
+from cm3rt.engine.request import TASKS, check_k_docs
+from cm3rt.tokenizer.processor import check_image, prompt_items
+
+__all__ = ["BUILTIN_SAMPLING", "DEFAULT_K_DOCS", "generate", "load_engine", "pick_task",
+           "resolve_request", "run_request"]
+
+# Sampling defaults by task where a model directory (not the embedded default, whose
+# defaults.json decides) gives none: images are drawn with classifier-free guidance, edits
+# with the three-stream instruct guidance; everything else is SamplingParams' own default.
+BUILTIN_SAMPLING: dict[str, dict[str, Any]] = {
+    "text_to_image": {"guidance": "cfg"},
+    "edit": {"guidance": "cfg3"},
+}
+# Documents retrieved for a text -> image request that names a bank but no k_docs.
+DEFAULT_K_DOCS = 2
+# Tasks that retrieve when k_docs is not given (an explicit k_docs applies to any task).
+RETRIEVAL_TASKS = ("text_to_image",)
+
+_ENGINES: dict[tuple, Engine] = {}
+_LOCK = threading.Lock()
+
+
+def load_engine(model: str | Path | None = None, *, device: str | torch.device | None = None,
+                dtype: torch.dtype | str | None = None, **engine_kwargs: Any) -> Engine:
+    """The cached :class:`Engine` of a model directory (None: the embedded default),
+    loaded on ``device`` (default CUDA when usable, else CPU) in ``dtype`` (default bfloat16
+    on CUDA, float32 on the CPU)."""
+    if model is None:
+        model = load_defaults().root  # FileNotFoundError saying what is missing
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"argument 'model' must be a model directory, got "
+                        f"{type(model).__name__}")
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"argument 'model' must be a model directory, got "
+                                f"{str(model)!r} (no such directory)")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = (str(path.resolve()), str(dev), dt, tuple(sorted(engine_kwargs.items())))
+    with _LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            from cm3rt.model import load_pretrained
+
+            model_, processor = load_pretrained(path, dtype=dt, device=dev)
+            engine = _ENGINES[key] = Engine(model_, processor, **engine_kwargs)
+        return engine
+
+
+def pick_task(task: str, has_images: bool, guidance: str | None) -> str:
+    """``task="auto"``: text -> image without input images; with images, an edit when
+    guidance is "cfg3", else image -> text."""
+    if not isinstance(task, str):
+        raise TypeError(f"argument 'task' must be a str, got {type(task).__name__}")
+    if task != "auto":
+        if task not in TASKS:
+            raise ValueError(f"argument 'task' must be 'auto' or one of {TASKS}, got {task!r}")
+        return task
+    if not has_images:
+        return "text_to_image"
+    return "edit" if guidance == "cfg3" else "image_to_text"
+
+
+def _engine_for(model: Any, processor: Any, device: Any, dtype: Any) -> Engine:
+    if isinstance(model, (str, Path)) or model is None:
+        if processor is not None:
+            raise ValueError("argument 'processor' goes with a loaded model; a model "
+                             "directory brings its own tokenizers")
+        return load_engine(model, device=device, dtype=dtype)
+    if device is not None or dtype is not None:
+        raise ValueError("arguments 'device' / 'dtype' apply to a model directory; this "
+                         f"{type(model).__name__} is already loaded")
+    if isinstance(model, Engine):
+        if processor is not None:
+            raise ValueError("argument 'processor' goes with a loaded model, not an Engine")
+        return model
+    if hasattr(model, "forward_step") and hasattr(model, "compute_logits"):
+        return Engine(model, processor)
+    raise TypeError(f"argument 'model' must be None, a model directory, a ChameleonModel or "
+                    f"an Engine, got {type(model).__name__}")
+
+
+def _k_docs_and_bank(task: str, bank: Any, k_docs: Any, assets: DefaultAssets | None):
+    if k_docs is not None:
+        check_k_docs(k_docs)
+    if bank is not None and not isinstance(bank, (str, Path)):
+        from cm3rt.retrieval.bank import MemoryBank
+
+        if not isinstance(bank, MemoryBank):
+            raise TypeError(f"argument 'bank' must be a bank directory or a MemoryBank, got "
+                            f"{type(bank).__name__}")
+    if k_docs is None:
+        has_bank = bank is not None or (assets is not None and assets.bank is not None)
+        default_k = assets.k_docs if assets is not None else DEFAULT_K_DOCS
+        k_docs = default_k if task in RETRIEVAL_TASKS and has_bank else 0
+    if k_docs == 0:
+        return None, 0
+    if bank is None:
+        if assets is None:
+            raise ValueError(f"argument 'k_docs' is {k_docs} but no bank was given: pass "
+                             "bank=<bank directory> (CLI: --bank DIR) or k_docs=0")
+        return open_default_bank(assets), k_docs
+    if isinstance(bank, (str, Path)):
+        from cm3rt.retrieval.bank import open_cached
+
+        bank = open_cached(bank)
+    return bank, k_docs
+
+
+def resolve_request(prompt: str | list[Any], model: Any = None,
+                    images: list[Any] | None = None, *, task: str = "auto",
+                    suffix: str | list[Any] | None = None, bank: Any = None,
+                    k_docs: int | None = None, device: str | None = None,
+                    dtype: torch.dtype | str | None = None, processor: Any = None,
+                    scorer: Callable | None = None, request_id: str | None = None,
+                    **sampling: Any) -> tuple[Engine, Request]:
+    """Resolve a call's arguments into the engine that serves it and its Request.
+
+    Args: as :func:`generate`. ``sampling`` holds only the SamplingParams fields the caller
+    gave; in order, what is left open comes from: the embedded default model's
+    defaults.json (when ``model`` is None), then :data:`BUILTIN_SAMPLING` for the task
+    (when a model is given), then SamplingParams' defaults.
+    """
+    items: list[Any] = []
+    if images is not None:
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        items += [check_image(im, f"images[{i}]") for i, im in enumerate(image_list)]
+    items += prompt_items(prompt, "prompt")
+    if suffix is not None:
+        suffix = prompt_items(suffix, "suffix")
+    if scorer is not None and not callable(scorer):
+        raise TypeError(f"argument 'scorer' must be callable, got {type(scorer).__name__}")
+
+    assets = load_defaults() if model is None else None
+    has_images = any(not isinstance(x, str) for x in items)
+    guidance = sampling.get("guidance", assets.sampling.get("guidance") if assets else None)
+    task = pick_task(task, has_images, guidance)
+    base = assets.sampling_for(task) if assets is not None else BUILTIN_SAMPLING.get(task, {})
+    params = SamplingParams.from_kwargs(**{**base, **sampling})
+    engine = _engine_for(model, processor, device, dtype)
+    bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
+    request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,
+                      k_docs=k_docs, scorer=scorer, request_id=request_id)
+    return engine, request
+
+
+def run_request(engine: Engine, request: Request,
+                on_event: Callable[[TokenEvent], None] | None = None) -> RequestOutput:
+    """Run one request to its output (raising its error, if it failed); ``on_event`` sees
+    every generated token as it comes (progress bars, streaming)."""
+    out = None
+    for event in engine.stream([request]):
+        if on_event is not None:
+            on_event(event)
+        if event.output is not None:
+            out = event.output
+    return out.raise_for_error()
+
+
+def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | None = None, *,
+             task: str = "auto", suffix: str | list[Any] | None = None, bank: Any = None,
+             k_docs: int | None = None, device: str | None = None,
+             dtype: torch.dtype | str | None = None, processor: Any = None,
+             scorer: Callable | None = None,
+             on_event: Callable[[TokenEvent], None] | None = None,
+             **sampling: Any) -> RequestOutput:
+    """Generate for one prompt and return its :class:`RequestOutput`.
+
+    Args:
+        prompt: text, or an interleaved list of text and PIL images.
+        model: model directory, ChameleonModel (give ``processor``), Engine, or None for the
+            embedded default (``cm3rt/assets/default``), whose ``defaults.json`` then fills
+            every setting not passed here: for text -> image, retrieval from its bank and
+            classifier-free guidance (see :mod:`cm3rt.api.defaults`).
+        images: input PIL images, placed before the prompt (captioning, editing).
+        task: "auto" or one of the request tasks (see :class:`Request`).
+        suffix: infill only: the content after the masked span.
+        bank, k_docs: retrieval memory bank (directory or MemoryBank) and the documents to
+            prepend. ``k_docs=None``: for text -> image, the default model's ``k_docs``
+            (its own bank unless ``bank`` is given), or :data:`DEFAULT_K_DOCS` when a bank
+            is given; otherwise 0. ``k_docs=0`` turns retrieval off.
+        device, dtype: where / how to load a model directory (default CUDA bf16 when
+            available, else CPU float32).
+        scorer: best-of-n ranking for this request, ``scorer(prompt_text, images) ->
+            scores`` (e.g. ``cm3rt.retrieval.ClipEncoder(...).score``).
+        on_event: called with every :class:`TokenEvent` as it is generated.
+        **sampling: :class:`SamplingParams` fields (temperature, top_k, top_p, guidance,
+            cfg_scale, cfg_image_scale, cd_alpha, cd_k, n, seed, max_new_tokens).
+
+    Returns:
+        The output: ``.images`` (PIL, best sample first), ``.text``, ``.samples``.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError for bad input; RuntimeError when
+        generation fails (e.g. the sampler finds no valid token).
+    """
+    engine, request = resolve_request(
+        prompt, model, images, task=task, suffix=suffix, bank=bank, k_docs=k_docs,
+        device=device, dtype=dtype, processor=processor, scorer=scorer, **sampling)
+    return run_request(engine, request, on_event)

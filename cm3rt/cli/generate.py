@@ -1,0 +1,189 @@
+"""`cm3rt generate` and `cm3rt caption`.
+
+    cm3rt generate "a red star above a blue circle" -o out.png [--guidance cfg --cfg-scale 3]
+    cm3rt generate "make it blue" --image in.png --guidance cfg3 -o edited.png
+    cm3rt caption photo.png [--prompt "Describe the image."]
+
+Both resolve their settings through :func:`cm3rt.api.resolve_request`, exactly as
+``cm3rt.generate`` does: a flag left out is "not given", so the embedded default model's
+defaults.json (without --model) or the built-in defaults (with --model) fill it. The
+progress bar follows the request's token events (:func:`cm3rt.api.run_request`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+# Flags whose values are SamplingParams fields (dest -> field): passed only when given.
+SAMPLING_FLAGS = ("guidance", "cfg_scale", "cfg_image_scale", "cd_alpha", "cd_k",
+                  "temperature", "top_k", "top_p", "n", "seed", "max_new_tokens")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` and ``caption`` commands."""
+    g = subparsers.add_parser(
+        "generate", help="generate an image (or text) from a prompt",
+        description="Generate an image from a text prompt (text -> image), edit an input "
+                    "image (--image with --guidance cfg3), or continue interleaved text and "
+                    "images (--task interleaved).")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("-o", "--out", default="out.png", metavar="PNG",
+                   help="output image file (default out.png); with -n > 1 and --all, further "
+                        "samples go to NAME-2.png, NAME-3.png ... (best first)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image placed before the prompt (repeatable)")
+    g.add_argument("--task", default="auto",
+                   help="auto (default: text_to_image, or edit with --image and --guidance "
+                        "cfg3), text_to_image, edit, interleaved or infill")
+    g.add_argument("--suffix", default=None, help="infill: the text after the masked span")
+    g.add_argument("--all", action="store_true", help="save every sample, not just the best")
+    _common_args(g)
+    g.add_argument("--bank", default=None, metavar="DIR",
+                   help="retrieval memory bank: prepend retrieved documents (default: the "
+                        "embedded model's bank without --model, none with --model)")
+    g.add_argument("-k", "--k-docs", type=int, default=None,
+                   help="documents to retrieve, 0 = no retrieval (default: the embedded "
+                        "model's defaults.json without --model, 2 with --bank)")
+    g.add_argument("--rerank", default=None, metavar="ARCH",
+                   help="best-of-n: rank the n samples with this CLIP encoder (open_clip "
+                        "architecture, config .json, local-dir:DIR or 'embedded')")
+    g.add_argument("--rerank-weights", default=None, metavar="FILE",
+                   help="local CLIP weights for --rerank")
+    g.set_defaults(handler=_generate)
+
+    c = subparsers.add_parser("caption", help="describe an image",
+                              description="Generate text about an image (image -> text).")
+    c.add_argument("image", help="the image file")
+    c.add_argument("--prompt", default="", help="text after the image, e.g. a question")
+    _common_args(c)
+    c.set_defaults(handler=_caption)
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model directory (HF Chameleon layout + tokenizer + VQGAN); default: "
+                        "the embedded model")
+    p.add_argument("--guidance", default=None,
+                   help="guidance inside image spans: none, cfg, cfg3 (editing) or cdk "
+                        "(default: the embedded model's defaults.json without --model; with "
+                        "--model cfg for images, cfg3 for edits, else none)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="text guidance scale (3.0)")
+    p.add_argument("--cfg-image-scale", type=float, default=None,
+                   help="image guidance scale of cfg3 (1.5)")
+    p.add_argument("--cd-alpha", type=float, default=None, help="CD-K plausibility alpha (0.1)")
+    p.add_argument("--cd-k", type=int, default=None, help="CD-K: k-th largest probability (1)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (0)")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off (1.0)")
+    p.add_argument("-n", "--num-samples", type=int, default=None, dest="n",
+                   help="samples to draw (1; best-of-n with --rerank)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (0)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated-token limit (one image for image tasks)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
+                                                  "usable)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default bfloat16 on CUDA, float32 on "
+                        "the CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def sampling_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags the command line gave (None = not given)."""
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+
+
+def open_image(path: str, flag: str = "--image"):
+    """A PIL image from ``path`` (RGB / RGBA), with errors that name the flag and file."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag}: image file not found: {path}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB") if im.mode not in ("RGB", "RGBA") else im.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{flag}: cannot read {path} as an image: {exc}") from exc
+
+
+def _out_paths(out: str, count: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"-o/--out must name an image file (.png, .jpg ...), got {out!r}")
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"-o/--out: directory {str(p.parent)!r} does not exist")
+    return [p] + [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(2, count + 1)]
+
+
+def _run_with_progress(engine, request, quiet: bool):
+    """Run ``request``; a progress bar counts its image codes (image tasks) or tokens."""
+    from tqdm import tqdm
+
+    from cm3rt.api import run_request
+
+    image_task = request.task in ("text_to_image", "edit")
+    p = request.params
+    per_sample = engine.vocab.tokens_per_image if image_task else (p.max_new_tokens or 64)
+    bar = tqdm(total=p.n * per_sample, unit="tok", disable=quiet, leave=False,
+               file=sys.stderr, desc="generating")
+
+    def tick(event) -> None:
+        if event.output is None and (not image_task or event.image_pos is not None):
+            bar.update(1)
+
+    try:
+        return run_request(engine, request, tick)
+    finally:
+        bar.close()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cm3rt.api import resolve_request
+
+    images = [open_image(p) for p in args.image]
+    _out_paths(args.out, 1)  # fail on a bad path before minutes of generation
+    scorer = None
+    if args.rerank:
+        from cm3rt.retrieval import ClipEncoder
+
+        scorer = ClipEncoder(args.rerank, args.rerank_weights).score
+    engine, request = resolve_request(
+        args.prompt, args.model, images, task=args.task, suffix=args.suffix, bank=args.bank,
+        k_docs=args.k_docs, device=args.device, dtype=args.dtype, scorer=scorer,
+        **sampling_of(args))
+    out = _run_with_progress(engine, request, args.no_progress)
+    saved = _save(out, args.out, args.all)
+    if out.text.strip():
+        print(out.text)
+    for path in saved:
+        print(f"wrote {path}", file=sys.stderr)
+    if request.task in ("text_to_image", "edit") and not saved:
+        raise ValueError("generation ended before a complete image: raise --max-new-tokens")
+    return 0
+
+
+def _save(out, dest: str, save_all: bool) -> list[Path]:
+    images: list[Any] = out.images if save_all else out.images[:1]
+    paths = _out_paths(dest, len(images)) if images else []
+    for im, path in zip(images, paths):
+        im.save(path)
+    return paths[:len(images)]
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from cm3rt.api import resolve_request
+
+    image = open_image(args.image, "image")
+    engine, request = resolve_request(
+        [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
+        device=args.device, dtype=args.dtype, **sampling_of(args))
+    out = _run_with_progress(engine, request, args.no_progress)
+    for s in out.samples:
+        print(s.text.strip())
+    return 0
