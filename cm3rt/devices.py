@@ -34,10 +34,12 @@ def default_device() -> str:
     return "cuda" if cuda_usable() else "cpu"
 
 
-def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
+def resolve_device(device: torch.device | str | None, name: str = "device", *,
+                   need_kernels: bool = True) -> torch.device:
     """A usable torch device from ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a torch.device or
     None (:func:`default_device`). ValueError naming argument ``name`` for anything else,
-    and for CUDA where no CUDA device or no CUDA kernels are available."""
+    and for CUDA where torch sees no CUDA device or (``need_kernels``: code that runs
+    cm3rt's own kernels) cm3rt was built without them."""
     if device is None:
         return torch.device(default_device())
     if not isinstance(device, (str, torch.device)):
@@ -55,7 +57,7 @@ def resolve_device(device: torch.device | str | None, name: str = "device") -> t
                              "(use 'cpu')")
         from cm3rt import ops
 
-        if not ops.cuda_available():
+        if need_kernels and not ops.cuda_available():
             raise ValueError(f"argument '{name}' is {device!r} but cm3rt was built without "
                              "CUDA kernels (use 'cpu')")
         if dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -11,14 +11,9 @@ import torch
 # programming error never hides behind a failed request (Engine.raise_step_errors).
 os.environ["CM3RT_RAISE_STEP_ERRORS"] = "1"
 
-from cm3rt import ops
+from cm3rt.devices import cuda_usable
 
-
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and ops.cuda_available()
-
-
-CUDA_READY = _cuda_ready()
+CUDA_READY = cuda_usable()
 
 DEVICES = [
     "cpu",

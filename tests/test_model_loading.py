@@ -14,8 +14,8 @@ import torch
 from model_fixtures import make_tiny_model_dir
 from safetensors.torch import load_file, save_file
 
-from cm3rt.model import StepMetadata, load_model
 from cm3rt.checkpoint import SafetensorsCheckpoint
+from cm3rt.model import StepMetadata, load_model
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from model_fixtures import make_tiny_model_dir
 from PIL import Image
 from retrieval_fixtures import make_tiny_clip, random_image
 
-from cm3rt.engine import Engine
 from cm3rt.api import generate
+from cm3rt.engine import Engine
 from cm3rt.model import load_pretrained
 from cm3rt.retrieval.bank import MemoryBank
 from cm3rt.retrieval.clip import ClipEncoder

@@ -12,8 +12,8 @@ from model_fixtures import make_tiny_model_dir
 from safetensors.torch import load_file
 
 from cm3rt.cli.convert import register_cli
-from cm3rt.tokenizer.convert import convert_vqgan
 from cm3rt.tokenizer import ImageTokenizer
+from cm3rt.tokenizer.convert import convert_vqgan
 
 YAML = """\
 model:

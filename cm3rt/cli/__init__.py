@@ -53,22 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ValueError, TypeError, OSError, ImportError]
-    engine = sys.modules.get("cm3rt.engine.scheduler")  # loaded iff a request ran
-    if engine is not None:
-        errors += [engine.CacheTooSmallError, engine.SamplingError]
-    return tuple(errors)
+# Problems the user can fix (bad flag value, missing file, missing optional package).
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+# ... and the engine's own request errors (RuntimeError subclasses), by name: importing the
+# engine here would load torch for every `cm3rt --help`.
+ENGINE_REQUEST_ERRORS = ("CacheTooSmallError", "SamplingError")
 
 
-def _as_flags(message: str, args: argparse.Namespace) -> str:
-    """"argument 'k_docs'" -> "--k-docs" where the command has that flag, so a message
+def _report_user_error(exc: BaseException, args: argparse.Namespace,
+                       options: dict[str, str]) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(f"cm3rt {args.command}: error: {_as_flags(str(exc), options)}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _as_flags(message: str, options: dict[str, str]) -> str:
+    """"argument 'k_docs'" -> "--k-docs" where the command has that option, so a message
     from the API names what the user typed."""
-    def flag(m: re.Match) -> str:
-        name = m.group(1)
-        return f"--{name.replace('_', '-')}" if hasattr(args, name) else m.group(0)
+    return re.sub(r"argument '(\w+)'", lambda m: options.get(m.group(1), m.group(0)), message)
 
-    return re.sub(r"argument '(\w+)'", flag, message)
+
+def _options_of(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """dest -> its long option string, for the subcommand ``command``."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    chosen = sub.choices.get(command) if sub is not None and command else None
+    actions = chosen._actions if chosen is not None else []
+    return {a.dest: max(a.option_strings, key=len) for a in actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            if args.debug:
-                traceback.print_exc()
-            print(f"cm3rt {args.command}: error: {_as_flags(str(exc), args)}", file=sys.stderr)
-            return EXIT_USER_ERROR
+    except USER_ERRORS as exc:
+        return _report_user_error(exc, args, _options_of(parser, args.command))
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug, with its traceback
+        if type(exc).__name__ in ENGINE_REQUEST_ERRORS and \
+                type(exc).__module__ == "cm3rt.engine.scheduler":
+            return _report_user_error(exc, args, _options_of(parser, args.command))
         traceback.print_exc()
         print(f"cm3rt {args.command}: internal error ({type(exc).__name__}); this is a bug, "
               "please report it with the traceback above", file=sys.stderr)

@@ -120,7 +120,7 @@ def _import_demo():
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing == "scipy" or (exc.name or "").startswith("cm3rt.demo"):
-            raise RuntimeError(_DEMO_MISSING) from exc
+            raise ImportError(_DEMO_MISSING) from exc
         raise
     return quality
 

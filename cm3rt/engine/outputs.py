@@ -35,6 +35,12 @@ def build_output(req: RequestState, processor: Processor | None,
     return out
 
 
+def failed_output(req: RequestState, error: Exception) -> RequestOutput:
+    """The output of a request that failed after it ran (e.g. its scorer raised)."""
+    return RequestOutput(request_id=req.request_id, prompt_token_ids=list(req.spec.cond),
+                         error=error, docs=req.docs)
+
+
 def _rank(samples: list[SampleOutput], prompt_text: str, scorer: Scorer) -> None:
     """Score each sample's first image; best first (unscored samples last)."""
     firsts = [s.images[0] if s.images else None for s in samples]

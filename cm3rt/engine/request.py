@@ -75,6 +75,12 @@ class Request:
     scorer: Callable[[str, list[Any]], Sequence[float]] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.params, SamplingParams):
+            raise TypeError(f"argument 'params' must be a SamplingParams, got "
+                            f"{type(self.params).__name__}")
+        if self.scorer is not None and not callable(self.scorer):
+            raise TypeError(f"argument 'scorer' must be callable, got "
+                            f"{type(self.scorer).__name__}")
         check_k_docs(self.k_docs)
 
 

@@ -10,37 +10,49 @@ from __future__ import annotations
 import torch
 
 from cm3rt import ops
+from cm3rt.engine.config import EngineConfig
 from cm3rt.engine.kv_cache import PagedKVCache
 from cm3rt.engine.scheduler import SchedulerOutput
 from cm3rt.engine.state import VocabInfo
 from cm3rt.engine.step_inputs import build_step_inputs
+
+# What the engine calls on a model (ChameleonModel's step API).
+MODEL_API = ("config", "device", "forward_step", "compute_logits", "attention_workspace",
+             "allocate_kv_cache", "kv_cache_bytes_per_block")
+
+
+def check_model_api(model) -> None:
+    """TypeError naming what is missing unless ``model`` has the step API."""
+    missing = [a for a in MODEL_API if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"argument 'model' must be a ChameleonModel (or have its step API); "
+                        f"{type(model).__name__} lacks {missing}")
 
 
 class ModelRunner:
     """Runs scheduler steps of ``model`` over its paged KV cache.
 
     Args:
-        model: a ChameleonModel (``forward_step`` / ``compute_logits`` /
-            ``attention_workspace``).
-        cache: the engine's paged KV cache.
+        model: a ChameleonModel (:data:`MODEL_API`).
         vocab: the special ids (the allowed-token table is built from them once).
-        max_num_seqs, max_model_len: bounds of a decode batch (CUDA graph buckets).
-        use_cuda_graphs: replay pure decode steps from CUDA graphs (CUDA only).
+        config: the engine's config (block size, CUDA graphs, max_num_seqs).
+        num_blocks: KV-cache blocks to allocate.
+        max_model_len: the context length.
     """
 
-    def __init__(self, model, cache: PagedKVCache, vocab: VocabInfo, *, max_num_seqs: int,
-                 max_model_len: int, use_cuda_graphs: bool = True):
+    def __init__(self, model, vocab: VocabInfo, config: EngineConfig, num_blocks: int,
+                 max_model_len: int):
         self.model = model
-        self.cache = cache
+        self.cache = PagedKVCache(model, num_blocks, config.block_size)
         self.device = torch.device(model.device)
-        self.block_size = cache.block_size
+        self.block_size = config.block_size
         # Packed int32 [3, ceil(V/32)]: 32x less mask traffic per sampled group than bools.
         self.allowed_bits = ops.pack_allowed_bits(vocab.allowed_table(self.device))
         self.graphs = None
-        if use_cuda_graphs and self.device.type == "cuda":
+        if config.use_cuda_graphs and self.device.type == "cuda":
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
 
-            self.graphs = DecodeGraphRunner(model, cache.layers, max_num_seqs,
+            self.graphs = DecodeGraphRunner(model, self.cache.layers, config.max_num_seqs,
                                             -(-max_model_len // self.block_size),
                                             max_model_len)
 

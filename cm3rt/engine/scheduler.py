@@ -298,6 +298,16 @@ class Scheduler:
                 finished.append(req)
         return events, finished
 
+    def fail_step(self, out: SchedulerOutput, error: Exception) -> list[RequestState]:
+        """A step whose forward raised: fail (abort) every request it carried."""
+        failed = []
+        for req in {id(c.group.req): c.group.req for c in out.chunks}.values():
+            if req.status != FINISHED:
+                self.abort(req, RuntimeError(
+                    f"request {req.request_id!r} failed in a model step: {error}"))
+                failed.append(req)
+        return failed
+
     def _release_finished(self, req: RequestState) -> bool:
         """Free finished groups' blocks; retire the request when all are done."""
         for g in req.groups:

@@ -67,6 +67,20 @@ class VocabInfo:
             )
 
     @classmethod
+    def for_model(cls, model, processor: Processor | None, tokens_per_image: int | None = None,
+                  vocab: VocabInfo | None = None) -> VocabInfo:
+        """The ids of ``model``'s vocabulary: ``vocab`` if given (checked against the
+        model), else from the processor, else from the model config."""
+        cfg = model.config
+        if vocab is None:
+            vocab = (cls.from_processor(processor, cfg.vocab_size, tokens_per_image)
+                     if processor is not None else cls.from_model_config(cfg, tokens_per_image))
+        if vocab.vocab_size != cfg.vocab_size:
+            raise ValueError(f"vocab.vocab_size {vocab.vocab_size} != model vocab_size "
+                             f"{cfg.vocab_size}")
+        return vocab
+
+    @classmethod
     def from_processor(cls, processor: Processor, vocab_size: int,
                        tokens_per_image: int | None = None) -> VocabInfo:
         """Read the ids from a cm3rt Processor (text + image tokenizer)."""

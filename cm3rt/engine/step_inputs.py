@@ -14,9 +14,8 @@ from itertools import chain
 import torch
 
 from cm3rt.engine.scheduler import SchedulerOutput
-from cm3rt.ops import SAMPLE_MODES
 from cm3rt.model.step import StepMetadata
-
+from cm3rt.ops import SAMPLE_MODES
 
 
 @dataclass

@@ -38,7 +38,6 @@ from cm3rt.model.layers import (
 )
 from cm3rt.model.step import StepMetadata
 
-
 # Block size of the throw-away cache that ``logits`` builds (any size the kernels accept).
 _LOGITS_BLOCK_SIZE = 16
 

@@ -17,6 +17,7 @@ from cm3rt.devices import resolve_device, resolve_dtype
 from cm3rt.model.chameleon import ChameleonModel
 from cm3rt.model.config import ChameleonConfig
 
+
 def _prefix(ckpt: SafetensorsCheckpoint) -> str:
     # ChameleonForConditionalGeneration nests the decoder under "model."; ChameleonModel
     # saved on its own does not.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
 from PIL import Image
 
 from cm3rt.tokenizer.processor import Processor

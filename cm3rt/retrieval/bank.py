@@ -14,8 +14,8 @@ are keyed by their source, and the index catches up from the database).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

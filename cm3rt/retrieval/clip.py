@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from cm3rt.devices import resolve_device
+
 _PRECISIONS = ("fp32", "fp16", "bf16")
 _LOCAL_DIR = "local-dir:"
 # The project's embedded tiny CLIP: the default model's clip/ folder (an open_clip local-dir
@@ -161,10 +163,8 @@ class ClipEncoder:
             raise TypeError(f"arch: expected a non-empty str, got {arch!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: expected an available device, got {device!r} "
-                             "(torch sees no CUDA device)")
+        # open_clip runs on torch alone: CUDA needs no cm3rt kernels here
+        self.device = resolve_device(device, need_kernels=False)
         if precision is None:
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         if precision not in _PRECISIONS:
