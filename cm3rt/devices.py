@@ -7,21 +7,28 @@ gets the same clear error.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-# Weight / activation dtypes the model and the kernels support, by every accepted name.
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The canonical names, for command-line choices and messages.
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parser stays torch-free
+    import torch
+
+# Weight / activation dtypes the model and the kernels support (torch attribute names) ...
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+# ... and the other names they go by.
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
+                 "fp16": "float16", "half": "float16"}
+
+
+def supported_dtypes() -> tuple[torch.dtype, ...]:
+    import torch
+
+    return tuple(getattr(torch, name) for name in DTYPE_CHOICES)
 
 
 def cuda_usable() -> bool:
     """True when torch sees a CUDA device and cm3rt's CUDA kernels are compiled in."""
+    import torch
+
     if not torch.cuda.is_available():
         return False
     from cm3rt import ops
@@ -40,6 +47,8 @@ def resolve_device(device: torch.device | str | None, name: str = "device", *,
     None (:func:`default_device`). ValueError naming argument ``name`` for anything else,
     and for CUDA where torch sees no CUDA device or (``need_kernels``: code that runs
     cm3rt's own kernels) cm3rt was built without them."""
+    import torch
+
     if device is None:
         return torch.device(default_device())
     if not isinstance(device, (str, torch.device)):
@@ -68,20 +77,22 @@ def resolve_device(device: torch.device | str | None, name: str = "device", *,
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str = "cpu",
                   name: str = "dtype") -> torch.dtype:
-    """A supported dtype from a torch dtype, one of :data:`DTYPE_NAMES`, or None (bfloat16
+    """A supported dtype from a torch dtype, a name (:data:`DTYPE_CHOICES`, :data:`DTYPE_ALIASES`), or None (bfloat16
     on CUDA, float32 on the CPU)."""
+    import torch
+
     if dtype is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in supported_dtypes():
             raise TypeError(f"argument '{name}' must be one of {list(DTYPE_CHOICES)}, got "
-                             f"{dtype}")
+                            f"{dtype}")
         return dtype
     if not isinstance(dtype, str):
         raise TypeError(f"argument '{name}' must be a str or a torch.dtype, got "
                         f"{type(dtype).__name__}")
-    found = DTYPE_NAMES.get(dtype.lower())
-    if found is None:
+    canonical = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if canonical not in DTYPE_CHOICES:
         raise ValueError(f"argument '{name}' must be one of {list(DTYPE_CHOICES)} (or "
-                         f"{sorted(set(DTYPE_NAMES) - set(DTYPE_CHOICES))}), got {dtype!r}")
-    return found
+                         f"{sorted(DTYPE_ALIASES)}), got {dtype!r}")
+    return getattr(torch, canonical)

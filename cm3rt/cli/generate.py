@@ -13,6 +13,7 @@ progress bar follows the request's token events (:func:`cm3rt.api.run_request`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,31 +65,38 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
+    # Help only: values are validated by cm3rt.api like every other door's.
+    from cm3rt.devices import DTYPE_CHOICES
+    from cm3rt.engine.params import GUIDANCE_MODES, SamplingParams
+
+    default = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     p.add_argument("--model", default=None, metavar="DIR",
                    help="model directory (HF Chameleon layout + tokenizer + VQGAN); default: "
                         "the embedded model")
     p.add_argument("--guidance", default=None,
-                   help="guidance inside image spans: none, cfg, cfg3 (editing) or cdk "
+                   help=f"guidance inside image spans, one of {', '.join(GUIDANCE_MODES)} "
                         "(default: the embedded model's defaults.json without --model; with "
                         "--model cfg for images, cfg3 for edits, else none)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="text guidance scale (3.0)")
-    p.add_argument("--cfg-image-scale", type=float, default=None,
-                   help="image guidance scale of cfg3 (1.5)")
-    p.add_argument("--cd-alpha", type=float, default=None, help="CD-K plausibility alpha (0.1)")
-    p.add_argument("--cd-k", type=int, default=None, help="CD-K: k-th largest probability (1)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="0 = off (0)")
-    p.add_argument("--top-p", type=float, default=None, help="1 = off (1.0)")
+    for flag, dest, kind, what in (
+            ("--cfg-scale", "cfg_scale", float, "text guidance scale"),
+            ("--cfg-image-scale", "cfg_image_scale", float, "image guidance scale of cfg3"),
+            ("--cd-alpha", "cd_alpha", float, "CD-K plausibility alpha"),
+            ("--cd-k", "cd_k", int, "CD-K: k-th largest probability"),
+            ("--temperature", "temperature", float, "0 = greedy"),
+            ("--top-k", "top_k", int, "0 = off"),
+            ("--top-p", "top_p", float, "1 = off"),
+            ("--seed", "seed", int, "sampling seed")):
+        p.add_argument(flag, type=kind, default=None,
+                       help=f"{what} (default {default[dest]}, or defaults.json's)")
     p.add_argument("-n", "--num-samples", type=int, default=None, dest="n",
-                   help="samples to draw (1; best-of-n with --rerank)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (0)")
+                   help=f"samples to draw (default {default['n']}; best-of-n with --rerank)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generated-token limit (one image for image tasks)")
+                   help="generated-token limit (default: one image for image tasks)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
                                                   "usable)")
     p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default bfloat16 on CUDA, float32 on "
-                        "the CPU)")
+                   help=f"one of {', '.join(DTYPE_CHOICES)} (default bfloat16 on CUDA, float32 "
+                        "on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -6,10 +6,10 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from cm3rt.ops import SAMPLE_MODES
-
-# The guidance modes are the sampler's combine modes (one table, the kernel's own).
-GUIDANCE_MODES: tuple[str, ...] = tuple(SAMPLE_MODES)
+# The guidance modes, in the order of the sampler's combine-mode ids: the C++ kernel keeps
+# its own enum (cm3rt.ops.SAMPLE_MODES is read from it) and a test checks the two agree.
+# Kept torch-free so the CLI can name the choices without importing torch.
+GUIDANCE_MODES: tuple[str, ...] = ("none", "cfg", "cfg3", "cdk")
 
 _SEED_MASK = (1 << 63) - 1
 
