@@ -5,7 +5,7 @@ DLPack (no torch headers in the extension, so no ABI lock to a torch version), a
 the tensors' device: the CPU kernels, or the CUDA kernels on the current CUDA stream. Output
 tensors are allocated here (the kernels never allocate), or passed in with ``out=``.
 
-Contracts are those of DESIGN.md ("Kernel contracts"); each function's docstring restates
+Contracts are those of docs/DESIGN.md ("Kernel contracts"); each function's docstring restates
 the part a caller needs.
 """
 
@@ -252,7 +252,7 @@ def sample_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per group of streams from ``logits [R, V]`` (one fused op per step).
 
-    Rows of a group are adjacent: cond, [image-cond,] uncond. Per group (DESIGN.md, steps 1-6):
+    Rows of a group are adjacent: cond, [image-cond,] uncond. Per group (docs/DESIGN.md, "Kernel contracts", steps 1-6):
     allowed-token mask -> combine (``none``: c; ``cfg``: u + s*(c - u); ``cfg3``:
     u + s_img*(i - u) + s_txt*(c - i); ``cdk``: log_softmax(c) - log_softmax(u) on tokens with
     p_c >= alpha * (k-th largest p_c)) -> temperature (0 = argmax, lowest id on ties) -> top-k

@@ -1,4 +1,4 @@
-"""Float64 reference of sample_logits' final distribution (DESIGN.md steps 1-6), written
+"""Float64 reference of sample_logits' final distribution (docs/DESIGN.md, "Kernel contracts", steps 1-6), written
 from the contract with numpy, independently of the kernels, plus chi-square helpers.
 
 The reference sorts (the kernels never do) and works in float64 on the same float32 inputs.

@@ -104,7 +104,7 @@ def test_build_open_search_round_trip(tmp_path, folder, encoder) -> None:
             assert torch.equal(docs[src].codes, want)
         assert docs["note1.txt"].codes is None
 
-        # Stored embeddings follow DESIGN.md: mean of normalised text and image, renormalised.
+        # Stored embeddings follow docs/DESIGN.md: mean of normalised text and image, renormalised.
         emb, _ = bank.store.embeddings_of([docs["img2.png"].id, docs["note1.txt"].id,
                                            docs["sub/lonely.png"].id])
         from PIL import Image

@@ -1,4 +1,4 @@
-"""Turn a :class:`Request` into the token prompts of its streams (DESIGN.md "Sequence
+"""Turn a :class:`Request` into the token prompts of its streams (docs/DESIGN.md "Sequence
 format"): cond, [image-cond,] uncond, plus the output grammar of the task.
 
 * text -> image:  cond ``[bos] text [boi]``, uncond ``[bos] [<mask>] [boi]``.

@@ -2,7 +2,7 @@
 
 Each chosen document enters the context as ``caption <boi> image tokens <eoi>`` (a
 text-only document as its caption, an image-only one as its image span), best score first,
-before the prompt (DESIGN.md, "Retrieval"). Only whole documents are placed: a document
+before the prompt (docs/DESIGN.md, "Retrieval"). Only whole documents are placed: a document
 that does not fit the token budget is skipped (never half an image).
 """
 

@@ -2,7 +2,7 @@
 
 Embeddings are L2-normalised float32. A document (or query) made of text and images is
 embedded as the average of its L2-normalised text embedding and image embedding,
-renormalised (DESIGN.md, "Retrieval"); several images count as one image part (their
+renormalised (docs/DESIGN.md, "Retrieval"); several images count as one image part (their
 normalised mean), so a prompt with three images does not drown its text.
 """
 

@@ -1,4 +1,4 @@
-"""Document selection rules of RA-CM3 / CM3Leon retrieval (DESIGN.md, "Retrieval").
+"""Document selection rules of RA-CM3 / CM3Leon retrieval (docs/DESIGN.md, "Retrieval").
 
 From the top-M candidates of a dense search:
   1. drop candidates scoring above ``max_score`` (too close to the query: training-set

@@ -1,6 +1,6 @@
 // kv_append: scatter new keys/values into the paged KV cache.
 //
-// Contract (DESIGN.md): token t is written to block slots[t] / BS, offset slots[t] % BS;
+// Contract (docs/DESIGN.md, "Kernel contracts"): token t is written to block slots[t] / BS, offset slots[t] % BS;
 // slot -1 means "skip" (padding). Slots outside [-1, NB*BS) are skipped as well, so a bad
 // slot can never write out of bounds (the bindings reject them before the call on CPU).
 #pragma once

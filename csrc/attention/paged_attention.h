@@ -1,6 +1,6 @@
 // paged_attention: attention of packed variable-length queries over a paged KV cache.
 //
-// Contract (DESIGN.md, "Kernel contracts"): sequence b owns query rows
+// Contract (docs/DESIGN.md, "Kernel contracts"): sequence b owns query rows
 // cu_seqlens_q[b] .. cu_seqlens_q[b+1] (q_len_b rows, the last q_len_b tokens of its
 // seq_lens[b] keys). With causal, query i of b attends to key positions
 // <= seq_lens[b] - q_len_b + i. Key position j of b lives in block block_tables[b][j / BS],

@@ -1,5 +1,5 @@
 // sample_logits: one fused op per decode step that turns the logits of every stream of every
-// group into one token per group (DESIGN.md "Kernel contracts", steps 1-6).
+// group into one token per group (docs/DESIGN.md "Kernel contracts", steps 1-6).
 //
 // Per group g (rows row0 .. row0 + S - 1 of `logits`, S = streams of g):
 //   1. tokens outside the allowed set -> -inf in every stream;

@@ -9,7 +9,7 @@ data while the shipped bank must hold them (tools/train/README.md, step 5):
 
 - ``<out>/bank/``: a ``cm3rt.retrieval.MemoryBank`` of the *bank* split. Each document is
   the record's ``text``, its VQ codes (row of ``bank_codes.npy``) and the CLIP document
-  embedding (normalised text and image embeddings averaged, renormalised: DESIGN.md
+  embedding (normalised text and image embeddings averaged, renormalised: docs/DESIGN.md
   "Retrieval"); flat inner-product FAISS index. The manifest records the CLIP and VQGAN
   identities, so a bank is refused with another encoder or image tokenizer.
 - ``<out>/train_retrieval.npy``: int32 [N_train, 2], for each *train* record the indices of

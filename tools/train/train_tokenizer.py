@@ -3,7 +3,7 @@
 
     python tools/train/train_tokenizer.py --data data/shapes --out data/runs/tokenizer
 
-Vocabulary layout (ids in this order): the special tokens of DESIGN.md (``<s>``, ``</s>``,
+Vocabulary layout (ids in this order): the special tokens of docs/DESIGN.md (``<s>``, ``</s>``,
 ``<pad>``, ``<unk>``, ``<mask>``, ``<infill>``, ``<racm3:break>`` = begin-image, ``<eoss>``
 = end-image), the byte alphabet and BPE merges learnt from every caption of the train and
 bank splits, then one token per VQ code spelled the Chameleon way (``IMGIMG`` + digits as
