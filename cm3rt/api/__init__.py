@@ -33,12 +33,12 @@ __all__ = ["BUILTIN_SAMPLING", "DEFAULT_K_DOCS", "generate", "load_engine", "pic
            "resolve_request", "run_request"]
 
 # Sampling defaults by task where a model directory (not the embedded default, whose
-# defaults.json decides) gives none: images are drawn with classifier-free guidance, edits
-# with the three-stream instruct guidance; everything else is SamplingParams' own default.
-BUILTIN_SAMPLING: dict[str, dict[str, Any]] = {
-    "text_to_image": {"guidance": "cfg"},
-    "edit": {"guidance": "cfg3"},
-}
+# defaults.json decides) gives none: images are drawn with classifier-free guidance;
+# everything else is SamplingParams' own default.
+BUILTIN_SAMPLING: dict[str, dict[str, Any]] = {"text_to_image": {"guidance": "cfg"}}
+# Defaults that belong to the task itself, for every model: an edit is guided by the
+# three-stream instruct guidance (cond, image-cond, uncond).
+TASK_SAMPLING: dict[str, dict[str, Any]] = {"edit": {"guidance": "cfg3"}}
 # Documents retrieved for a text -> image request that names a bank but no k_docs.
 DEFAULT_K_DOCS = 2
 # Tasks that retrieve when k_docs is not given (an explicit k_docs applies to any task).
@@ -145,9 +145,9 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     """Resolve a call's arguments into the engine that serves it and its Request.
 
     Args: as :func:`generate`. ``sampling`` holds only the SamplingParams fields the caller
-    gave; in order, what is left open comes from: the embedded default model's
-    defaults.json (when ``model`` is None), then :data:`BUILTIN_SAMPLING` for the task
-    (when a model is given), then SamplingParams' defaults.
+    gave; in order, what is left open comes from: :data:`TASK_SAMPLING` (an edit's cfg3),
+    the embedded default model's defaults.json (when ``model`` is None) or
+    :data:`BUILTIN_SAMPLING` (when a model is given), then SamplingParams' defaults.
     """
     items: list[Any] = []
     if images is not None:
@@ -164,7 +164,7 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     guidance = sampling.get("guidance", assets.sampling.get("guidance") if assets else None)
     task = pick_task(task, has_images, guidance)
     base = assets.sampling_for(task) if assets is not None else BUILTIN_SAMPLING.get(task, {})
-    params = SamplingParams.from_kwargs(**{**base, **sampling})
+    params = SamplingParams.from_kwargs(**{**base, **TASK_SAMPLING.get(task, {}), **sampling})
     engine = _engine_for(model, processor, device, dtype)
     bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
     request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,

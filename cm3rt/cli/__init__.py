@@ -23,6 +23,7 @@ _CLI_MODULES = (
     "cm3rt.cli.bank",          # bank build | search
     "cm3rt.cli.convert",       # convert
     "cm3rt.cli.eval",          # eval
+    "cm3rt.cli.serve",         # serve
 )
 
 EXIT_USER_ERROR = 1

@@ -75,8 +75,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                         "the embedded model")
     p.add_argument("--guidance", default=None,
                    help=f"guidance inside image spans, one of {', '.join(GUIDANCE_MODES)} "
-                        "(default: the embedded model's defaults.json without --model; with "
-                        "--model cfg for images, cfg3 for edits, else none)")
+                        "(default: cfg3 for edits; else the embedded model's defaults.json "
+                        "without --model, or with --model cfg for images and none for text)")
     for flag, dest, kind, what in (
             ("--cfg-scale", "cfg_scale", float, "text guidance scale"),
             ("--cfg-image-scale", "cfg_image_scale", float, "image guidance scale of cfg3"),

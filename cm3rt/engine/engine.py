@@ -83,6 +83,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
     def add_request(self, request: Request | str | TokenPrompt,
                     params: SamplingParams | None = None) -> str:
         """Validate and queue a request; returns its id. Bad input raises ValueError /

@@ -1,0 +1,53 @@
+"""``cm3rt serve``: the OpenAI-compatible HTTP server (cm3rt.serve).
+
+    cm3rt serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser(
+        "serve", help="serve the model over HTTP (OpenAI-compatible routes)",
+        description="Serve /v1/images/generations (SSE partial images), /v1/images/edits, "
+                    "/v1/chat/completions, /v1/models, /health, /ready, /metrics and a "
+                    "playground page at /. Without --model: the embedded default model.")
+    s.add_argument("--model", default=None, metavar="DIR", help="model directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("CM3RT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes "
+                        "(default: $CM3RT_API_KEY; none: open)")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    s.add_argument("--max-queued", type=int, default=256,
+                   help="samples in flight at most (an n > 1 request counts n); past it: 503")
+    s.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help="largest request body (default 8 MiB); past it: 413")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before exiting")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients name (default: cm3rt-default or the dir name)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from cm3rt.serve.app import ServeConfig
+        from cm3rt.serve.server import serve
+    except ModuleNotFoundError as exc:
+        raise ImportError(f"cm3rt serve needs {exc.name}: pip install -e '.[serve]'") from exc
+    for name in ("port", "max_queued", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
+                         api_key=args.api_key, max_queued=args.max_queued,
+                         max_body_bytes=args.max_body_bytes,
+                         served_model_name=args.served_model_name,
+                         shutdown_timeout=args.shutdown_timeout)
+    serve(config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
