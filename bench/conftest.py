@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS
@@ -21,8 +20,9 @@ def pytest_addoption(parser):
 def bench_device(request) -> str:
     dev = request.config.getoption("--bench-device")
     if dev is None:
-        from cm3rt import ops
-        dev = "cuda" if torch.cuda.is_available() and ops.cuda_available() else "cpu"
+        from cm3rt.devices import default_device
+
+        dev = default_device()
     return dev
 
 

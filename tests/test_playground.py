@@ -1,0 +1,46 @@
+"""The playground page at `/`, in a real headless browser (Debian's chromium driven by
+playwright; no browser download): type a prompt, watch partial images arrive, see the
+retrieved documents. The test writes a screenshot."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from serve_fixtures import start_server
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get "
+                                "install chromium)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_playground_draws_row_by_row_and_lists_documents(tmp_path):
+    server = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#prompt", "a red star above a blue circle")
+            sources: list[str] = []
+            page.expose_function("recordSource", lambda src: sources.append(src))
+            page.evaluate("""() => new MutationObserver(() =>
+                window.recordSource(document.getElementById('image').src))
+                .observe(document.getElementById('image'), {attributes: true})""")
+            page.click("#go")
+            page.wait_for_selector("body[data-state=done]", timeout=240_000)
+            status = page.inner_text("#status")
+            docs = page.locator("#docs li").all_inner_texts()
+            page.screenshot(path=str(tmp_path / "playground.png"))
+            browser.close()
+        assert status.startswith("done:") and "3 partial images" in status, status
+        # partial images, then the final one: the picture changed as it was drawn
+        assert len(sources) == 4 and len(set(sources)) == 4
+        assert all(s.startswith("data:image/png;base64,") for s in sources)
+        assert len(docs) == 2 and all(d.strip() for d in docs)  # the default k_docs
+        assert (tmp_path / "playground.png").stat().st_size > 0
+    finally:
+        assert server.stop() == 0
