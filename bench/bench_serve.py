@@ -1,12 +1,13 @@
 """Serving throughput: `cm3rt serve` against the engine called directly, same model, one run.
 
-Run: python -m pytest bench/bench_serve.py -q -s
+Run: OMP_WAIT_POLICY=passive python -m pytest bench/bench_serve.py -q -s
 
 On the embedded default model (text -> image with its defaults: retrieval + CFG), for each
 concurrency c in 1, 4, 16: c clients each send ROUNDS[c] requests one after another to the
 server over HTTP; then the same requests go to an in-process engine, c at a time, through
 ``Engine.generate`` (batched, no HTTP). Prints images/s and p50 / p99 latency of both, and
-the server's overhead = 1 - server images/s / engine images/s.
+the server's overhead = 1 - server images/s / engine images/s. Both sides run torch on one
+thread (the server is started with OMP_NUM_THREADS=1), so the comparison is like for like.
 Targets: overhead <= 10% at c = 16; server images/s at c = 16 >= 3x at c = 1.
 """
 
@@ -74,8 +75,11 @@ def _engine_run(c: int) -> tuple[float, list[float]]:
 
 
 def test_serve_vs_engine(tmp_path):
+    import torch
+
     from cm3rt.api import load_engine
 
+    torch.set_num_threads(1)  # as the server process (tests/serve_fixtures.py)
     server = start_server(tmp_path)
     try:
         httpx.post(server.url + "/v1/images/generations", timeout=600,

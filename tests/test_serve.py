@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from door_cases import BAD, PROMPT
+from door_cases import BAD, GOOD, IMAGE, PROMPT
 from PIL import Image
 from serve_fixtures import start_server
 
@@ -65,6 +65,33 @@ def test_images_generate_equals_cm3rt_generate(client):
     for item, image in zip(got.data, want.images):
         assert np.array_equal(decode_png(item.b64_json), pixels(image))
     assert got.usage.output_tokens == sum(len(s.token_ids) for s in want.samples)
+
+
+DEFAULT_GOOD = [c for c in GOOD if c[1] == "default"]
+
+
+@pytest.mark.parametrize("name,model,api_kwargs,cli_args", DEFAULT_GOOD,
+                         ids=[c[0] for c in DEFAULT_GOOD])
+def test_front_door_table_through_the_server(client, name, model, api_kwargs, cli_args):
+    """The front doors' table of good calls (tests/door_cases.py) gives the server's
+    output equal to cm3rt.generate's."""
+    if api_kwargs.get("task") == "image_to_text":
+        image = cm3rt.generate(PROMPT, seed=8).image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        kwargs = {k: v for k, v in api_kwargs.items() if k not in ("task", "images")}
+        got = client.chat.completions.create(
+            model="cm3rt-default", extra_body=kwargs,
+            messages=[{"role": "user", "content": [{"type": "image_url",
+                                                    "image_url": {"url": uri}}]}])
+        want = cm3rt.generate([], images=[image], task="image_to_text", **kwargs)
+        assert got.choices[0].message.content == want.text
+        return
+    assert IMAGE not in api_kwargs.values()
+    got = client.images.generate(prompt=PROMPT, extra_body=dict(api_kwargs))
+    want = cm3rt.generate(PROMPT, **api_kwargs)
+    assert np.array_equal(decode_png(got.data[0].b64_json), pixels(want.image))
 
 
 def test_stream_sends_partial_images_then_the_same_image(client):

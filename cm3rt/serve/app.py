@@ -152,9 +152,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                            f"{config.model_id!r}", param="model", code="model_not_found")
 
-    def admit(loop: EngineLoop, n: int) -> Ticket:
+    def admit(loop: EngineLoop, n: int, stream: bool) -> Ticket:
         try:
-            return loop.admit(n)
+            return loop.admit(n, stream)
         except QueueFull as exc:
             raise APIError(503, f"the server is busy ({exc}); retry later", type="server_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -307,7 +307,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         check_size(loop.engine, body.size)
         if body.stream and body.n != 1:
             raise APIError(400, "'n' must be 1 with 'stream': true", param="n")
-        ticket = admit(loop, body.n)
+        ticket = admit(loop, body.n, body.stream)
         engine, _ = await resolve_and_submit(loop, ticket, body.prompt, task="text_to_image",
                                              k_docs=body.k_docs, n=body.n, **body.given())
         if body.stream:
@@ -343,7 +343,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         check_size(loop.engine, body.size)
         if body.stream and body.n != 1:
             raise APIError(400, "'n' must be 1 with 'stream': true", param="n")
-        ticket = admit(loop, body.n)  # before any image decoding
+        ticket = admit(loop, body.n, body.stream)  # before any image decoding
         try:
             image = open_upload(await uploads[0].read(), "image")
         except APIError:
@@ -362,16 +362,17 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         loop = loop_of(request)
         check_model(body.model)
-        ticket = admit(loop, body.n)  # before any image decoding
+        ticket = admit(loop, body.n, body.stream)  # before any image decoding
         try:
             items = chat_items(body)
         except APIError:
             loop.release(ticket)
             raise
         has_images = any(not isinstance(x, str) for x in items)
+        limit = {} if body.max_new_tokens is None else {"max_new_tokens": body.max_new_tokens}
         engine, _ = await resolve_and_submit(
             loop, ticket, items, task="image_to_text" if has_images else "interleaved",
-            k_docs=body.k_docs, n=body.n, max_new_tokens=body.max_new_tokens, **body.given())
+            k_docs=body.k_docs, n=body.n, **limit, **body.given())
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

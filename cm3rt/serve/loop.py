@@ -44,6 +44,7 @@ class Ticket:
     request_id: str
     weight: int  # samples it counts against max_queued
     accepted: asyncio.Future
+    tokens: bool  # deliver every token event (streaming); else only the final output
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -92,8 +93,10 @@ class EngineLoop:
             return self._in_flight
 
     # --- handler side (event loop thread) ---------------------------------------------------
-    def admit(self, weight: int) -> Ticket:
-        """Reserve ``weight`` samples of the queue, or raise QueueFull / Draining."""
+    def admit(self, weight: int, tokens: bool) -> Ticket:
+        """Reserve ``weight`` samples of the queue, or raise QueueFull / Draining.
+        ``tokens``: the handler streams, so it gets every token event (else only the
+        final one: fewer wake-ups of the event loop)."""
         with self._lock:
             if self.draining:
                 raise Draining("the server is shutting down")
@@ -103,7 +106,7 @@ class EngineLoop:
                                 f"{self.max_queued}")
             self._in_flight += weight
         return Ticket(request_id=f"req-{uuid.uuid4().hex}", weight=weight,
-                      accepted=asyncio.get_running_loop().create_future())
+                      accepted=asyncio.get_running_loop().create_future(), tokens=tokens)
 
     def release(self, ticket: Ticket) -> None:
         """Give back a ticket that was never submitted (the request failed validation)."""
@@ -186,17 +189,21 @@ class EngineLoop:
                 continue
             now = time.monotonic()
             self.last_step_at = now
+            tokens = 0
             for ev in events:
                 ticket = self._tickets.get(ev.request_id)
                 if ticket is None:
                     continue
                 if ev.output is None:
+                    tokens += 1
                     if ticket.first_token_at is None:
                         ticket.first_token_at = now
                         self.metrics.ttft.observe(now - ticket.submitted_at)
-                    self.metrics.generation_tokens.inc()
+                    if not ticket.tokens:
+                        continue
                 else:
                     self._finish_ticket(ticket)
                     self.metrics.on_finished(ticket, ev.output)
                 self._deliver(ticket, ev)
+            self.metrics.generation_tokens.inc(tokens)
             self.metrics.on_step(self.engine)
