@@ -29,6 +29,9 @@ class EngineConfig:
         use_cuda_graphs: replay pure decode steps from CUDA graphs (CUDA only).
         max_model_len: context length (default the model's max_position_embeddings).
         tokens_per_image: image codes per image (default the image tokenizer's).
+        image_span_logits: in a step where every group is inside an image span, compute
+            only the image-code rows of lm_head (8192 of 65536 for Chameleon) and sample
+            among them; the tokens are those of the full computation.
     """
 
     block_size: int = 16
@@ -41,6 +44,7 @@ class EngineConfig:
     use_cuda_graphs: bool = True
     max_model_len: int | None = None
     tokens_per_image: int | None = None
+    image_span_logits: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -48,6 +48,12 @@ class ModelRunner:
         self.block_size = config.block_size
         # Packed int32 [3, ceil(V/32)]: 32x less mask traffic per sampled group than bools.
         self.allowed_bits = ops.pack_allowed_bits(vocab.allowed_table(self.device))
+        # Image-span steps sample among the image codes only, in vocab-id order (so the
+        # sampler's draw is the one over the full masked vocabulary).
+        self.image_ids = sorted(vocab.image_token_ids)
+        self.image_head = None
+        if config.image_span_logits and hasattr(model, "lm_head_rows"):
+            self.image_head = model.lm_head_rows(torch.tensor(self.image_ids))
         self.graphs = None
         if config.use_cuda_graphs and self.device.type == "cuda":
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
@@ -68,6 +74,7 @@ class ModelRunner:
                                          x.meta.seq_lens)
             if logits_all is not None:
                 logits = logits_all.index_select(0, x.rows)
+        image_only = False
         if logits is None:
             # Every layer reuses one attention scratch, planned for this step's shape.
             workspace = self.model.attention_workspace(x.meta.num_tokens, x.meta)
@@ -75,13 +82,18 @@ class ModelRunner:
                                              workspace=workspace)
             if not out.samples:
                 return [], []  # a pure-prefill step (chunks that stop short of the end)
-            logits = self.model.compute_logits(hidden.index_select(0, x.rows))
+            image_only = self.image_head is not None and all(g.in_image for g in out.samples)
+            logits = self.model.compute_logits(hidden.index_select(0, x.rows),
+                                               self.image_head if image_only else None)
         tokens, logprobs = ops.sample_logits(
             logits, x.streams, mode=x.mode, temperature=x.temperature, top_k=x.top_k,
             top_p=x.top_p, cfg_scale=x.cfg_scale, cfg_image_scale=x.cfg_image_scale,
             cd_alpha=x.cd_alpha, cd_k=x.cd_k,
-            allowed_bits=self.allowed_bits.index_select(0, x.mask_kind),
+            allowed_bits=None if image_only else self.allowed_bits.index_select(0, x.mask_kind),
             seed=x.seed, step=x.step,
         )
         # The step's one synchronisation: the host needs the tokens to schedule the next.
-        return tokens.tolist(), logprobs.tolist()
+        tokens_list = tokens.tolist()
+        if image_only:  # column k of the image head is vocab id image_ids[k]
+            tokens_list = [self.image_ids[t] if t >= 0 else t for t in tokens_list]
+        return tokens_list, logprobs.tolist()

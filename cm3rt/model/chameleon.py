@@ -261,13 +261,20 @@ class ChameleonModel(nn.Module):
         return x
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``."""
+    def compute_logits(self, hidden: torch.Tensor,
+                       head: torch.Tensor | None = None) -> torch.Tensor:
+        """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``;
+        with ``head`` (rows of lm_head, from :meth:`lm_head_rows`) only those ``[N, K]``."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"argument 'hidden' must be [N, {self.config.hidden_size}], got "
                              f"{tuple(hidden.shape)}")
         h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return F.linear(h, self.lm_head if head is None else head).float()
+
+    def lm_head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of the lm_head rows of ``token_ids`` (e.g. the image codes:
+        inside an image span only they can be sampled, so only they need logits)."""
+        return self.lm_head.index_select(0, token_ids.to(self.lm_head.device)).contiguous()
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
