@@ -19,6 +19,20 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
                  "fp16": "float16", "half": "float16"}
 
 
+# Weight formats beyond the activation dtypes: int8 weight-only (per-channel scales, quantised
+# at load; activations in the device's default dtype).
+WEIGHT_ONLY = ("int8",)
+
+
+def resolve_weight_dtype(dtype: torch.dtype | str | None, device: torch.device | str = "cpu",
+                         name: str = "dtype") -> tuple[torch.dtype, bool]:
+    """(activation dtype, int8 weights?) of a model's ``dtype`` argument: one of
+    :func:`resolve_dtype`'s, or ``"int8"`` (weight-only int8, activations as for None)."""
+    if isinstance(dtype, str) and dtype.lower() in WEIGHT_ONLY:
+        return resolve_dtype(None, device, name), True
+    return resolve_dtype(dtype, device, name), False
+
+
 def supported_dtypes() -> tuple[torch.dtype, ...]:
     import torch
 
@@ -94,5 +108,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str = 
     canonical = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if canonical not in DTYPE_CHOICES:
         raise ValueError(f"argument '{name}' must be one of {list(DTYPE_CHOICES)} (or "
-                         f"{sorted(DTYPE_ALIASES)}), got {dtype!r}")
+                         f"{sorted(DTYPE_ALIASES)}; weights also {list(WEIGHT_ONLY)}), got "
+                         f"{dtype!r}")
     return getattr(torch, canonical)

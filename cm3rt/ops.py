@@ -25,9 +25,11 @@ __all__ = [
     "build_info",
     "cuda_available",
     "kv_append",
+    "linear",
     "pack_allowed_bits",
     "paged_attention",
     "paged_attention_workspace",
+    "quantize_int8",
     "sample_logits",
     "vq_embed",
     "vq_nearest",
@@ -420,3 +422,41 @@ def vq_embed(
                           device=codebook.device)
     _C.vq_embed(_dl(idx.contiguous()), _dl(codebook), _dl(out), bool(validate), _stream(codebook))
     return out
+
+
+# ---- linear -------------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K]^T`` (``* scales [N]`` per output channel for int8 weights)
+    with fp32 accumulation, streaming every weight row once per call.
+
+    For the few rows of a decode step (M <= 64, one per stream) this is bound by reading the
+    weights; activations are float32 or bfloat16 (``out`` has their dtype), weights float32,
+    bfloat16 or int8 (weight-only, symmetric per-channel: see :func:`quantize_int8`).
+    """
+    _require_tensor("x", x)
+    _require_tensor("weight", weight)
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"linear: arguments 'x' [M, K] and 'weight' [N, K] must be 2-D, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _C.linear(_dl(x), _dl(weight), _dl_opt(scales), _dl(out), _stream(x))
+    return out
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only symmetric int8 per output channel: ``(q int8 [N, K], scales float32 [N])``
+    with ``weight ~= q * scales[:, None]``, ``scales = max|row| / 127`` (no calibration data
+    needed; an all-zero row gets scale 1)."""
+    _require_tensor("weight", weight)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int8: argument 'weight' must be a floating [N, K] matrix, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    w = weight.float()
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()

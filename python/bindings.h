@@ -8,5 +8,6 @@ namespace cm3rt::py_binding {
 void bind_attention(pybind11::module_& m);  // kv_append, paged_attention
 void bind_sampling(pybind11::module_& m);   // sample_logits
 void bind_vq(pybind11::module_& m);         // vq_nearest, vq_embed
+void bind_linear(pybind11::module_& m);     // linear (weight-streaming, few rows)
 
 }  // namespace cm3rt::py_binding

@@ -18,4 +18,5 @@ PYBIND11_MODULE(_C, m) {
   cm3rt::py_binding::bind_attention(m);
   cm3rt::py_binding::bind_sampling(m);
   cm3rt::py_binding::bind_vq(m);
+  cm3rt::py_binding::bind_linear(m);
 }

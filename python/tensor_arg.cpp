@@ -21,6 +21,7 @@ DType convert_dtype(const dlpack::DataType& t, const std::string& name) {
         if (t.bits == 16) return DType::kBFloat16;
         break;
       case dlpack::kInt:
+        if (t.bits == 8) return DType::kInt8;
         if (t.bits == 32) return DType::kInt32;
         if (t.bits == 64) return DType::kInt64;
         break;

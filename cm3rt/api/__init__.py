@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cm3rt.api.defaults import DefaultAssets, load_defaults, open_default_bank
-from cm3rt.devices import resolve_device, resolve_dtype
+from cm3rt.devices import resolve_device, resolve_weight_dtype
 from cm3rt.engine import Engine, Request, RequestOutput, SamplingParams, TokenEvent
 from cm3rt.engine.request import TASKS, check_k_docs
 from cm3rt.tokenizer.processor import check_image, prompt_items
@@ -63,14 +63,14 @@ def load_engine(model: str | Path | None = None, *, device: str | torch.device |
         raise FileNotFoundError(f"argument 'model' must be a model directory, got "
                                 f"{str(model)!r} (no such directory)")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    key = (str(path.resolve()), str(dev), dt, tuple(sorted(engine_kwargs.items())))
+    dt, int8 = resolve_weight_dtype(dtype, dev)
+    key = (str(path.resolve()), str(dev), dt, int8, tuple(sorted(engine_kwargs.items())))
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             from cm3rt.model import load_pretrained
 
-            model_, processor = load_pretrained(path, dtype=dt, device=dev)
+            model_, processor = load_pretrained(path, dtype="int8" if int8 else dt, device=dev)
             engine = _ENGINES[key] = Engine(model_, processor, **engine_kwargs)
         return engine
 

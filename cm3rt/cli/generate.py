@@ -95,8 +95,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
                                                   "usable)")
     p.add_argument("--dtype", default=None,
-                   help=f"one of {', '.join(DTYPE_CHOICES)} (default bfloat16 on CUDA, float32 "
-                        "on the CPU)")
+                   help=f"one of {', '.join(DTYPE_CHOICES)}, or int8 (weight-only, quantised at "
+                        "load) (default bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -48,8 +48,26 @@ def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+# Rows up to which a CPU bfloat16 projection goes to cm3rt's weight-streaming kernel rather
+# than torch's (measured crossover: the kernel wins while a step is bound by reading the
+# weights, i.e. few rows; bench/bench_linear.py).
+SMALL_M = 8
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def project(x: torch.Tensor, weight: torch.Tensor,
+            scales: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T``: int8 weights (``scales`` per output channel) always, and CPU bfloat16
+    weights for few rows, through :func:`ops.linear`; everything else through torch."""
+    if scales is not None or (weight.dtype == torch.bfloat16 and not x.is_cuda
+                              and x.shape[0] <= SMALL_M):
+        return ops.linear(x, weight, scales)
+    return F.linear(x, weight)
+
+
 class ChameleonDecoderLayer(nn.Module):
-    """Weights of one decoder layer (fused QKV and gate/up projections)."""
+    """Weights of one decoder layer (fused QKV and gate/up projections). With int8 weights
+    (:meth:`ChameleonModel.quantize_int8_`) each projection has a ``<name>_scales`` buffer."""
 
     def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -65,6 +83,11 @@ class ChameleonDecoderLayer(nn.Module):
         self.o_proj = _weight((h, nq * d), dtype, device)
         self.gate_up_proj = _weight((2 * cfg.intermediate_size, h), dtype, device)  # [g; u]
         self.down_proj = _weight((h, cfg.intermediate_size), dtype, device)
+        for name in PROJECTIONS:
+            self.register_buffer(f"{name}_scales", None, persistent=False)
+
+    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return project(x, getattr(self, name), getattr(self, f"{name}_scales"))
 
     def attention(
         self,
@@ -78,7 +101,7 @@ class ChameleonDecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t = h.shape[0]
         d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv = F.linear(h, self.qkv_proj)
+        qkv = self._proj("qkv_proj", h)
         q = qkv[:, : nq * d].view(t, nq, d)
         k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
         v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # strided view: the kernels take it
@@ -93,10 +116,10 @@ class ChameleonDecoderLayer(nn.Module):
             scale=1.0 / math.sqrt(d), causal=True,
             max_q_len=meta.max_q_len, max_seq_len=meta.max_seq_len, workspace=workspace,
         )
-        return F.linear(o.view(t, nq * d), self.o_proj)
+        return self._proj("o_proj", o.view(t, nq * d))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(swiglu(F.linear(h, self.gate_up_proj)), self.down_proj)
+        return self._proj("down_proj", swiglu(self._proj("gate_up_proj", h)))
 
     def forward(
         self,
@@ -143,6 +166,7 @@ class ChameleonModel(nn.Module):
         self.norm = _weight((h,), dtype, device)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else _weight(
             (v, h), dtype, device)
+        self.weights_int8 = False  # see quantize_int8_
         self.register_buffer(
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta).to(device),
             persistent=False,
@@ -261,6 +285,20 @@ class ChameleonModel(nn.Module):
         return x
 
     @torch.inference_mode()
+    def quantize_int8_(self) -> ChameleonModel:
+        """Replace every layer's projection weights by int8 weight-only ones with a float32
+        scale per output channel (:func:`ops.quantize_int8`; no calibration data). The
+        embeddings, norms and lm_head keep the model's dtype. In place; returns ``self``."""
+        for layer in self.layers:
+            for name in PROJECTIONS:
+                if getattr(layer, f"{name}_scales") is not None:
+                    continue
+                q, scales = ops.quantize_int8(getattr(layer, name))
+                setattr(layer, name, nn.Parameter(q, requires_grad=False))
+                setattr(layer, f"{name}_scales", scales)
+        self.weights_int8 = True
+        return self
+
     def compute_logits(self, hidden: torch.Tensor,
                        head: torch.Tensor | None = None) -> torch.Tensor:
         """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``;

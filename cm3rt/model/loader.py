@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cm3rt.checkpoint import SafetensorsCheckpoint, TensorSpec
-from cm3rt.devices import resolve_device, resolve_dtype
+from cm3rt.devices import resolve_device, resolve_weight_dtype
 from cm3rt.model.chameleon import ChameleonModel
 from cm3rt.model.config import ChameleonConfig
 
@@ -92,7 +92,8 @@ def load_model(
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` (or
             ``model.safetensors.index.json`` + shards), HF weight names.
-        dtype: weight / activation dtype (float32, bfloat16 or float16, or their names);
+        dtype: weight / activation dtype (float32, bfloat16 or float16, or their names), or
+            "int8": weight-only int8 projections with per-channel scales, quantised here;
             checkpoint tensors are converted one at a time while copying.
         device: ``"cpu"`` or ``"cuda[:N]"``.
 
@@ -106,7 +107,7 @@ def load_model(
         raise FileNotFoundError(f"load_model: argument 'path' must be a model directory, "
                                 f"got {str(path)!r} (no such directory)")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype, int8 = resolve_weight_dtype(dtype, device)
     config = ChameleonConfig.from_json(path / "config.json")
     with SafetensorsCheckpoint.open_dir(path) as ckpt:
         prefix = _prefix(ckpt)
@@ -118,6 +119,8 @@ def load_model(
         del probe
         model = ChameleonModel(config, dtype, device)
         ckpt.copy_into(weight_specs(model, prefix))
+    if int8:
+        model.quantize_int8_()
     return model.eval()
 
 

@@ -27,6 +27,7 @@ enum class DType : int {
   kBool = 5,
   kUInt8 = 6,
   kFloat64 = 7,
+  kInt8 = 8,
 };
 
 inline const char* dtype_name(DType t) {
@@ -39,6 +40,7 @@ inline const char* dtype_name(DType t) {
     case DType::kBool: return "bool";
     case DType::kUInt8: return "uint8";
     case DType::kFloat64: return "float64";
+    case DType::kInt8: return "int8";
   }
   return "unknown";
 }
@@ -48,7 +50,7 @@ inline int dtype_size(DType t) {
     case DType::kFloat32: case DType::kInt32: return 4;
     case DType::kFloat16: case DType::kBFloat16: return 2;
     case DType::kInt64: case DType::kFloat64: return 8;
-    case DType::kBool: case DType::kUInt8: return 1;
+    case DType::kBool: case DType::kUInt8: case DType::kInt8: return 1;
   }
   return 0;
 }

@@ -1,0 +1,47 @@
+"""ops.linear (weight-streaming, few rows) against torch's F.linear on the same weights.
+
+Run: OMP_WAIT_POLICY=passive python -m pytest bench/bench_linear.py -q -s
+
+For M = 1 .. 64 rows and a 2816 x 1024 weight (the mid-size model's gate/up): microseconds
+per call of torch fp32 / bf16 and cm3rt fp32 / bf16 / int8, the weight GB/s each reaches,
+and the largest M where cm3rt's bf16 beats torch's (the model's SMALL_M crossover).
+One thread: the decode step of the CPU engine runs its GEMMs on the threads it has.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth, record, time_fn
+
+from cm3rt import ops
+
+
+def test_linear_vs_torch():
+    torch.set_num_threads(1)
+    N, K = 2816, 1024
+    w = torch.randn(N, K)
+    wb = w.bfloat16()
+    q, s = ops.quantize_int8(w)
+    bw = copy_bandwidth() / 2  # read bandwidth ~ half the copy's read + write
+    best = 0
+    for M in (1, 2, 4, 8, 12, 16, 32, 64):
+        x = torch.randn(M, K)
+        xb = x.bfloat16()
+        t = {"torch_f32": time_fn(lambda x=x: F.linear(x, w)),
+             "torch_bf16": time_fn(lambda xb=xb: F.linear(xb, wb)),
+             "cm3rt_f32": time_fn(lambda x=x: ops.linear(x, w)),
+             "cm3rt_bf16": time_fn(lambda xb=xb: ops.linear(xb, wb)),
+             "cm3rt_int8": time_fn(lambda x=x: ops.linear(x, q, s))}
+        if t["cm3rt_bf16"] < t["torch_bf16"]:
+            best = M
+        nbytes = {"f32": 4 * N * K, "bf16": 2 * N * K, "int8": N * K}
+        record(bench="linear", M=M, **{k: f"{v * 1e6:.0f}us" for k, v in t.items()},
+               cm3rt_bf16_of_read_bw=f"{nbytes['bf16'] / t['cm3rt_bf16'] / bw:.2f}",
+               cm3rt_int8_of_read_bw=f"{nbytes['int8'] / t['cm3rt_int8'] / bw:.2f}")
+    record(bench="linear", M="crossover", cm3rt_bf16=f"cm3rt bf16 faster up to M={best}")

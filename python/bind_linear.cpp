@@ -1,0 +1,81 @@
+// Bindings of csrc/linear: the weight-streaming linear layer.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.h"
+#include "linear/linear.h"
+#include "tensor_arg.h"
+
+namespace cm3rt::py_binding {
+
+namespace {
+
+void linear(py::handle x_obj, py::handle w_obj, py::handle scales_obj, py::handle out_obj,
+            std::uintptr_t stream) {
+  const std::string op = "linear";
+  TensorArg x = import_tensor(x_obj, "x"), w = import_tensor(w_obj, "weight");
+  TensorArg out = import_tensor(out_obj, "out"), scales;
+  const bool has_scales = import_optional(scales_obj, "scales", scales);
+  check_device_supported(op, x);
+  check_same_device(op, x, w);
+  check_same_device(op, x, out);
+  check_dtype(op, x, {DType::kFloat32, DType::kBFloat16});
+  check_dtype(op, w, {DType::kFloat32, DType::kBFloat16, DType::kInt8});
+  check_rank(op, x, 2, "[M, K]");
+  check_rank(op, w, 2, "[N, K]");
+  const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
+  check_shape(op, w, {N, K}, "[N, K] (K = x's last dim)");
+  check_last_dim_contiguous(op, x);
+  check_last_dim_contiguous(op, w);
+  checked_int(op, x, 0);
+  checked_int(op, x, 1);
+  checked_int(op, w, 0);
+  check_same_dtype(op, x, out);
+  check_shape(op, out, {M, N}, "[M, N]");
+  check_last_dim_contiguous(op, out);
+  check_writable(op, out);
+  const bool int8 = w.dtype == DType::kInt8;
+  if (int8 != has_scales)
+    fail_value(op, int8 ? "argument 'scales' is required with int8 weights ([N] float32)"
+                        : "argument 'scales' goes with int8 weights only, got " +
+                              std::string(dtype_name(w.dtype)) + " weights");
+  if (has_scales) {
+    check_same_device(op, x, scales);
+    check_dtype(op, scales, {DType::kFloat32});
+    check_shape(op, scales, {N}, "[N]");
+    check_contiguous(op, scales);
+  }
+  if (M == 0 || N == 0) return;
+  LinearParams p{};
+  p.x = x.data;
+  p.x_stride = x.strides[0];
+  p.x_dtype = x.dtype;
+  p.w = w.data;
+  p.w_stride = w.strides[0];
+  p.w_dtype = w.dtype;
+  p.scales = has_scales ? scales.ptr<const float>() : nullptr;
+  p.out = out.data;
+  p.out_stride = out.strides[0];
+  p.M = int(M);
+  p.N = int(N);
+  p.K = int(K);
+  if (x.is_cuda()) {
+    linear_cuda(p, stream_ptr(stream));
+  } else {
+    py::gil_scoped_release release;
+    linear_cpu(p);
+  }
+}
+
+}  // namespace
+
+void bind_linear(py::module_& m) {
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("out"),
+        py::arg("stream") = 0,
+        "out[M, N] = x[M, K] @ weight[N, K]^T (* scales[N] for int8 weights), fp32 "
+        "accumulation; weights float32 / bfloat16 / int8, activations float32 / bfloat16.");
+}
+
+}  // namespace cm3rt::py_binding
