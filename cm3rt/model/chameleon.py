@@ -49,9 +49,10 @@ def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 
 
 # Rows up to which a CPU bfloat16 projection goes to cm3rt's weight-streaming kernel rather
-# than torch's (measured crossover: the kernel wins while a step is bound by reading the
-# weights, i.e. few rows; bench/bench_linear.py).
-SMALL_M = 8
+# than torch's. Measured by bench/bench_linear.py on an AVX2 CPU (no bf16 instructions),
+# where torch's bf16 GEMM is 2-4x slower than the kernel at every M up to 64; on a CPU with
+# AVX-512 BF16 rerun the bench and lower it where torch wins.
+SMALL_M = 64
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
