@@ -8,6 +8,8 @@ Run: python -m pytest bench/bench_engine.py -q -s [--bench-device cuda]
   cm3rt: an image span of 256 codes, guidance on for every token). Each side runs in its
   own process so peak memory is its own. Prints tokens/s, peak memory, the ratio.
   Target on the CPU: cm3rt >= 3x HF.
+* ``test_cm3rt_weight_dtypes`` (CPU): cm3rt in float32 / bfloat16 / int8 weight-only on the
+  same weights, tokens/s and the ratio to float32 (targets 1.7x and 2.5x).
 * ``test_decode_step_vs_bandwidth_floor`` (CUDA only): 7B-shaped random weights (bf16),
   8 streams (4 CFG pairs); the mean decode step time against the time to read the weights
   once at the copy bandwidth measured in the same run. Target <= 1.3x.
@@ -190,22 +192,24 @@ def worker(argv: list[str]) -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default=None, help="cm3rt: float32, bfloat16 or int8")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    dtype = a.dtype or (torch.bfloat16 if a.device == "cuda" else torch.float32)
     run = run_cm3rt if a.side == "cm3rt" else run_hf
     print("RESULT " + json.dumps(run(Path(a.model_dir), a.device, dtype)))
 
 
-def spawn(side: str, model_dir: Path, device: str) -> dict:
+def spawn(side: str, model_dir: Path, device: str, dtype: str | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     # CPU threads of both sides (default 1: on a shared machine OpenMP spin-waits of a
     # descheduled second thread cost more than the thread gains).
     threads = os.environ.get("CM3RT_BENCH_THREADS", "1" if device == "cpu" else "0")
+    extra = ["--dtype", dtype] if dtype else []
     proc = subprocess.run([sys.executable, __file__, side, str(model_dir), "--device", device,
-                           "--threads", threads],
+                           "--threads", threads, *extra],
                           check=False, capture_output=True, text=True, env=env,
                           timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -231,6 +235,21 @@ def test_engine_vs_hf(bench_device, mid_model_dir):
            hf_peak_MB=round(hf["peak_bytes"] / 2**20),
            threads=os.environ.get("CM3RT_BENCH_THREADS", "1" if bench_device == "cpu" else ""),
            target=">=3x (cpu)" if bench_device == "cpu" else "")
+
+
+def test_cm3rt_weight_dtypes(bench_device, mid_model_dir):
+    """cm3rt on the same weights in float32, bfloat16 and int8 (weight-only): tokens/s and
+    the ratio to float32. Targets: bf16 >= 1.7x, int8 >= 2.5x cm3rt fp32."""
+    if bench_device != "cpu":
+        pytest.skip("the CPU weight formats")
+    runs = {dt: spawn("cm3rt", mid_model_dir, "cpu", dt)
+            for dt in ("float32", "bfloat16", "int8")}
+    tps = {dt: r["tokens"] / r["seconds"] for dt, r in runs.items()}
+    for dt in runs:
+        record(bench="engine_weight_dtype", device="cpu", dtype=dt,
+               cm3rt_tok_s=round(tps[dt], 1), vs_fp32=round(tps[dt] / tps["float32"], 2),
+               peak_MB=round(runs[dt]["peak_bytes"] / 2**20),
+               target={"bfloat16": ">=1.7x", "int8": ">=2.5x"}.get(dt, ""))
 
 
 def decode_step_vs_floor(device: str, shape: dict, new_tokens: int = 128) -> dict:
