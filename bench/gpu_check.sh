@@ -22,6 +22,7 @@ timeout 150 python3 -m pytest -q -x -m cuda tests -p no:cacheprovider 2>&1 | tee
 echo "== kernel and model benchmarks"
 timeout 120 python3 -m pytest -q -s bench -p no:cacheprovider --bench-device cuda \
   --benchmark-disable --ignore=bench/bench_engine.py --ignore=bench/bench_retrieval.py \
+  --ignore=bench/bench_serve.py --ignore=bench/bench_linear.py \
   2>&1 | tee "$out/bench.log" | sed -n '/derived benchmark numbers/,$p'
 echo "== engine benchmark (cm3rt vs HF, 7B-shaped decode step vs bandwidth floor)"
 timeout 120 python3 -m pytest -q -s bench/bench_engine.py -p no:cacheprovider \

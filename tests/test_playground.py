@@ -7,9 +7,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from serve_fixtures import start_server
 
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api")
+from serve_fixtures import start_server  # after the skips: it needs httpx
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get "
                                 "install chromium)")
