@@ -83,9 +83,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._requests
-
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
@@ -93,14 +90,7 @@ class Engine:
                     params: SamplingParams | None = None) -> str:
         """Validate and queue a request; returns its id. Bad input raises ValueError /
         TypeError naming the argument (nothing is queued then)."""
-        if isinstance(request, (str, TokenPrompt)):
-            request = Request(prompt=request, params=params or SamplingParams())
-        elif not isinstance(request, Request):
-            raise TypeError(f"argument 'request' must be a Request, str or TokenPrompt, got "
-                            f"{type(request).__name__}")
-        elif params is not None:
-            raise ValueError("give the SamplingParams inside the Request or as 'params', "
-                             "not both")
+        request = Request.of(request, params)
         rid = request.request_id if request.request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already in the engine")

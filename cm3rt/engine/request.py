@@ -74,6 +74,21 @@ class Request:
     request_id: str | None = None
     scorer: Callable[[str, list[Any]], Sequence[float]] | None = None
 
+    @classmethod
+    def of(cls, request: Request | str | TokenPrompt,
+           params: SamplingParams | None = None) -> Request:
+        """``request`` as a Request: a str or TokenPrompt gets ``params`` (default
+        SamplingParams()); a Request must carry its own."""
+        if isinstance(request, (str, TokenPrompt)):
+            return cls(prompt=request, params=params or SamplingParams())
+        if not isinstance(request, Request):
+            raise TypeError(f"argument 'request' must be a Request, str or TokenPrompt, got "
+                            f"{type(request).__name__}")
+        if params is not None:
+            raise ValueError("give the SamplingParams inside the Request or as 'params', "
+                             "not both")
+        return request
+
     def __post_init__(self) -> None:
         if not isinstance(self.params, SamplingParams):
             raise TypeError(f"argument 'params' must be a SamplingParams, got "

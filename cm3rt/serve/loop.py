@@ -166,7 +166,7 @@ class EngineLoop:
                     self._accept(ticket, None)
             elif kind == "abort":
                 ticket = self._tickets.get(arg)
-                if ticket is not None and self.engine.has_request(arg):
+                if ticket is not None and arg in self.engine.request_ids():
                     out = self.engine.abort(arg)
                     self._finish_ticket(ticket)
                     self.metrics.on_finished(ticket, out, aborted=True)
