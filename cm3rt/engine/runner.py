@@ -83,6 +83,7 @@ class ModelRunner:
             if not out.samples:
                 return [], []  # a pure-prefill step (chunks that stop short of the end)
             image_only = self.image_head is not None and all(g.in_image for g in out.samples)
+            # (self.image_head: lm_head rows of the image codes, int8 + scales on int8 models)
             logits = self.model.compute_logits(hidden.index_select(0, x.rows),
                                                self.image_head if image_only else None)
         tokens, logprobs = ops.sample_logits(

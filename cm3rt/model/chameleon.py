@@ -289,7 +289,8 @@ class ChameleonModel(nn.Module):
     def quantize_int8_(self) -> ChameleonModel:
         """Replace every layer's projection weights by int8 weight-only ones with a float32
         scale per output channel (:func:`ops.quantize_int8`; no calibration data). The
-        embeddings, norms and lm_head keep the model's dtype. In place; returns ``self``."""
+        embeddings, norms and lm_head keep the model's dtype (the image-span copy of the
+        image rows, :meth:`lm_head_rows`, is int8 too). In place; returns ``self``."""
         for layer in self.layers:
             for name in PROJECTIONS:
                 if getattr(layer, f"{name}_scales") is not None:
@@ -301,19 +302,24 @@ class ChameleonModel(nn.Module):
         return self
 
     def compute_logits(self, hidden: torch.Tensor,
-                       head: torch.Tensor | None = None) -> torch.Tensor:
+                       head: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> torch.Tensor:
         """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``;
         with ``head`` (rows of lm_head, from :meth:`lm_head_rows`) only those ``[N, K]``."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"argument 'hidden' must be [N, {self.config.hidden_size}], got "
                              f"{tuple(hidden.shape)}")
         h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head if head is None else head).float()
+        weight, scales = (self.lm_head, None) if head is None else \
+            head if isinstance(head, tuple) else (head, None)
+        return project(h, weight, scales).float()
 
-    def lm_head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def lm_head_rows(self, token_ids: torch.Tensor):
         """A contiguous copy of the lm_head rows of ``token_ids`` (e.g. the image codes:
-        inside an image span only they can be sampled, so only they need logits)."""
-        return self.lm_head.index_select(0, token_ids.to(self.lm_head.device)).contiguous()
+        inside an image span only they can be sampled, so only they need logits), for
+        :meth:`compute_logits`; with int8 weights the copy is int8 too, ``(rows, scales)``."""
+        rows = self.lm_head.index_select(0, token_ids.to(self.lm_head.device)).contiguous()
+        return ops.quantize_int8(rows) if self.weights_int8 else rows
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
