@@ -28,15 +28,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from train_common import REPO, Timer, split_records  # noqa: F401  (REPO: sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from build_banks import embed_documents  # noqa: E402
+from build_banks import embed_documents
 
-from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS  # noqa: E402
+from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS
 
 
 def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 256
@@ -97,8 +96,8 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
     for column in ("none", "bank", "right", "wrong"):
         reqs = []
         for k, p in enumerate(prompts):
-            held = [(o.colour, o.shape) for o in parse_caption(p.text).objects
-                    if (o.colour, o.shape) in HELD_OUT_PAIRS][0]
+            held = next((o.colour, o.shape) for o in parse_caption(p.text).objects
+                        if (o.colour, o.shape) in HELD_OUT_PAIRS)
             bank = {"none": None, "bank": full, "right": open_cached(banks[held]),
                     "wrong": open_cached(banks[wrong_of[held]])}[column]
             reqs.append(Request(prompt=p.text, task="text_to_image",

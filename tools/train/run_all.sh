@@ -6,14 +6,14 @@
 # One thread for every heavy step (the machine is shared); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
-# Environment: THREADS (default 1), DECODER_STEPS (default 1600), EVAL_PROMPTS (200),
+# Environment: THREADS (default 1), DECODER_STEPS (default 2400), EVAL_PROMPTS (200),
 # PACKAGE=0 to stop before writing cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
 DATA=$RUNS/shapes
 THREADS=${THREADS:-1}
-DECODER_STEPS=${DECODER_STEPS:-1600}
+DECODER_STEPS=${DECODER_STEPS:-2400}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
@@ -39,7 +39,7 @@ step vqgan_gate python $T/train_vqgan.py --out "$RUNS/vqgan" --eval --threads "$
 step encode_images python $T/encode_images.py --data "$DATA" --vqgan "$RUNS/vqgan/vqgan" \
     --out "$RUNS/codes" --threads "$THREADS"
 step train_clip python $T/train_clip.py --data "$DATA" --tokenizer "$RUNS/tokenizer" \
-    --out "$RUNS/clip" --threads "$THREADS" --pairs 102400
+    --out "$RUNS/clip" --threads "$THREADS" --pairs 204800
 step clip_gate python $T/train_clip.py --data "$DATA" --out "$RUNS/clip" --eval --threads "$THREADS"
 step build_banks python $T/build_banks.py --data "$DATA" --codes "$RUNS/codes" \
     --clip "$RUNS/clip/clip" --vqgan "$RUNS/vqgan/vqgan" --out "$RUNS/banks" --threads "$THREADS"

@@ -50,7 +50,7 @@ from train_common import (
     to_pixels,
 )
 
-from cm3rt.demo.shapes.vocab import IMAGE_SIZE  # noqa: E402
+from cm3rt.demo.shapes.vocab import IMAGE_SIZE
 
 EXPORT = "clip"
 GATE = 0.90

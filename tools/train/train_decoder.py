@@ -85,7 +85,7 @@ class DecoderOptions:
     out: Path
     seed: int = 0
     threads: int = 1
-    steps: int = 1600
+    steps: int = 2400
     tokens_per_step: int = 4096
     lr: float = 2e-3
     mixture: tuple[float, ...] = (0.35, 0.12, 0.08, 0.15, 0.30)

@@ -307,7 +307,7 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
         rng = step_rng(opts.seed, 2, step)
         x = source.batch(rng, opts.crop_batch if phase1 else opts.image_batch,
                          32 if phase1 else None)
-        n_dense = 0 if phase1 else int(round(opts.dense * x.shape[0]))
+        n_dense = 0 if phase1 else round(opts.dense * x.shape[0])
         if n_dense:
             x = torch.cat([x[n_dense:], dense_batch(rng, n_dense, x.shape[-1])])
         for g in opt.param_groups:
