@@ -33,7 +33,7 @@ def runs(tmp_path_factory) -> Path:
     its two successors: the script must not care how they were chosen)."""
     root = tmp_path_factory.mktemp("decoder")
     make_dataset.make_dataset(make_dataset.DatasetOptions(root / "shapes", seed=5, train=60,
-                                                          bank=8, eval=2))
+                                                          bank=8, eval=2, novel=120))
     assert train_tokenizer.main(["--data", str(root / "shapes"), "--out", str(root / "tok"),
                                  "--quick"]) == 0
     assert train_vqgan.main(["--data", str(root / "shapes"), "--out", str(root / "vq"),
@@ -41,6 +41,9 @@ def runs(tmp_path_factory) -> Path:
     assert encode_images.main(["--data", str(root / "shapes"), "--vqgan",
                                str(root / "vq" / "vqgan"), "--out", str(root / "codes"),
                                "--splits", "train", "--quick"]) == 0
+    assert encode_images.main(["--data", str(root / "shapes"), "--vqgan",
+                               str(root / "vq" / "vqgan"), "--out", str(root / "codes"),
+                               "--splits", "novel"]) == 0
     n = np.load(root / "codes" / "train_codes.npy").shape[0]
     retr = np.stack([(np.arange(n) + 1) % n, (np.arange(n) + 2) % n], 1).astype(np.int32)
     retr[::7, 1] = -1  # some records have one doc only
@@ -69,7 +72,8 @@ def test_module_matches_cm3rt_inference_model(runs, tmp_path):
     opts = _options(runs, tmp_path)
     src = train_decoder.SequenceSource(opts)
     torch.manual_seed(0)
-    module = decoder_model.TrainableChameleon(train_decoder.model_config(opts, 512 + 512))
+    module = decoder_model.TrainableChameleon(
+        train_decoder.model_config(opts, train_decoder.padded_vocab(src.tok)))
     with torch.no_grad():  # non-trivial norms, so a swapped weight name would show
         for name, p in module.named_parameters():
             if "norm" in name:
@@ -95,7 +99,8 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
 
     opts = _options(runs, tmp_path)
     src = train_decoder.SequenceSource(opts)
-    module = decoder_model.TrainableChameleon(train_decoder.model_config(opts, 1024))
+    module = decoder_model.TrainableChameleon(
+        train_decoder.model_config(opts, train_decoder.padded_vocab(src.tok)))
     model_dir = train_decoder.export(module, opts, src)
     model, proc = load_pretrained(model_dir)
     vocab = VocabInfo.from_processor(proc, model.config.vocab_size)
@@ -133,6 +138,44 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
     assert ids[-1] == src.eos and ids[1] == src.boi
     ids, _ = src.build("infill", i, rng, 0.0)
     assert src.mask in ids and src.infill in ids and ids[-1] == src.eos
+
+
+def test_novel_episodes_need_their_documents(runs, tmp_path):
+    from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS, NONCE_WORDS
+
+    src = train_decoder.SequenceSource(_options(runs, tmp_path))
+    nv = src.novel
+    assert nv is not None and nv.targets
+    held_names = [f"{c} {s}" for c, s in HELD_OUT_PAIRS]
+    for seed in range(30):
+        ids, mask = src.build("novel", 0, np.random.default_rng(seed), 0.0)
+        assert ids[0] == src.bos and ids[-1] == src.eoi and len(ids) == len(mask)
+        body_start = mask.index(1)
+        assert not any(mask[:body_start]) and all(mask[body_start:])
+        # one or more documents come first: each ends with an image
+        context = ids[:body_start]
+        assert context.count(src.boi) >= 1 and context.count(src.boi) == context.count(src.eoi)
+        text = src.tok.decode([t for t in ids if t < src.images.min()])
+        assert any(w in text for w in NONCE_WORDS)
+        assert not any(name in text for name in held_names), text  # never by its name
+        # the target's image is a novel scene showing its look; a document shows it too
+        target = ids[body_start:]
+        target_codes = target[target.index(src.boi) + 1: -1]
+        rows = [j for j in range(len(nv.recs))
+                if src.novel_images[j].tolist() == target_codes]
+        assert rows
+        look = nv.key(rows[0])[0]
+        doc_images = []
+        k = 0
+        while src.boi in context[k:]:
+            b = context.index(src.boi, k)
+            e = context.index(src.eoi, b)
+            doc_images.append(context[b + 1: e])
+            k = e + 1
+        assert any(any(nv.key(j)[0] == look and src.novel_images[j].tolist() == d
+                       for j in nv.by_look[look]) for d in doc_images)
+    assert train_decoder.nonce_caption("an orange star above two orange stars",
+                                       ("orange", "star"), "dax") == "a dax above two daxs"
 
 
 def test_quick_run_exports_a_loadable_model(runs, tmp_path):

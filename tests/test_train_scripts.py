@@ -32,7 +32,7 @@ def runs(tmp_path_factory) -> Path:
     """A tiny dataset plus the outputs of steps 1-3 (each script run once)."""
     root = tmp_path_factory.mktemp("train")
     make_dataset.make_dataset(make_dataset.DatasetOptions(root / "shapes", seed=3, train=64,
-                                                          bank=40, eval=4))
+                                                          bank=40, eval=4, novel=8))
     assert train_tokenizer.main(["--data", str(root / "shapes"), "--out", str(root / "tok"),
                                  "--quick"]) == 0
     assert train_vqgan.main(["--data", str(root / "shapes"), "--out", str(root / "vq"),
@@ -51,15 +51,15 @@ def test_tokenizer_layout_and_loading(runs):
     assert [tok.token_to_id(s) for s in specials] == list(range(8))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.boi_id, tok.eoi_id) == (0, 1, 2, 6, 7)
     assert (tok.mask_id, tok.infill_id) == (4, 5)
-    assert tok.num_image_codes == 512
+    assert tok.num_image_codes == 1024
     ids = tok.image_token_ids
     # image tokens come after every text token, in code order
-    assert ids.tolist() == list(range(tok.vocab_size - 512, tok.vocab_size))
+    assert ids.tolist() == list(range(tok.vocab_size - 1024, tok.vocab_size))
     assert tok.id_to_token(int(ids[123])) == "IMGIMGBCDZ"
     caption = json.loads((runs / "shapes" / "train.jsonl").open().readline())["text"]
     enc = tok.encode(caption)
     assert tok.decode(enc) == caption
-    assert all(i < tok.vocab_size - 512 and i >= 8 for i in enc)
+    assert all(i < tok.vocab_size - 1024 and i >= 8 for i in enc)
     # the world's words are whole tokens: far fewer tokens than characters
     assert len(enc) <= len(caption.split()) + 2
 
@@ -68,15 +68,15 @@ def test_vqgan_export_loads_and_round_trips(runs):
     from cm3rt.tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(runs / "vq" / "vqgan")
-    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (64, 256, 512)  # f = 4
+    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (48, 36, 1024)  # f = 8
     assert tok.has_decoder
     info = json.loads((runs / "vq" / "checkpoint.json").read_text())
     assert info["step"] == 6  # quick: 4 crop steps + 2 full-image steps
     with Image.open(runs / "shapes" / "train" / "00000" / "0000000.png") as im:
         codes = tok.encode([im.convert("RGB")])
-    assert codes.shape == (1, 256) and int(codes.min()) >= 0 and int(codes.max()) < 512
+    assert codes.shape == (1, 36) and int(codes.min()) >= 0 and int(codes.max()) < 1024
     (out,) = tok.decode(codes)
-    assert out.size == (64, 64)
+    assert out.size == (48, 48)
 
 
 def test_vqgan_resume_is_exact(runs, tmp_path):
@@ -135,7 +135,7 @@ def test_encoded_codes_match_the_loaded_tokenizer(runs):
     assert meta["identity"] == tok.identity()
     for split in ("train", "bank"):
         codes = np.load(runs / "codes" / f"{split}_codes.npy")
-        assert codes.dtype == np.uint16 and codes.shape == (40, 256)
+        assert codes.dtype == np.uint16 and codes.shape == (40, 36)
         recs = [json.loads(line) for line in (runs / "shapes" / f"{split}.jsonl").open()][:40]
         pick = [0, 17, 39]
         images = []

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/shapes"))
     p.add_argument("--vqgan", type=Path, default=Path("data/runs/vqgan/vqgan"))
     p.add_argument("--out", type=Path, default=Path("data/runs/codes"))
-    p.add_argument("--splits", nargs="+", default=["train", "bank"])
+    p.add_argument("--splits", nargs="+", default=["train", "bank", "novel"])
     p.add_argument("--chunk", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="first 40 records of each split")

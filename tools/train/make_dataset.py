@@ -10,6 +10,9 @@ Splits (each its own seed stream, so they never share a scene by construction):
     bank   the retrieval memory bank shipped with the model: any pair, and every fourth
            scene's first object is a held-out pair, so each held-out concept is in the bank.
     eval   prompts about held-out pairs (attribute combinations the decoder never saw).
+    novel  looks for the decoder's novel-concept episodes (any pair): train_decoder.py only
+           uses them with the colour x shape of one object replaced by a per-sequence nonce
+           word (``vocab.NONCE_WORDS``), so a held-out pair's name never reaches the decoder.
 
 For each split: ``<split>.jsonl`` (one line per scene: image path relative to --out, a
 caption ``text``, further ``captions`` from other templates, the ``canonical`` caption,
@@ -34,8 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cm3rt.demo.shapes import HELD_OUT_PAIRS, WorldConfig, sample_scene, uses_held_out
+from cm3rt.demo.shapes.vocab import IMAGE_SIZE
 
-SPLIT_CODES = {"train": 1, "bank": 2, "eval": 3}
+SPLIT_CODES = {"train": 1, "bank": 2, "eval": 3, "novel": 4}
 """Second word of each split's seed: numpy.random.default_rng([seed, code, index])."""
 
 BANK_HELD_OUT_EVERY = 4
@@ -59,8 +63,9 @@ class DatasetOptions:
     train: int = 60000
     bank: int = 4000
     eval: int = 400
-    image_size: int = 64
+    image_size: int = IMAGE_SIZE
     captions: int = 4
+    novel: int = 12000
 
     def __post_init__(self) -> None:
         for name in ("seed", "train", "bank", "eval"):
@@ -82,6 +87,8 @@ def split_config(split: str, index: int) -> WorldConfig:
         return WorldConfig(concepts="held_out" if held else "all")
     if split == "eval":
         return WorldConfig(concepts="held_out")
+    if split == "novel":
+        return WorldConfig(concepts="all")
     raise ValueError(f"split must be one of {tuple(SPLIT_CODES)}, got {split!r}")
 
 
@@ -152,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=DatasetOptions.train)
     p.add_argument("--bank", type=int, default=DatasetOptions.bank)
     p.add_argument("--eval", type=int, default=DatasetOptions.eval)
+    p.add_argument("--novel", type=int, default=DatasetOptions.novel)
     p.add_argument("--image-size", type=int, default=DatasetOptions.image_size)
     p.add_argument("--captions", type=int, default=DatasetOptions.captions)
     a = p.parse_args(argv)
     try:
-        opts = DatasetOptions(a.out, a.seed, a.train, a.bank, a.eval, a.image_size, a.captions)
+        opts = DatasetOptions(a.out, a.seed, a.train, a.bank, a.eval, a.image_size, a.captions,
+                              novel=a.novel)
     except ValueError as exc:
         p.error(str(exc))
     manifest = make_dataset(opts)

@@ -190,14 +190,13 @@ procedural shapes world only, on a 2-core CPU machine. Every script is seeded.
 
 ## Commands
 
-    python tools/train/make_dataset.py --out data/shapes --seed 0 --train 20000 --bank 4000 --eval 400
-    python tools/train/train_tokenizer.py --data data/shapes --out data/runs/tokenizer
-    python tools/train/train_vqgan.py --data data/shapes --out data/runs/vqgan
-    python tools/train/encode_images.py --data data/shapes --vqgan data/runs/vqgan/vqgan --out data/runs/codes
-    python tools/train/train_clip.py --data data/shapes --tokenizer data/runs/tokenizer --out data/runs/clip
-    python tools/train/build_banks.py --data data/shapes --codes data/runs/codes --clip data/runs/clip/clip --vqgan data/runs/vqgan/vqgan --out data/runs/banks
-    python tools/train/train_decoder.py --data data/shapes --out data/runs/decoder --threads 2
-    python tools/train/package_default.py --decoder {opts.decoder} --tokenizer {opts.tokenizer} --vqgan {opts.vqgan} --clip {opts.clip} --bank {opts.bank}
+    tools/train/run_all.sh data/runs12      # every step below, seeded, resumable, timed
+
+which runs `make_dataset.py` (30,000 train / 4,000 bank / 400 eval / 12,000 novel scenes),
+`train_tokenizer.py`, `train_vqgan.py` (+ `--eval`), `encode_images.py`, `train_clip.py`
+(+ `--eval`), `build_banks.py`, `train_decoder.py` (+ `--select`), `package_default.py`,
+`cm3rt eval` and `copy_diagnostic.py`; this directory was packaged from
+`--decoder {opts.decoder}`.
 
 ## Seeds
 

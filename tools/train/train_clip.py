@@ -50,11 +50,14 @@ from train_common import (
     to_pixels,
 )
 
+from cm3rt.demo.shapes.vocab import IMAGE_SIZE
+
 EXPORT = "clip"
 GATE = 0.90
 VISION_TOWERS = ("resnet", "vit")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Pixels scaled to [-1, 1], as for the VQGAN; 64 px renders pass resize / crop unchanged.
+# Pixels scaled to [-1, 1], as for the VQGAN; the world's renders (IMAGE_SIZE px) pass
+# resize / crop unchanged.
 PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
               "resize_mode": "shortest"}
 
@@ -111,10 +114,10 @@ def model_config(opts: ClipOptions, vocab_size: int, eos_id: int, pad_id: int) -
     """The open_clip ``model_cfg`` of the tiny CLIP."""
     heads = opts.width // 32
     if opts.vision == "vit":
-        vision = {"image_size": 64, "patch_size": 8, "width": opts.width,
+        vision = {"image_size": IMAGE_SIZE, "patch_size": 8, "width": opts.width,
                   "layers": opts.layers, "head_width": 32, "mlp_ratio": 4.0}
     else:  # open_clip builds a ModifiedResNet when 'layers' is a list
-        vision = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}
+        vision = {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16}
     return {
         "embed_dim": opts.embed_dim,
         "vision_cfg": vision,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,11 +51,12 @@ from train_common import (
     step_rng,
 )
 
+from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS, NONCE_WORDS, SHAPE_PLURALS, article
 from cm3rt.tokenizer.text import TextTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
 EXPORT = "model"
-KINDS = ("t2i", "i2t", "infill", "ra")
+KINDS = ("t2i", "i2t", "infill", "ra", "novel")
 VQGAN_FILES = ("vqgan.safetensors", "vqgan_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -82,14 +84,14 @@ class DecoderOptions:
     vqgan: Path
     out: Path
     seed: int = 0
-    threads: int = 2
-    steps: int = 1400
-    tokens_per_step: int = 6144
+    threads: int = 1
+    steps: int = 2400
+    tokens_per_step: int = 4096
     lr: float = 2e-3
-    mixture: tuple[float, float, float, float] = (0.40, 0.15, 0.10, 0.35)
+    mixture: tuple[float, ...] = (0.35, 0.12, 0.08, 0.15, 0.30)
     p_uncond: float = 0.10
     hidden: int = 192
-    layers: int = 6
+    layers: int = 4
     heads: int = 6
     kv_heads: int = 2
     ffn: int = 512
@@ -107,8 +109,58 @@ class DecoderOptions:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
 
 
+def nonce_caption(text: str, look: tuple[str, str], word: str) -> str:
+    """``text`` with every mention of the colour x shape ``look`` ("a small red star",
+    "two red stars", "red star") renamed to the nonce ``word`` ("a small dax", "two daxs")."""
+    colour, shape = look
+    text = re.sub(rf"\b{colour} {SHAPE_PLURALS[shape]}\b", word + "s", text)
+
+    def with_article(m: re.Match) -> str:
+        size = m.group(2) or ""
+        return f"{article(size or word)} {size}{word}"
+
+    text = re.sub(rf"\b(an?) ((?:small |large )?){colour} {shape}\b", with_article, text)
+    return re.sub(rf"\b{colour} {shape}\b", word, text)
+
+
+class NovelLooks:
+    """The novel split indexed by look, for the novel-concept episodes.
+
+    Scene ``i`` can show look L = (colour, shape) when one of its objects is L and every
+    other object is L or a train pair: after renaming L to a nonce word, no held-out pair's
+    name is left in its captions."""
+
+    def __init__(self, recs: list[dict]) -> None:
+        self.recs = recs
+        self.by_look: dict[tuple[str, str], list[int]] = {}
+        self.by_key: dict[tuple, list[int]] = {}
+        self.targets: list[tuple[int, tuple[str, str]]] = []
+        for i, r in enumerate(recs):
+            objs = r["scene"]["objects"]
+            for o in objs[:1]:  # the first object is the episode's look
+                look = (o["colour"], o["shape"])
+                if any((p["colour"], p["shape"]) != look
+                       and (p["colour"], p["shape"]) in HELD_OUT_PAIRS for p in objs):
+                    continue
+                self.targets.append((i, look))
+                self.by_look.setdefault(look, []).append(i)
+                key = (look, o["size"], r["scene"]["background"])
+                self.by_key.setdefault(key, []).append(i)
+        # a target needs another scene of its look for the documents
+        self.targets = [(i, lk) for i, lk in self.targets if len(self.by_look[lk]) >= 2]
+        self.looks = sorted(lk for lk, rows in self.by_look.items() if len(rows) >= 2)
+        if not self.targets:
+            raise ValueError("the novel split has no look shown in two scenes")
+
+    def key(self, i: int) -> tuple:
+        r = self.recs[i]
+        o = r["scene"]["objects"][0]
+        return ((o["colour"], o["shape"]), o["size"], r["scene"]["background"])
+
+
 class SequenceSource:
-    """Builds the training sequences of the mixture from the train split."""
+    """Builds the training sequences of the mixture from the train split (and the novel
+    split, for the novel-concept episodes)."""
 
     def __init__(self, opts: DecoderOptions) -> None:
         self.recs = split_records(opts.data, "train", opts.limit)
@@ -141,10 +193,21 @@ class SequenceSource:
         self.captions = [[t.encode(c) for c in r["captions"]] + [t.encode(r["canonical"])]
                          for r in self.recs]
         self.doc_text = [t.encode(r["text"]) for r in self.recs]
+        self.novel = None
+        if opts.mixture[KINDS.index("novel")] > 0:
+            # every novel record that has codes (``limit`` applies to the train split)
+            ncodes = np.load(opts.codes / "novel_codes.npy", allow_pickle=False)
+            nrecs = split_records(opts.data, "novel")[:ncodes.shape[0]]
+            ncodes = ncodes[:len(nrecs)]
+            if len(nrecs) < 2:
+                raise ValueError(f"novel episodes need the novel split and its codes "
+                                 f"({opts.codes}/novel_codes.npy)")
+            self.novel = NovelLooks(nrecs)
+            self.novel_images = table[ncodes.astype(np.int64)]
         self.canonical_words = [r["canonical"].split(" ") for r in self.recs]
         ntok = self.images.shape[1]
         self.typical = {"t2i": ntok + 20, "i2t": ntok + 25, "infill": ntok + 30,
-                        "ra": 3 * ntok + 60}
+                        "ra": 3 * ntok + 60, "novel": 3 * ntok + 60}
 
     def __len__(self) -> int:
         return len(self.recs)
@@ -152,9 +215,59 @@ class SequenceSource:
     def image(self, i: int) -> list[int]:
         return [self.boi, *self.images[i].tolist(), self.eoi]
 
+    def novel_image(self, j: int) -> list[int]:
+        return [self.boi, *self.novel_images[j].tolist(), self.eoi]
+
+    def build_novel(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A novel-concept episode: a look (any colour x shape, held-out pairs included)
+        is renamed to a nonce word drawn for this sequence; 1-2 documents show it under
+        that word (the first matches the target's size and background 60% of the time),
+        sometimes next to a distractor document (another look, another nonce word), and
+        the target names it only by the nonce word, so its codes can only come from the
+        documents."""
+        nv = self.novel
+        i, look = nv.targets[int(rng.integers(len(nv.targets)))]
+        words = rng.choice(len(NONCE_WORDS), size=2, replace=False)
+        word, other_word = NONCE_WORDS[int(words[0])], NONCE_WORDS[int(words[1])]
+
+        def pick(pool: list[int]) -> int | None:
+            pool = [j for j in pool if j != i]
+            return pool[int(rng.integers(len(pool)))] if pool else None
+
+        same = pick(nv.by_key.get(nv.key(i), [])) if rng.random() < 0.6 else None
+        first = same if same is not None else pick(nv.by_look[look])
+        if first is None:
+            raise ValueError(f"the novel split shows {look} only once")
+        docs = [(first, look, word)]
+        r = rng.random()
+        if r < 0.45:
+            second = pick(nv.by_look[look])
+            if second is not None:
+                docs.append((second, look, word))
+        elif r < 0.75 and len(nv.looks) > 1:
+            others = [lk for lk in nv.looks if lk != look]
+            other = others[int(rng.integers(len(others)))]
+            docs.append((pick(nv.by_look[other]), other, other_word))
+        order = rng.permutation(len(docs))
+        ids, mask = [self.bos], [0]
+        for k in order:
+            j, lk, w = docs[int(k)]
+            doc = [*self.tok.encode(nonce_caption(nv.recs[j]["text"], lk, w)),
+                   *self.novel_image(j)]
+            ids += doc
+            mask += [0] * len(doc)
+        rec = nv.recs[i]
+        texts = rec["captions"] + [rec["canonical"]]
+        caption = nonce_caption(texts[int(rng.integers(len(texts)))], look, word)
+        body = [*self.tok.encode(caption), *self.novel_image(i)]
+        return ids + body, mask + [1] * len(body)
+
     def build(self, kind: str, i: int, rng: np.random.Generator, p_uncond: float
               ) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of one sequence of ``kind`` about record ``i``."""
+        """(ids, loss mask) of one sequence of ``kind`` about record ``i`` (a novel
+        episode draws its own scenes from the novel split)."""
+        if kind == "novel":
+            return self.build_novel(rng)
         caption = self.captions[i][rng.integers(len(self.captions[i]))]
         if kind == "t2i":
             text = [self.mask] if rng.random() < p_uncond else caption
@@ -289,7 +402,11 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
             tokens, t_last = 0, now
         if (step + 1) % opts.ckpt_every == 0 or step + 1 == end:
             save_checkpoint(opts.out, step + 1, model, opt)
-            export(model, opts, src)
+            exported = export(model, opts, src)
+            snap = opts.out / "exports" / f"step_{step + 1:06d}"
+            if snap.exists():
+                shutil.rmtree(snap)
+            shutil.copytree(exported, snap)  # candidates of --select
     log.close()
     if start >= end:
         export(model, opts, src)
@@ -299,27 +416,62 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 
 # ---------------------------------------------------------------------- check
 def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0,
-             temperature: float = 1.0, top_k: int = 0) -> dict:
+             temperature: float = 1.0, top_k: int = 0, bank: Path | None = None,
+             k_docs: int = 2) -> dict:
     """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
-    ``n`` of ``cm3rt eval``'s train-concept and held-out prompts, CFG, no retrieval, one image
-    each, scored by the same ``adheres`` rule."""
+    ``n`` of ``cm3rt eval``'s train-concept prompts (CFG, no retrieval) and held-out prompts
+    (CFG; with ``bank``, retrieval on, ``k_docs`` documents), one image each, scored by the
+    same ``adheres`` rule. ``score`` is their mean (what ``--select`` ranks by)."""
     from cm3rt.demo.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.engine import Engine, Request, SamplingParams
     from cm3rt.model import load_pretrained
 
     model, proc = load_pretrained(model_dir)
     engine = Engine(model, proc)
-    out: dict = {"n": n, "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
+    mem = None
+    if bank is not None:
+        from cm3rt.retrieval.bank import open_cached
+
+        mem = open_cached(bank)
+    out: dict = {"n": n, "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k,
+                 "retrieval_for_held_out": mem is not None}
     for name, prompts in (("train_concepts", train_prompts(n, seed)),
                           ("held_out", held_out_prompts(n, seed))):
+        use = mem if name == "held_out" else None
         reqs = [Request(prompt=[p.text], task="text_to_image",
                         params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale, seed=k,
-                                              temperature=temperature, top_k=top_k))
+                                              temperature=temperature, top_k=top_k),
+                        bank=use, k_docs=k_docs if use is not None else 0)
                 for k, p in enumerate(prompts)]
         results = engine.generate(reqs)
         out[name] = sum(bool(r.images) and adheres(p.text, r.images[0])
                         for p, r in zip(prompts, results)) / n
+    out["score"] = (out["train_concepts"] + out["held_out"]) / 2
     return out
+
+
+def select(out: Path, n: int, bank: Path | None, cfg_scale: float, keep: int = 4) -> dict:
+    """Checkpoint selection by a quick eval, not by loss: scores the last ``keep`` exports
+    under ``<out>/exports/`` (``evaluate``, ``n`` prompts a set, seed 1 so the selection
+    prompts are not the first ones of ``cm3rt eval``'s sets) and copies the best to
+    ``<out>/best``."""
+    steps = sorted((int(d.name.split("_")[1]), d) for d in (out / "exports").glob("step_*"))
+    if not steps:
+        raise FileNotFoundError(f"no exports under {out}/exports (train first)")
+    scores = {}
+    for step, d in steps[-keep:]:
+        r = evaluate(d, n, seed=1, cfg_scale=cfg_scale, bank=bank)
+        scores[step] = r
+        print(json.dumps({"step": step, **r}), flush=True)
+    best = max(scores, key=lambda k: (scores[k]["score"], k))
+    dest = out / "best"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(dict(steps)[best], dest)
+    result = {"best_step": best, "scores": scores}
+    (out / "selection.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"selected step {best} -> {dest}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,11 +497,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-cfg-scale", type=float, default=3.0)
     p.add_argument("--eval-temperature", type=float, default=1.0)
     p.add_argument("--eval-top-k", type=int, default=0)
+    p.add_argument("--eval-bank", type=Path, default=None,
+                   help="memory bank: held-out prompts of --eval / --select use retrieval")
+    p.add_argument("--select", action="store_true",
+                   help="score the last --select-keep exports by the quick eval; best -> "
+                        "<out>/best")
+    p.add_argument("--select-keep", type=int, default=4)
     a = p.parse_args(argv)
-    if a.eval:
+    if a.eval or a.select:
         torch.set_num_threads(max(1, a.threads))
-        print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, cfg_scale=a.eval_cfg_scale,
-                                  temperature=a.eval_temperature, top_k=a.eval_top_k)))
+        timer = Timer("train_decoder --select" if a.select else "train_decoder --eval")
+        if a.select:
+            select(a.out, a.eval_n, a.eval_bank, a.eval_cfg_scale, a.select_keep)
+        else:
+            print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, cfg_scale=a.eval_cfg_scale,
+                                      temperature=a.eval_temperature, top_k=a.eval_top_k,
+                                      bank=a.eval_bank)))
+        timer.report()
         return 0
     opts = DecoderOptions(data=a.data, codes=a.codes, retrieval=a.retrieval,
                           tokenizer=a.tokenizer, vqgan=a.vqgan, out=a.out, seed=a.seed,

@@ -53,7 +53,7 @@ class TokenizerOptions:
     data: Path
     out: Path
     merges: int = 400
-    num_codes: int = 512
+    num_codes: int = 1024
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,11 +64,16 @@ class TokenizerOptions:
 
 
 def captions_of(opts: TokenizerOptions) -> list[str]:
-    """Every caption (all templates) of the train and bank splits."""
+    """Every caption (all templates) of the train and bank splits, plus a line per nonce
+    word of the decoder's novel-concept episodes (so each is one or two tokens)."""
+    from cm3rt.demo.shapes.vocab import NONCE_WORDS
+
     out: list[str] = []
     for split in ("train", "bank"):
         for rec in split_records(opts.data, split, opts.limit):
             out.extend(rec.get("captions") or [rec["text"]])
+    for word in NONCE_WORDS:
+        out.extend([f"a {word} and a small {word}s at the top"] * 50)
     return out
 
 

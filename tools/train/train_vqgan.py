@@ -50,26 +50,28 @@ from train_common import (
     to_pixels,
 )
 
+from cm3rt.demo.shapes.vocab import IMAGE_SIZE
 from cm3rt.tokenizer.vqgan import ImageTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 from cm3rt.tokenizer.vqgan_modules import Decoder, Encoder
 
 EXPORT = "vqgan"
-GATE = 0.95
+GATE = 0.98
 EVAL_TAG = 7  # seed-stream word of the gate's fresh scenes (not a make_dataset split)
 
 
-def default_config(image_size: int = 64) -> VQGANConfig:
-    """The shipped VQGAN: f = 4, so a 64 px image is 16 x 16 = 256 codes.
+def default_config(image_size: int = IMAGE_SIZE) -> VQGANConfig:
+    """The shipped VQGAN: f = 8, so a 48 px image is 6 x 6 = 36 codes of a 1024 x 32 book.
 
-    The plan's f = 8 (8 x 8 codes, ch_mult (1, 1, 2, 4)) failed its gate: after 2,100 steps
-    the round trip kept 5% of scenes (objects of 11-18 px became blobs of the wrong colour;
-    an 8 px code has to name colour x background x shape fragment at any sub-cell offset,
-    which 512 local codes cannot). A 4 px code only has to name an edge between two flat
-    colours."""
-    return VQGANConfig(resolution=image_size, base_channels=32, channel_multiplier=(1, 2, 2),
+    The world is built for it (``cm3rt.demo.shapes.vocab.IMAGE_SIZE``): 16 px cells are
+    2 x 2 codes, objects sit centred in their cells over flat backgrounds, so an 8 px code
+    only has to name one of 770 patches (background x colour x shape x size x quadrant),
+    and one object gives the same codes in every cell. The first world (random sub-cell
+    offsets, textured backgrounds, 64 px) needed f = 4 (256 codes) and still kept only 63%
+    of scenes; an f = 8 tokenizer of that world kept 5%."""
+    return VQGANConfig(resolution=image_size, base_channels=32, channel_multiplier=(1, 1, 2, 2),
                        num_res_blocks=1, attn_resolutions=(), attn_type="vanilla",
-                       latent_channels=64, embed_dim=64, num_embeddings=512)
+                       latent_channels=64, embed_dim=32, num_embeddings=1024)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class VQGANOptions:
             mean, after 1,800 steps the autoencoder drew blurred blobs of the wrong colour
             even without quantisation (foreground L1 1.12), while backgrounds were fine.
         limit: use only the first ``limit`` training records (None: all).
+        dense: share of each batch drawn on the fly as dense scenes (``dense_scene``: an
+            object of any colour x shape in each cell with a per-image probability), which
+            carry ~4x the object patches of a world scene (1-2 objects: ~6 of 36 codes).
     """
 
     data: Path
@@ -95,15 +100,16 @@ class VQGANOptions:
     seed: int = 0
     threads: int = 1
     crops: int = 0
-    images: int = 32_000
+    images: int = 12_800
     crop_batch: int = 32
     image_batch: int = 16
     lr: float = 1.5e-3
     beta: float = 0.25
     ckpt_every: int = 200
-    restart_every: int = 100
+    restart_every: int = 50
     fg_weight: float = 9.0
     limit: int | None = None
+    dense: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("crops", "images"):
@@ -226,6 +232,29 @@ class ImageSource:
         return to_pixels(imgs)
 
 
+def dense_scene(rng: np.random.Generator):
+    """A tokenizer training scene: each of the 9 cells holds an object (any colour x shape,
+    held-out pairs included: the tokenizer must encode the bank) with a probability drawn
+    per image in [0.3, 1]; background and rendering as the default world."""
+    from cm3rt.demo.shapes import Scene, SceneObject
+    from cm3rt.demo.shapes.vocab import CELLS, COLOURS, SHAPES, WORLD_BACKGROUNDS
+
+    p = rng.uniform(0.3, 1.0)
+    colours, shapes = tuple(COLOURS), SHAPES
+    objs = [SceneObject(shapes[int(rng.integers(len(shapes)))],
+                        colours[int(rng.integers(len(colours)))],
+                        ("small", "large")[int(rng.integers(2))], cell)
+            for cell in CELLS if rng.random() < p]
+    if not objs:
+        objs = [SceneObject("circle", "red", "large", (1, 1))]
+    bg = WORLD_BACKGROUNDS[int(rng.integers(len(WORLD_BACKGROUNDS)))]
+    return Scene(tuple(objs), bg)
+
+
+def dense_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
+    return to_pixels(np.stack([np.asarray(dense_scene(rng).render(size)) for _ in range(n)]))
+
+
 def foreground_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.5
                        ) -> torch.Tensor:
     """[B, 1, H, W] pixel weights averaging 1 per image: ``1 + fg_weight`` where the pixel
@@ -278,6 +307,9 @@ def train(opts: VQGANOptions, quiet: bool = False, max_steps: int | None = None)
         rng = step_rng(opts.seed, 2, step)
         x = source.batch(rng, opts.crop_batch if phase1 else opts.image_batch,
                          32 if phase1 else None)
+        n_dense = 0 if phase1 else round(opts.dense * x.shape[0])
+        if n_dense:
+            x = torch.cat([x[n_dense:], dense_batch(rng, n_dense, x.shape[-1])])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, opts.total_steps, opts.lr, warmup=100)
         rec, commit, idx = model(x)
@@ -361,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-every", type=int, default=VQGANOptions.ckpt_every)
     p.add_argument("--lr", type=float, default=VQGANOptions.lr)
     p.add_argument("--fg-weight", type=float, default=VQGANOptions.fg_weight)
+    p.add_argument("--dense", type=float, default=VQGANOptions.dense,
+                   help="share of each batch drawn as dense on-the-fly scenes (dense_scene)")
+    p.add_argument("--restart-every", type=int, default=VQGANOptions.restart_every,
+                   help="dead-code window in steps (codes unused that long are restarted)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this call")
     p.add_argument("--quick", action="store_true",
@@ -389,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             opts = VQGANOptions(a.data, a.out, a.seed, a.threads, crops=a.crops,
                                 images=a.images, lr=a.lr, ckpt_every=a.ckpt_every,
-                                fg_weight=a.fg_weight)
+                                restart_every=a.restart_every, fg_weight=a.fg_weight,
+                                dense=a.dense)
     except ValueError as exc:
         p.error(str(exc))
     train(opts, quiet=a.quick, max_steps=a.max_steps)

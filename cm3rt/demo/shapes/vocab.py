@@ -38,6 +38,21 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 TEXTURES: tuple[str, ...] = ("plain", "noise", "gradient")
 """Background textures: flat, faint per-pixel noise, faint vertical brightness ramp."""
 
+IMAGE_SIZE = 48
+"""Side in pixels of the default world's images. With 3 x 3 cells of 16 px, every cell is
+2 x 2 codes of an f = 8 image tokenizer (6 x 6 = 36 codes an image), so an object centred
+in its cell gives the same codes in every cell (CNNs are shift-equivariant only for shifts
+by multiples of their stride)."""
+
+WORLD_BACKGROUNDS: tuple[str, ...] = ("white", "black")
+"""Backgrounds the default world draws (flat). The analyzer and the caption parser still
+know every name of ``BACKGROUNDS``; fewer backgrounds keep the number of distinct 8 px
+patches (background x colour x shape x size x quadrant, 770) inside a 1024-code book."""
+
+WORLD_TEXTURES: tuple[str, ...] = ("plain",)
+"""Textures the default world draws: flat backgrounds only (a texture makes the same
+object give different codes on different pixels)."""
+
 SIZES: dict[str, float] = {"small": 0.17, "large": 0.28}
 """Object extent (side of its bounding box) as a fraction of the image side."""
 
@@ -83,3 +98,13 @@ new, which is what retrieval and compositional generalisation are measured on.""
 def article(word: str) -> str:
     """'a' or 'an' for the word that follows."""
     return "an" if word[:1] in "aeiou" else "a"
+
+
+NONCE_WORDS: tuple[str, ...] = (
+    "dax", "wug", "blick", "toma", "fep", "zorp", "kiki", "bouba",
+    "gazz", "tufa", "modi", "lorp", "nek", "zib", "pim", "vop",
+)
+"""Made-up object names for the decoder's novel-concept training episodes: in each such
+sequence a nonce word names a colour x shape look chosen afresh, shown only in the retrieved
+documents, so the decoder can draw it only by copying from them (retrieval has to pay in
+training). Never used by the world's captions, the bank or the evaluation."""

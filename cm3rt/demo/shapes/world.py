@@ -1,7 +1,10 @@
 """The procedural shapes world: seeded scene sampler, scene description and PIL renderer.
 
 A scene is one or two flat objects (shape, colour, size) on a 3 x 3 grid of cells over a
-plain or faintly textured background. Scenes render to a small image (64 px by default)
+background. The default world (``WorldConfig()``) centres objects in their cells over flat
+white or black backgrounds and renders 48 px images, so each object lands on the image
+tokenizer's code grid the same way in every cell; jitter, textures and the grey and beige
+backgrounds are still there as options. Scenes render to a small image
 and to captions (see ``cm3rt.demo.shapes.captions``); ``cm3rt.demo.shapes.analyzer`` reads an image
 back into objects. Sampling is counter-based (``numpy.random.default_rng([seed, index])``)
 so scene ``i`` of a seed is the same whatever else is sampled.
@@ -22,9 +25,12 @@ from cm3rt.demo.shapes.vocab import (
     COLOURS,
     GRID,
     HELD_OUT_PAIRS,
+    IMAGE_SIZE,
     SHAPES,
     SIZES,
     TEXTURES,
+    WORLD_BACKGROUNDS,
+    WORLD_TEXTURES,
 )
 
 Concepts = Literal["all", "train", "held_out"]
@@ -138,7 +144,7 @@ class Scene:
         if self.texture not in TEXTURES:
             raise ValueError(f"Scene.texture must be one of {TEXTURES}, got {self.texture!r}")
 
-    def render(self, image_size: int = 64, supersample: int = 8) -> Image.Image:
+    def render(self, image_size: int = IMAGE_SIZE, supersample: int = 8) -> Image.Image:
         """Draw the scene as an RGB PIL image of ``image_size`` x ``image_size``."""
         return Image.fromarray(render_array(self, image_size, supersample), mode="RGB")
 
@@ -194,7 +200,7 @@ def _background(scene: Scene, image_size: int) -> np.ndarray:
     return bg
 
 
-def render_array(scene: Scene, image_size: int = 64, supersample: int = 8) -> np.ndarray:
+def render_array(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 8) -> np.ndarray:
     """Draw ``scene`` as uint8 [image_size, image_size, 3].
 
     Each object's antialiased coverage blends its colour linearly over the background
@@ -225,17 +231,19 @@ class WorldConfig:
         concepts: "all" (any colour x shape), "train" (no held-out pair anywhere, for the
             decoder's training data), "held_out" (the first object is a held-out pair, for
             evaluation on unseen combinations).
-        backgrounds: background names to draw from.
-        textures: texture names to draw from.
-        jitter: scale (0..1) of the random offset within the cell.
+        backgrounds: background names to draw from (default: the flat ``WORLD_BACKGROUNDS``).
+        textures: texture names to draw from (default: plain only).
+        jitter: scale (0..1) of the random offset within the cell (default 0: objects
+            centred in their cells, aligned to the image tokenizer's code grid; 1 is the
+            first world's random sub-cell offsets).
     """
 
     p_two: float = 0.5
     p_aligned: float = 0.6
     concepts: Concepts = "all"
-    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
-    textures: tuple[str, ...] = TEXTURES
-    jitter: float = 1.0
+    backgrounds: tuple[str, ...] = WORLD_BACKGROUNDS
+    textures: tuple[str, ...] = WORLD_TEXTURES
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("p_two", "p_aligned", "jitter"):

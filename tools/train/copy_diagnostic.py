@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Step 9: does the decoder copy from its retrieved documents? (issue 12's diagnostic)
+
+    python tools/train/copy_diagnostic.py --model cm3rt/assets/default --data data/shapes \\
+        --out data/runs/copy --prompts 200
+
+For each of ``cm3rt eval``'s held-out prompts (a colour x shape pair the decoder never saw
+under its name), the same prompt, sampler and seed run four ways:
+
+    none    no retrieval;
+    bank    retrieval from the whole shipped bank (what ``cm3rt eval``'s retrieval rows do);
+    right   retrieval from a bank holding only the bank split's documents that show the
+            prompt's held-out pair (so every document placed shows it);
+    wrong   retrieval from a bank holding only the documents of another held-out pair (the
+            next one in a fixed order: same number of documents, the wrong look).
+
+If the decoder copies, ``right`` is far above ``none`` and ``wrong`` is at or below
+``none`` (it draws the wrong pair); a decoder that ignores its context scores the same in
+every column. The per-pair banks are built here from the bank split (same CLIP document
+embeddings as ``build_banks.py``) under ``--out``. Writes ``<out>/copy_diagnostic.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from train_common import REPO, Timer, split_records  # noqa: F401  (REPO: sys.path)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from build_banks import embed_documents
+
+from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS
+
+
+def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 256
+               ) -> dict[tuple[str, str], Path]:
+    """One MemoryBank per held-out pair: the bank split's documents showing that pair."""
+    from cm3rt.retrieval.bank import DocInput, MemoryBank
+    from cm3rt.retrieval.clip import ClipEncoder
+    from cm3rt.tokenizer.vqgan import ImageTokenizer
+
+    clip_dir = clip
+    encoder = ClipEncoder(f"local-dir:{clip_dir}", batch_size=batch)
+    tok = ImageTokenizer.from_pretrained(model_dir)
+    recs = split_records(data, "bank")
+    emb = embed_documents(encoder, data, recs, batch, "embed bank", True)
+    from PIL import Image
+
+    paths = {}
+    for pair in sorted(HELD_OUT_PAIRS):
+        rows = [j for j, r in enumerate(recs)
+                if any((o["colour"], o["shape"]) == pair for o in r["scene"]["objects"])]
+        images = []
+        for j in rows:
+            with Image.open(data / recs[j]["image"]) as im:
+                images.append(im.convert("RGB"))
+        codes = tok.encode(images, batch_size=64)
+        path = out / f"bank_{pair[0]}_{pair[1]}"
+        if path.exists():
+            shutil.rmtree(path)
+        bank = MemoryBank.create(path, encoder, tok, index="flat")
+        try:
+            bank.add_documents([DocInput(source=recs[j]["image"], caption=recs[j]["text"],
+                                         codes=codes[k]) for k, j in enumerate(rows)],
+                               emb[rows])
+            bank.flush()
+        finally:
+            bank.close()
+        paths[pair] = path
+    return paths
+
+
+def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: int,
+        seed: int, cfg_scale: float, k_docs: int) -> dict:
+    from cm3rt.api import load_engine
+    from cm3rt.demo.evaluation import adheres, held_out_prompts
+    from cm3rt.demo.evaluation.metrics import wilson_interval
+    from cm3rt.demo.shapes.captions import parse_caption
+    from cm3rt.engine import Request, SamplingParams
+    from cm3rt.retrieval.bank import open_cached
+
+    out.mkdir(parents=True, exist_ok=True)
+    banks = pair_banks(data, model_dir, clip, out)
+    order = sorted(HELD_OUT_PAIRS)
+    wrong_of = {p: order[(i + 1) % len(order)] for i, p in enumerate(order)}
+    engine = load_engine(str(model_dir))
+    prompts = held_out_prompts(n, seed)
+    full = open_cached(bank_dir)
+    result: dict = {"n": n, "seed": seed, "cfg_scale": cfg_scale, "k_docs": k_docs}
+    for column in ("none", "bank", "right", "wrong"):
+        reqs = []
+        for k, p in enumerate(prompts):
+            held = next((o.colour, o.shape) for o in parse_caption(p.text).objects
+                        if (o.colour, o.shape) in HELD_OUT_PAIRS)
+            bank = {"none": None, "bank": full, "right": open_cached(banks[held]),
+                    "wrong": open_cached(banks[wrong_of[held]])}[column]
+            reqs.append(Request(prompt=p.text, task="text_to_image",
+                                params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale,
+                                                      seed=k),
+                                bank=bank, k_docs=k_docs if bank is not None else 0))
+        outs = engine.generate(reqs)
+        ok = sum(bool(r.images) and adheres(p.text, r.images[0]) for p, r in zip(prompts, outs))
+        lo, hi = wilson_interval(ok, n)
+        result[column] = {"passed": ok, "rate": ok / n, "ci95": [lo, hi]}
+        print(f"{column:6s} {ok}/{n} = {100 * ok / n:.1f}% (95% {100 * lo:.0f}-{100 * hi:.0f})",
+              flush=True)
+    (out / "copy_diagnostic.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("cm3rt/assets/default"))
+    p.add_argument("--bank", type=Path, default=None, help="default <model>/bank")
+    p.add_argument("--clip", type=Path, default=None, help="default <model>/clip")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"))
+    p.add_argument("--out", type=Path, default=Path("data/runs/copy"))
+    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("-k", "--k-docs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, a.threads))
+    timer = Timer("copy_diagnostic")
+    run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out, a.prompts, a.seed, a.cfg_scale,
+        a.k_docs)
+    timer.report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

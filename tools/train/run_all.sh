@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole default-model pipeline, from nothing to cm3rt/assets/default/ (issue 12).
+#
+#     tools/train/run_all.sh [RUNS_DIR]            # default RUNS_DIR: data/runs12
+#
+# One thread for every heavy step (the machine is shared); seeded; resumable: a finished
+# step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
+# continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
+# Environment: THREADS (default 1), DECODER_STEPS (default 2400), EVAL_PROMPTS (200),
+# PACKAGE=0 to stop before writing cm3rt/assets/default.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${1:-data/runs12}
+DATA=$RUNS/shapes
+THREADS=${THREADS:-1}
+DECODER_STEPS=${DECODER_STEPS:-2400}
+EVAL_PROMPTS=${EVAL_PROMPTS:-200}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$RUNS"
+LOG=$RUNS/run_all.log
+
+step() {  # step NAME COMMAND...
+    local name=$1; shift
+    if [[ -f $RUNS/done.$name ]]; then echo "skip $name (done)" | tee -a "$LOG"; return; fi
+    local t0=$SECONDS
+    echo "== $name: $*" | tee -a "$LOG"
+    "$@" 2>&1 | tee "$RUNS/$name.log"
+    echo "== $name: $((SECONDS - t0)) s" | tee -a "$LOG"
+    touch "$RUNS/done.$name"
+}
+
+T=tools/train
+step make_dataset python $T/make_dataset.py --out "$DATA" --seed 0 --train 30000 --bank 4000 \
+    --eval 400 --novel 12000
+step train_tokenizer python $T/train_tokenizer.py --data "$DATA" --out "$RUNS/tokenizer"
+step train_vqgan python $T/train_vqgan.py --data "$DATA" --out "$RUNS/vqgan" --threads "$THREADS" \
+    --images 54400 --lr 2e-3 --restart-every 400 --dense 0.85
+step vqgan_gate python $T/train_vqgan.py --out "$RUNS/vqgan" --eval --threads "$THREADS"
+step encode_images python $T/encode_images.py --data "$DATA" --vqgan "$RUNS/vqgan/vqgan" \
+    --out "$RUNS/codes" --threads "$THREADS"
+step train_clip python $T/train_clip.py --data "$DATA" --tokenizer "$RUNS/tokenizer" \
+    --out "$RUNS/clip" --threads "$THREADS" --pairs 204800
+step clip_gate python $T/train_clip.py --data "$DATA" --out "$RUNS/clip" --eval --threads "$THREADS"
+step build_banks python $T/build_banks.py --data "$DATA" --codes "$RUNS/codes" \
+    --clip "$RUNS/clip/clip" --vqgan "$RUNS/vqgan/vqgan" --out "$RUNS/banks" --threads "$THREADS"
+step train_decoder python $T/train_decoder.py --data "$DATA" --codes "$RUNS/codes" \
+    --retrieval "$RUNS/banks/train_retrieval.npy" --tokenizer "$RUNS/tokenizer" \
+    --vqgan "$RUNS/vqgan/vqgan" --out "$RUNS/decoder" --threads "$THREADS" \
+    --steps "$DECODER_STEPS" --ckpt-every 200
+step select_decoder python $T/train_decoder.py --out "$RUNS/decoder" --select --eval-n 48 \
+    --eval-bank "$RUNS/banks/bank" --threads "$THREADS"
+if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi
+step package_default python $T/package_default.py --decoder "$RUNS/decoder/best" \
+    --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
+    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32
+step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
+    --json "$RUNS/eval.json"
+step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \
+    --out "$RUNS/copy" --prompts "$EVAL_PROMPTS" --threads "$THREADS"
+echo "done: $RUNS (wall times in $LOG)"
