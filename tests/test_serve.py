@@ -338,22 +338,25 @@ def test_api_key_and_bounded_queue(tmp_path):
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     s = start_server(tmp_path, "--shutdown-timeout", "120")
-    result = {}
+    results: list[httpx.Response] = []
 
-    def slow():
-        result["r"] = httpx.post(s.url + GEN, json={"prompt": PROMPT, "n": 4}, timeout=300)
+    def slow():  # 6 x 10 images: several seconds of work on the default model
+        results.append(httpx.post(s.url + GEN, json={"prompt": PROMPT, "n": 10}, timeout=300))
 
-    t = threading.Thread(target=slow)
-    t.start()
+    threads = [threading.Thread(target=slow) for _ in range(6)]
+    for t in threads:
+        t.start()
     deadline = time.monotonic() + 60
-    while s.metrics()["cm3rt:num_requests_running"] == 0:
+    while s.metrics()["cm3rt:num_requests_running"] < 2:
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     s.process.terminate()  # SIGTERM
-    time.sleep(0.3)
+    time.sleep(0.1)
     late = httpx.post(s.url + GEN, json={"prompt": PROMPT}, timeout=30)
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert httpx.get(s.url + "/ready").status_code == 503
-    t.join(timeout=300)
-    assert result["r"].status_code == 200 and len(result["r"].json()["data"]) == 4
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 6
+    assert all(r.status_code == 200 and len(r.json()["data"]) == 10 for r in results)
     assert s.process.wait(timeout=60) == 0
