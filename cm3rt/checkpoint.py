@@ -30,11 +30,16 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor a model needs: its checkpoint name, shape, and where it goes."""
+    """One tensor a model needs: its checkpoint name, whole shape, and where it goes.
+
+    ``index`` (one slice per leading dim) reads only part of it, e.g. a tensor-parallel
+    rank's rows or columns: the slice is read from the file, never the whole tensor.
+    """
 
     name: str
     shape: tuple[int, ...]
     dest: torch.Tensor | None = None  # a view into the model's parameter (None: check only)
+    index: tuple[slice, ...] = ()
 
 
 @final
@@ -168,9 +173,14 @@ class SafetensorsCheckpoint:
                              + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
 
     def copy_into(self, specs: Iterable[TensorSpec]) -> None:
-        """Copy each spec's tensor into ``spec.dest`` (dtype/device converted by copy_)."""
+        """Copy each spec's tensor (or its ``index`` part, through safetensors'
+        ``get_slice``) into ``spec.dest`` (dtype/device converted by copy_)."""
         for spec in specs:
             if spec.dest is None:
                 continue
+            if spec.index:
+                src = self._handle(self._where[spec.name]).get_slice(spec.name)[spec.index]
+            else:
+                src = self.get(spec.name)
             with torch.no_grad():
-                spec.dest.copy_(self.get(spec.name))
+                spec.dest.copy_(src)

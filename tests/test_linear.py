@@ -84,8 +84,8 @@ def test_model_with_int8_and_bf16_weights_tracks_fp32(tmp_path):
     int8 = load_model(path, dtype="int8")
     assert int8.weights_int8 and int8.layers[0].qkv_proj.dtype == torch.int8
     assert int8.layers[0].qkv_proj_scales.dtype == torch.float32
-    q, s = int8.lm_head_rows(torch.arange(10, 20))  # the image-span head is int8 as well
-    assert q.dtype == torch.int8 and s.shape == (10,)
+    head = int8.lm_head_rows(torch.arange(10, 20))  # the image-span head is int8 as well
+    assert head.weight.dtype == torch.int8 and head.scales.shape == (10,)
     got = int8.logits(ids)
     rel = (got - ref).norm() / ref.norm()
     assert rel < 0.03, rel  # weight-only int8 per channel: ~1% of the logits' norm

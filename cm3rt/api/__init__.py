@@ -49,10 +49,12 @@ _LOCK = threading.Lock()
 
 
 def load_engine(model: str | Path | None = None, *, device: str | torch.device | None = None,
-                dtype: torch.dtype | str | None = None, **engine_kwargs: Any) -> Engine:
+                dtype: torch.dtype | str | None = None, tensor_parallel_size: int = 1,
+                **engine_kwargs: Any) -> Engine:
     """The cached :class:`Engine` of a model directory (None: the embedded default),
     loaded on ``device`` (default CUDA when usable, else CPU) in ``dtype`` (default bfloat16
-    on CUDA, float32 on the CPU)."""
+    on CUDA, float32 on the CPU). ``tensor_parallel_size=N > 1`` shards the model over N
+    processes (:mod:`cm3rt.api.parallel`: spawned here, or the ranks torchrun started)."""
     if model is None:
         model = load_defaults().root  # FileNotFoundError saying what is missing
     if not isinstance(model, (str, Path)):
@@ -64,15 +66,27 @@ def load_engine(model: str | Path | None = None, *, device: str | torch.device |
                                 f"{str(model)!r} (no such directory)")
     dev = resolve_device(device)
     dt, int8 = resolve_weight_dtype(dtype, dev)
-    key = (str(path.resolve()), str(dev), dt, int8, tuple(sorted(engine_kwargs.items())))
+    tp_size = check_tensor_parallel_size(tensor_parallel_size)
+    key = (str(path.resolve()), str(dev), dt, int8, tp_size,
+           tuple(sorted(engine_kwargs.items())))
     with _LOCK:
         engine = _ENGINES.get(key)
-        if engine is None:
+        if engine is None and tp_size > 1:
+            from cm3rt.api.parallel import start_engine
+
+            engine = _ENGINES[key] = start_engine(path, tp_size, dev, dt, int8, engine_kwargs)
+        elif engine is None:
             from cm3rt.model import load_pretrained
 
             model_, processor = load_pretrained(path, dtype="int8" if int8 else dt, device=dev)
             engine = _ENGINES[key] = Engine(model_, processor, **engine_kwargs)
         return engine
+
+
+def check_tensor_parallel_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"argument 'tensor_parallel_size' must be an int >= 1, got {value!r}")
+    return value
 
 
 def pick_task(task: str, has_images: bool, guidance: str | None) -> str:
@@ -89,15 +103,17 @@ def pick_task(task: str, has_images: bool, guidance: str | None) -> str:
     return "edit" if guidance == "cfg3" else "image_to_text"
 
 
-def _engine_for(model: Any, processor: Any, device: Any, dtype: Any) -> Engine:
+def _engine_for(model: Any, processor: Any, device: Any, dtype: Any,
+                tensor_parallel_size: int) -> Engine:
     if isinstance(model, (str, Path)) or model is None:
         if processor is not None:
             raise ValueError("argument 'processor' goes with a loaded model; a model "
                              "directory brings its own tokenizers")
-        return load_engine(model, device=device, dtype=dtype)
-    if device is not None or dtype is not None:
-        raise ValueError("arguments 'device' / 'dtype' apply to a model directory; this "
-                         f"{type(model).__name__} is already loaded")
+        return load_engine(model, device=device, dtype=dtype,
+                           tensor_parallel_size=tensor_parallel_size)
+    if device is not None or dtype is not None or tensor_parallel_size != 1:
+        raise ValueError("arguments 'device' / 'dtype' / 'tensor_parallel_size' apply to a "
+                         f"model directory; this {type(model).__name__} is already loaded")
     if isinstance(model, Engine):
         if processor is not None:
             raise ValueError("argument 'processor' goes with a loaded model, not an Engine")
@@ -141,6 +157,7 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
                     k_docs: int | None = None, device: str | None = None,
                     dtype: torch.dtype | str | None = None, processor: Any = None,
                     scorer: Callable | None = None, request_id: str | None = None,
+                    tensor_parallel_size: int = 1,
                     **sampling: Any) -> tuple[Engine, Request]:
     """Resolve a call's arguments into the engine that serves it and its Request.
 
@@ -165,7 +182,7 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     task = pick_task(task, has_images, guidance)
     base = assets.sampling_for(task) if assets is not None else BUILTIN_SAMPLING.get(task, {})
     params = SamplingParams.from_kwargs(**{**base, **TASK_SAMPLING.get(task, {}), **sampling})
-    engine = _engine_for(model, processor, device, dtype)
+    engine = _engine_for(model, processor, device, dtype, tensor_parallel_size)
     bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
     request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,
                       k_docs=k_docs, scorer=scorer, request_id=request_id)
@@ -191,6 +208,7 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
              dtype: torch.dtype | str | None = None, processor: Any = None,
              scorer: Callable | None = None,
              on_event: Callable[[TokenEvent], None] | None = None,
+             tensor_parallel_size: int = 1,
              **sampling: Any) -> RequestOutput:
     """Generate for one prompt and return its :class:`RequestOutput`.
 
@@ -212,6 +230,8 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
         scorer: best-of-n ranking for this request, ``scorer(prompt_text, images) ->
             scores`` (e.g. ``cm3rt.retrieval.ClipEncoder(...).score``).
         on_event: called with every :class:`TokenEvent` as it is generated.
+        tensor_parallel_size: shard a model directory over this many processes (gloo on the
+            CPU, NCCL on CUDA); see :mod:`cm3rt.api.parallel`.
         **sampling: :class:`SamplingParams` fields (temperature, top_k, top_p, guidance,
             cfg_scale, cfg_image_scale, cd_alpha, cd_k, n, seed, max_new_tokens).
 
@@ -224,5 +244,6 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     """
     engine, request = resolve_request(
         prompt, model, images, task=task, suffix=suffix, bank=bank, k_docs=k_docs,
-        device=device, dtype=dtype, processor=processor, scorer=scorer, **sampling)
+        device=device, dtype=dtype, processor=processor, scorer=scorer,
+        tensor_parallel_size=tensor_parallel_size, **sampling)
     return run_request(engine, request, on_event)

@@ -130,6 +130,13 @@ class Engine:
             events.append(TokenEvent(req.request_id, -1, -1, 0.0, output=self._finish(req)))
         return events
 
+    def close(self) -> None:
+        """Release what outlives the engine object: under tensor parallelism, the worker
+        ranks (they exit). Unfinished requests are aborted; the engine cannot step after."""
+        for rid in list(self._requests):
+            self.abort(rid)
+        self.runner.close()
+
     def _finish(self, req: RequestState) -> RequestOutput:
         """The output of a finished request (decoding or scoring may fail it still)."""
         self._requests.pop(req.request_id, None)

@@ -14,7 +14,8 @@ from cm3rt.engine.config import EngineConfig
 from cm3rt.engine.kv_cache import PagedKVCache
 from cm3rt.engine.scheduler import SchedulerOutput
 from cm3rt.engine.state import VocabInfo
-from cm3rt.engine.step_inputs import build_step_inputs
+from cm3rt.engine.tensor_parallel import HEARTBEAT, INIT, STOP, StepChannel
+from cm3rt.engine.step_inputs import StepInputs, pack_step
 
 # What the engine calls on a model (ChameleonModel's step API).
 MODEL_API = ("config", "device", "forward_step", "compute_logits", "attention_workspace",
@@ -29,6 +30,19 @@ def check_model_api(model) -> None:
                         f"{type(model).__name__} lacks {missing}")
 
 
+def forward_logits(model, cache: PagedKVCache, copies: list[tuple[int, int]], x: StepInputs,
+                   has_samples: bool, head=None) -> torch.Tensor | None:
+    """The eager step every rank runs: copy-on-write blocks, forward, then the logits of
+    the sampling rows (only the ``head`` rows when given); None for a pure-prefill step."""
+    cache.copy_blocks(copies)
+    # Every layer reuses one attention scratch, planned for this step's shape.
+    workspace = model.attention_workspace(x.meta.num_tokens, x.meta)
+    hidden = model.forward_step(x.ids, x.pos, x.meta, cache.layers, workspace=workspace)
+    if not has_samples:
+        return None  # chunks that stop short of the end sample nothing
+    return model.compute_logits(hidden.index_select(0, x.rows), head)
+
+
 class ModelRunner:
     """Runs scheduler steps of ``model`` over its paged KV cache.
 
@@ -38,6 +52,10 @@ class ModelRunner:
         config: the engine's config (block size, CUDA graphs, max_num_seqs).
         num_blocks: KV-cache blocks to allocate.
         max_model_len: the context length.
+
+    With a tensor-parallel model (``model.tp.size > 1``; this is rank 0) every step's
+    inputs are first broadcast to the worker ranks (:mod:`.tensor_parallel`), which run
+    the same forward; sampling stays here.
     """
 
     def __init__(self, model, vocab: VocabInfo, config: EngineConfig, num_blocks: int,
@@ -54,38 +72,53 @@ class ModelRunner:
         self.image_head = None
         if config.image_span_logits and hasattr(model, "lm_head_rows"):
             self.image_head = model.lm_head_rows(torch.tensor(self.image_ids))
+        tp = getattr(model, "tp", None)
+        self.channel = None
+        if tp is not None and tp.enabled:
+            self.channel = StepChannel(tp)
+            self.channel.send_init(num_blocks, self.block_size,
+                                   self.image_ids if self.image_head is not None else [])
         self.graphs = None
-        if config.use_cuda_graphs and self.device.type == "cuda":
+        if config.use_cuda_graphs and self.device.type == "cuda" and self.channel is None:
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
 
             self.graphs = DecodeGraphRunner(model, self.cache.layers, config.max_num_seqs,
                                             -(-max_model_len // self.block_size),
                                             max_model_len)
 
+    def close(self) -> None:
+        """Release the worker ranks (tensor parallelism); the runner cannot step after."""
+        if self.channel is not None:
+            self.channel.send_stop()
+
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], list[float]]:
         """Forward the step's chunks and sample its groups: -> (token, logprob) per group
         of ``out.samples`` (token -1: the sampler found no valid token)."""
-        self.cache.copy_blocks(out.copies)
-        x = build_step_inputs(out, self.block_size, self.device)
-        logits = None
+        packed = pack_step(out, self.block_size)
+        image_only = self.image_head is not None and bool(out.samples) and \
+            all(g.in_image for g in out.samples)
+        x = packed.to_device(self.device)
+        logits, copies = None, out.copies
         if self.graphs is not None and out.is_pure_decode and out.samples:
+            self.cache.copy_blocks(copies)
+            copies = []  # copied: the eager fallback below must not copy again
             logits_all = self.graphs.run(x.ids, x.pos, x.meta.slots, x.meta.block_tables,
                                          x.meta.seq_lens)
             if logits_all is not None:
-                logits = logits_all.index_select(0, x.rows)
-        image_only = False
+                logits, image_only = logits_all.index_select(0, x.rows), False
         if logits is None:
-            # Every layer reuses one attention scratch, planned for this step's shape.
-            workspace = self.model.attention_workspace(x.meta.num_tokens, x.meta)
-            hidden = self.model.forward_step(x.ids, x.pos, x.meta, self.cache.layers,
-                                             workspace=workspace)
-            if not out.samples:
-                return [], []  # a pure-prefill step (chunks that stop short of the end)
-            image_only = self.image_head is not None and all(g.in_image for g in out.samples)
-            # (self.image_head: lm_head rows of the image codes, int8 + scales on int8 models)
-            logits = self.model.compute_logits(hidden.index_select(0, x.rows),
-                                               self.image_head if image_only else None)
+            head = self.image_head if image_only else None
+            if self.channel is None:
+                logits = forward_logits(self.model, self.cache, copies, x, bool(out.samples),
+                                        head)
+            else:
+                with self.channel.lock:  # the broadcast and its collectives, atomically
+                    self.channel.send_step(packed, copies, bool(out.samples), image_only)
+                    logits = forward_logits(self.model, self.cache, copies, x,
+                                            bool(out.samples), head)
+            if logits is None:
+                return [], []
         tokens, logprobs = ops.sample_logits(
             logits, x.streams, mode=x.mode, temperature=x.temperature, top_k=x.top_k,
             top_p=x.top_p, cfg_scale=x.cfg_scale, cfg_image_scale=x.cfg_image_scale,
@@ -98,3 +131,28 @@ class ModelRunner:
         if image_only:  # column k of the image head is vocab id image_ids[k]
             tokens_list = [self.image_ids[t] if t >= 0 else t for t in tokens_list]
         return tokens_list, logprobs.tolist()
+
+
+def run_worker(model) -> int:
+    """A worker rank's loop under tensor parallelism: mirror every step of the driver's
+    :class:`ModelRunner` until it stops; -> the steps run. ``model`` is this rank's share
+    (``model.tp.rank > 0``); it needs no scheduler, tokenizer or sampler."""
+    channel = StepChannel(model.tp)
+    init = channel.recv()
+    if init.kind != INIT:
+        raise RuntimeError(f"tensor-parallel worker {model.tp.rank}: expected the driver's "
+                           f"init message, got kind {init.kind}")
+    cache = PagedKVCache(model, init.num_blocks, init.block_size)
+    head = model.lm_head_rows(torch.tensor(init.image_ids)) if init.image_ids else None
+    device = torch.device(model.device)
+    steps = 0
+    with torch.inference_mode():
+        while True:
+            msg = channel.recv()
+            if msg.kind == STOP:
+                return steps
+            if msg.kind == HEARTBEAT:
+                continue
+            forward_logits(model, cache, msg.copies, msg.packed.to_device(device),
+                           msg.has_samples, head if msg.image_only else None)
+            steps += 1

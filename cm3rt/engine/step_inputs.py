@@ -41,16 +41,48 @@ class StepInputs:
     cd_alpha: torch.Tensor
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+@dataclass
+class PackedStep:
+    """The host side of a step: the three buffers and the sizes that cut them into views.
+    Under tensor parallelism the driver broadcasts exactly this (``dims`` + buffers)."""
+
+    i64: torch.Tensor  # ids, pos, rows, seed, step
+    i32: torch.Tensor  # slots, seq_lens, cu_seqlens_q, block tables, group ints
+    f32: torch.Tensor  # group floats
+    dims: tuple[int, ...]  # T, B, R, G, MB, max_q_len, max_seq_len
+
+    def to_device(self, device: torch.device) -> StepInputs:
+        """Copy the buffers to ``device`` (one copy each) and cut them into views."""
+        T, B, R, G, mb, max_q_len, max_seq_len = self.dims
+        i64, i32, f32 = (_to_device(b, device) for b in (self.i64, self.i32, self.f32))
+        v_ids, v_pos, v_rows, v_seed, v_step = _cut(i64, (T, T, R, G, G))
+        v_slots, v_lens, v_cu, v_tab, v_str, v_mode, v_topk, v_cdk, v_kind = _cut(
+            i32, (T, B, B + 1, B * mb, G, G, G, G, G))
+        v_temp, v_topp, v_cfg, v_cfgi, v_cda = _cut(f32, (G,) * 5)
+        meta = StepMetadata(slots=v_slots, block_tables=v_tab.view(B, mb), seq_lens=v_lens,
+                            cu_seqlens_q=v_cu, max_q_len=max_q_len, max_seq_len=max_seq_len)
+        return StepInputs(ids=v_ids, pos=v_pos, meta=meta, rows=v_rows, streams=v_str,
+                          mode=v_mode, top_k=v_topk, cd_k=v_cdk, mask_kind=v_kind, seed=v_seed,
+                          step=v_step, temperature=v_temp, top_p=v_topp, cfg_scale=v_cfg,
+                          cfg_image_scale=v_cfgi, cd_alpha=v_cda)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host
 
 
-def build_step_inputs(out: SchedulerOutput, block_size: int,
-                      device: torch.device) -> StepInputs:
-    """Pack ``out``'s chunks and sampling groups into device tensors."""
+def _cut(buf: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    views, at = [], 0
+    for n in sizes:
+        views.append(buf[at:at + n])
+        at += n
+    return views
+
+
+def pack_step(out: SchedulerOutput, block_size: int) -> PackedStep:
+    """Pack ``out``'s chunks and sampling groups into the three host buffers."""
     chunks = out.chunks
     bs = block_size
     ids: list[int] = []
@@ -96,26 +128,17 @@ def build_step_inputs(out: SchedulerOutput, block_size: int,
                                   p.cd_alpha)):
             lst.append(v)
 
-    T, B, R, G = len(ids), len(seq_lens), len(rows), len(out.samples)
-    i64 = _to_device(ids + pos + rows + g_i64[0] + g_i64[1], torch.int64, device)
-    i32 = _to_device(slots + seq_lens + cu + tables + list(chain.from_iterable(g_i32)), torch.int32, device)
-    f32 = _to_device(list(chain.from_iterable(g_f32)), torch.float32, device)
+    dims = (len(ids), len(seq_lens), len(rows), len(out.samples), mb,
+            max(c.n for c in chunks), max(seq_lens))
+    return PackedStep(
+        i64=torch.tensor(ids + pos + rows + g_i64[0] + g_i64[1], dtype=torch.int64),
+        i32=torch.tensor(slots + seq_lens + cu + tables + list(chain.from_iterable(g_i32)),
+                         dtype=torch.int32),
+        f32=torch.tensor(list(chain.from_iterable(g_f32)), dtype=torch.float32),
+        dims=dims)
 
-    def cut(buf, sizes):
-        views, at = [], 0
-        for n in sizes:
-            views.append(buf[at:at + n])
-            at += n
-        return views
 
-    v_ids, v_pos, v_rows, v_seed, v_step = cut(i64, (T, T, R, G, G))
-    v_slots, v_lens, v_cu, v_tab, v_str, v_mode, v_topk, v_cdk, v_kind = cut(
-        i32, (T, B, B + 1, B * mb, G, G, G, G, G))
-    v_temp, v_topp, v_cfg, v_cfgi, v_cda = cut(f32, (G,) * 5)
-    meta = StepMetadata(slots=v_slots, block_tables=v_tab.view(B, mb), seq_lens=v_lens,
-                        cu_seqlens_q=v_cu, max_q_len=max(c.n for c in chunks),
-                        max_seq_len=max(seq_lens))
-    return StepInputs(ids=v_ids, pos=v_pos, meta=meta, rows=v_rows, streams=v_str,
-                      mode=v_mode, top_k=v_topk, cd_k=v_cdk, mask_kind=v_kind, seed=v_seed,
-                      step=v_step, temperature=v_temp, top_p=v_topp, cfg_scale=v_cfg,
-                      cfg_image_scale=v_cfgi, cd_alpha=v_cda)
+def build_step_inputs(out: SchedulerOutput, block_size: int,
+                      device: torch.device) -> StepInputs:
+    """Pack ``out``'s chunks and sampling groups into device tensors."""
+    return pack_step(out, block_size).to_device(device)

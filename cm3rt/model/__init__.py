@@ -9,12 +9,14 @@ from cm3rt.model.chameleon import ChameleonDecoderLayer, ChameleonModel
 from cm3rt.model.config import ChameleonConfig
 from cm3rt.model.loader import load_model, load_pretrained
 from cm3rt.model.step import StepMetadata
+from cm3rt.model.tensor_parallel import TensorParallel
 
 __all__ = [
     "ChameleonConfig",
     "ChameleonDecoderLayer",
     "ChameleonModel",
     "StepMetadata",
+    "TensorParallel",
     "load_model",
     "load_pretrained",
 ]

@@ -20,6 +20,7 @@ here: every parameter has ``requires_grad=False`` and the forward runs under
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from cm3rt.model.layers import (
     swiglu,
 )
 from cm3rt.model.step import StepMetadata
+from cm3rt.model.tensor_parallel import TensorParallel
 
 # Block size of the throw-away cache that ``logits`` builds (any size the kernels accept).
 _LOGITS_BLOCK_SIZE = 16
@@ -66,14 +68,37 @@ def project(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight)
 
 
-class ChameleonDecoderLayer(nn.Module):
-    """Weights of one decoder layer (fused QKV and gate/up projections). With int8 weights
-    (:meth:`ChameleonModel.quantize_int8_`) each projection has a ``<name>_scales`` buffer."""
+@dataclass(frozen=True)
+class LogitHead:
+    """Some rows of lm_head (:meth:`ChameleonModel.lm_head_rows`): ``weight [K, hidden]``,
+    int8 ``scales [K]`` on int8 models, and under tensor parallelism the ``columns`` of the
+    gathered logits that hold the requested ids, in their order."""
 
-    def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device) -> None:
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, int8: bool, columns: torch.Tensor | None = None):
+        weight, scales = ops.quantize_int8(rows) if int8 else (rows, None)
+        return cls(weight, scales, columns)
+
+
+class ChameleonDecoderLayer(nn.Module):
+    """Weights of one decoder layer (fused QKV and gate/up projections): this rank's share
+    of the heads and MLP channels under tensor parallelism (:mod:`.tensor_parallel`). With
+    int8 weights (:meth:`ChameleonModel.quantize_int8_`) each projection has a
+    ``<name>_scales`` buffer."""
+
+    def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.tp = tp
+        # Local head / channel counts (the whole model's with one rank).
+        self.num_heads = nq = tp.part(cfg.num_attention_heads)[1]
+        self.num_kv_heads = nkv = tp.part(cfg.num_key_value_heads)[1]
+        inter = tp.part(cfg.intermediate_size)[1]
         self.input_layernorm = _weight((h,), dtype, device)
         self.post_attention_layernorm = _weight((h,), dtype, device)
         self.qkv_proj = _weight(((nq + 2 * nkv) * d, h), dtype, device)  # rows [q; k; v]
@@ -82,8 +107,8 @@ class ChameleonDecoderLayer(nn.Module):
         self.k_norm_weight = _weight((nkv, d), dtype, device)
         self.k_norm_bias = _weight((nkv, d), dtype, device)
         self.o_proj = _weight((h, nq * d), dtype, device)
-        self.gate_up_proj = _weight((2 * cfg.intermediate_size, h), dtype, device)  # [g; u]
-        self.down_proj = _weight((h, cfg.intermediate_size), dtype, device)
+        self.gate_up_proj = _weight((2 * inter, h), dtype, device)  # [g; u]
+        self.down_proj = _weight((h, inter), dtype, device)
         for name in PROJECTIONS:
             self.register_buffer(f"{name}_scales", None, persistent=False)
 
@@ -101,7 +126,7 @@ class ChameleonDecoderLayer(nn.Module):
         workspace: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = h.shape[0]
-        d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        d, nq, nkv = cfg.head_dim, self.num_heads, self.num_kv_heads
         qkv = self._proj("qkv_proj", h)
         q = qkv[:, : nq * d].view(t, nq, d)
         k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
@@ -117,10 +142,11 @@ class ChameleonDecoderLayer(nn.Module):
             scale=1.0 / math.sqrt(d), causal=True,
             max_q_len=meta.max_q_len, max_seq_len=meta.max_seq_len, workspace=workspace,
         )
-        return self._proj("o_proj", o.view(t, nq * d))
+        # Row-parallel: each rank's heads give a partial sum of the output.
+        return self.tp.all_reduce(self._proj("o_proj", o.view(t, nq * d)))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self._proj("down_proj", swiglu(self._proj("gate_up_proj", h)))
+        return self.tp.all_reduce(self._proj("down_proj", swiglu(self._proj("gate_up_proj", h))))
 
     def forward(
         self,
@@ -146,7 +172,9 @@ class ChameleonModel(nn.Module):
     """Chameleon decoder: ``forward_step`` for the engine, ``logits`` for whole sequences.
 
     Construct through :func:`cm3rt.model.load_model`; the constructor only allocates
-    (uninitialised) weights of the right shapes, dtype and device.
+    (uninitialised) weights of the right shapes, dtype and device. With ``tp`` (a
+    :class:`TensorParallel` of size N) it holds one rank's share (:mod:`.tensor_parallel`)
+    and its forward is SPMD: every rank calls it with the same inputs.
     """
 
     def __init__(
@@ -154,19 +182,29 @@ class ChameleonModel(nn.Module):
         config: ChameleonConfig,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        tp: TensorParallel = TensorParallel(),
     ) -> None:
         super().__init__()
         dtype = resolve_dtype(dtype, device)
         device = torch.device(device)
-        self.config = config
-        v, h = config.vocab_size, config.hidden_size
-        self.embed_tokens = _weight((v, h), dtype, device)
+        tp.check(config)
+        self.config, self.tp = config, tp
+        h = config.hidden_size
+        self.vocab_start, self.vocab_end, rows = tp.vocab_rows(config.vocab_size)
+        self.embed_tokens = _weight((rows, h), dtype, device)
         self.layers = nn.ModuleList(
-            ChameleonDecoderLayer(config, dtype, device) for _ in range(config.num_hidden_layers)
+            ChameleonDecoderLayer(config, dtype, device, tp)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = _weight((h,), dtype, device)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else _weight(
-            (v, h), dtype, device)
+            (rows, h), dtype, device)
+        if rows > self.vocab_end - self.vocab_start and device.type != "meta":
+            # Padding rows of the last vocab shard: never looked up, their logits cut off.
+            with torch.no_grad():
+                for w in {id(self.embed_tokens): self.embed_tokens,
+                          id(self.lm_head): self.lm_head}.values():
+                    w[self.vocab_end - self.vocab_start:].zero_()
         self.weights_int8 = False  # see quantize_int8_
         self.register_buffer(
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta).to(device),
@@ -191,12 +229,18 @@ class ChameleonModel(nn.Module):
             raise ValueError(f"argument 'block_size' must be a positive int, got {block_size!r}")
         c = self.config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim * elem
+        return c.num_hidden_layers * 2 * block_size * self.num_kv_heads * c.head_dim * elem
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank caches (all of them with one rank)."""
+        return self.tp.part(self.config.num_key_value_heads)[1]
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hkv, D]``.
+        """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hkv, D]`` (this
+        rank's kv heads).
 
         Uninitialised: attention only reads the slots ``kv_append`` wrote.
         """
@@ -204,7 +248,7 @@ class ChameleonModel(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"argument '{name}' must be a positive int, got {value!r}")
         c = self.config
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_heads, c.head_dim)
         return [
             (torch.empty(shape, dtype=self.dtype, device=self.device),
              torch.empty(shape, dtype=self.dtype, device=self.device))
@@ -217,7 +261,7 @@ class ChameleonModel(nn.Module):
         if self.device.type != "cuda":
             return None
         c = self.config
-        q = torch.empty((num_tokens, c.num_attention_heads, c.head_dim), dtype=self.dtype,
+        q = torch.empty((num_tokens, self.layers[0].num_heads, c.head_dim), dtype=self.dtype,
                         device=self.device)
         return ops.paged_attention_workspace(q, meta.num_seqs, meta.max_q_len, meta.max_seq_len)
 
@@ -280,10 +324,19 @@ class ChameleonModel(nn.Module):
         if validate:
             self.check_token_ids(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self._embed(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta, self.config, workspace)
         return x
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Vocab-parallel: rows outside this rank's shard contribute zeros to the sum.
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_end - self.vocab_start)
+        x = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
+        return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
 
     @torch.inference_mode()
     def quantize_int8_(self) -> ChameleonModel:
@@ -301,25 +354,47 @@ class ChameleonModel(nn.Module):
         self.weights_int8 = True
         return self
 
-    def compute_logits(self, hidden: torch.Tensor,
-                       head: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
-                       ) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, head: LogitHead | None = None) -> torch.Tensor:
         """Final RMSNorm + lm_head of ``hidden [N, hidden_size]`` -> float32 ``[N, V]``;
-        with ``head`` (rows of lm_head, from :meth:`lm_head_rows`) only those ``[N, K]``."""
+        with ``head`` (rows of lm_head, from :meth:`lm_head_rows`) only those ``[N, K]``.
+        Under tensor parallelism every rank gets the whole (gathered) logits."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"argument 'hidden' must be [N, {self.config.hidden_size}], got "
                              f"{tuple(hidden.shape)}")
         h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        weight, scales = (self.lm_head, None) if head is None else \
-            head if isinstance(head, tuple) else (head, None)
-        return project(h, weight, scales).float()
+        if head is None:
+            logits = self.tp.all_gather_columns(project(h, self.lm_head).float())
+            return logits[:, :self.config.vocab_size] if self.tp.enabled else logits
+        logits = self.tp.all_gather_columns(project(h, head.weight, head.scales).float())
+        return logits if head.columns is None else logits.index_select(1, head.columns)
 
-    def lm_head_rows(self, token_ids: torch.Tensor):
+    def lm_head_rows(self, token_ids: torch.Tensor) -> LogitHead:
         """A contiguous copy of the lm_head rows of ``token_ids`` (e.g. the image codes:
         inside an image span only they can be sampled, so only they need logits), for
-        :meth:`compute_logits`; with int8 weights the copy is int8 too, ``(rows, scales)``."""
-        rows = self.lm_head.index_select(0, token_ids.to(self.lm_head.device)).contiguous()
-        return ops.quantize_int8(rows) if self.weights_int8 else rows
+        :meth:`compute_logits` (int8 too on int8 models). Under tensor parallelism each rank
+        copies the ids its vocab shard holds, padded to the same count on every rank."""
+        token_ids = token_ids.to(torch.int64).cpu()
+        if not self.tp.enabled:
+            rows = self.lm_head.index_select(0, token_ids.to(self.lm_head.device))
+            return LogitHead.of(rows.contiguous(), self.weights_int8)
+        # Rank r's shard holds ids [r*P, (r+1)*P): it computes its ids' logits, padded to
+        # the largest share, and `columns` picks token_ids' order out of the gathered block.
+        padded = self.lm_head.shape[0]
+        owner = token_ids // padded
+        counts = torch.bincount(owner, minlength=self.tp.size)
+        width = int(counts.max())
+        mine = token_ids[owner == self.tp.rank] - self.vocab_start
+        local = torch.zeros(width, dtype=torch.int64)
+        local[:len(mine)] = mine  # padding columns read row 0 and are never selected
+        rows = self.lm_head.index_select(0, local.to(self.lm_head.device)).contiguous()
+        rank_of = owner.tolist()
+        seen = [0] * self.tp.size
+        columns = []
+        for r in rank_of:  # position of each id inside the gathered [N, size*width] block
+            columns.append(r * width + seen[r])
+            seen[r] += 1
+        return LogitHead.of(rows, self.weights_int8,
+                            torch.tensor(columns, dtype=torch.int64, device=self.device))
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from cm3rt.checkpoint import SafetensorsCheckpoint, TensorSpec
 from cm3rt.devices import resolve_device, resolve_weight_dtype
 from cm3rt.model.chameleon import ChameleonModel
 from cm3rt.model.config import ChameleonConfig
+from cm3rt.model.tensor_parallel import TensorParallel
 
 
 def _prefix(ckpt: SafetensorsCheckpoint) -> str:
@@ -30,16 +31,30 @@ def _prefix(ckpt: SafetensorsCheckpoint) -> str:
 
 def weight_specs(model: ChameleonModel, prefix: str = "model.",
                  lm_head_name: str = "lm_head.weight") -> list[TensorSpec]:
-    """Every checkpoint tensor the model reads, with the parameter slice it lands in."""
-    cfg = model.config
+    """Every checkpoint tensor the model reads, with the parameter slice it lands in and,
+    under tensor parallelism, the part of the checkpoint tensor this rank reads."""
+    cfg, tp = model.config, model.tp
     d, nq, nkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, \
         cfg.intermediate_size
     h = cfg.hidden_size
-    specs = [TensorSpec(f"{prefix}embed_tokens.weight", (cfg.vocab_size, h), model.embed_tokens),
+    everything = slice(None)
+    q0, nq_l = tp.part(nq)
+    k0, nkv_l = tp.part(nkv)
+    i0, inter_l = tp.part(inter)
+    q_rows = slice(q0 * d, (q0 + nq_l) * d)  # this rank's heads / channels
+    kv_rows = slice(k0 * d, (k0 + nkv_l) * d)
+    heads, kv_heads, channels = slice(q0, q0 + nq_l), slice(k0, k0 + nkv_l), \
+        slice(i0, i0 + inter_l)
+    v0, v1 = model.vocab_start, model.vocab_end
+    vocab = (slice(v0, v1),) if tp.enabled else ()
+    specs = [TensorSpec(f"{prefix}embed_tokens.weight", (cfg.vocab_size, h),
+                        model.embed_tokens[:v1 - v0], vocab),
              TensorSpec(f"{prefix}norm.weight", (h,), model.norm)]
     if not cfg.tie_word_embeddings:
-        specs.append(TensorSpec(lm_head_name, (cfg.vocab_size, h), model.lm_head))
-    q_rows, kv_rows = nq * d, nkv * d
+        specs.append(TensorSpec(lm_head_name, (cfg.vocab_size, h), model.lm_head[:v1 - v0],
+                                vocab))
+    part = (lambda *index: index) if tp.enabled else (lambda *index: ())
+    nq_r, nkv_r = nq_l * d, nkv_l * d
     for i, layer in enumerate(model.layers):
         p = f"{prefix}layers.{i}."
         qkv = layer.qkv_proj
@@ -47,18 +62,26 @@ def weight_specs(model: ChameleonModel, prefix: str = "model.",
             TensorSpec(p + "input_layernorm.weight", (h,), layer.input_layernorm),
             TensorSpec(p + "post_attention_layernorm.weight", (h,),
                        layer.post_attention_layernorm),
-            TensorSpec(p + "self_attn.q_proj.weight", (q_rows, h), qkv[:q_rows]),
-            TensorSpec(p + "self_attn.k_proj.weight", (kv_rows, h),
-                       qkv[q_rows:q_rows + kv_rows]),
-            TensorSpec(p + "self_attn.v_proj.weight", (kv_rows, h), qkv[q_rows + kv_rows:]),
-            TensorSpec(p + "self_attn.o_proj.weight", (h, q_rows), layer.o_proj),
-            TensorSpec(p + "self_attn.q_norm.weight", (nq, d), layer.q_norm_weight),
-            TensorSpec(p + "self_attn.q_norm.bias", (nq, d), layer.q_norm_bias),
-            TensorSpec(p + "self_attn.k_norm.weight", (nkv, d), layer.k_norm_weight),
-            TensorSpec(p + "self_attn.k_norm.bias", (nkv, d), layer.k_norm_bias),
-            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), layer.gate_up_proj[:inter]),
-            TensorSpec(p + "mlp.up_proj.weight", (inter, h), layer.gate_up_proj[inter:]),
-            TensorSpec(p + "mlp.down_proj.weight", (h, inter), layer.down_proj),
+            TensorSpec(p + "self_attn.q_proj.weight", (nq * d, h), qkv[:nq_r], part(q_rows)),
+            TensorSpec(p + "self_attn.k_proj.weight", (nkv * d, h), qkv[nq_r:nq_r + nkv_r],
+                       part(kv_rows)),
+            TensorSpec(p + "self_attn.v_proj.weight", (nkv * d, h), qkv[nq_r + nkv_r:],
+                       part(kv_rows)),
+            TensorSpec(p + "self_attn.o_proj.weight", (h, nq * d), layer.o_proj,
+                       part(everything, q_rows)),
+            TensorSpec(p + "self_attn.q_norm.weight", (nq, d), layer.q_norm_weight,
+                       part(heads)),
+            TensorSpec(p + "self_attn.q_norm.bias", (nq, d), layer.q_norm_bias, part(heads)),
+            TensorSpec(p + "self_attn.k_norm.weight", (nkv, d), layer.k_norm_weight,
+                       part(kv_heads)),
+            TensorSpec(p + "self_attn.k_norm.bias", (nkv, d), layer.k_norm_bias,
+                       part(kv_heads)),
+            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), layer.gate_up_proj[:inter_l],
+                       part(channels)),
+            TensorSpec(p + "mlp.up_proj.weight", (inter, h), layer.gate_up_proj[inter_l:],
+                       part(channels)),
+            TensorSpec(p + "mlp.down_proj.weight", (h, inter), layer.down_proj,
+                       part(everything, channels)),
         ]
     return specs
 
@@ -86,6 +109,7 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
+    tp: TensorParallel = TensorParallel(),
 ) -> ChameleonModel:
     """Load a Chameleon model from an HF-layout directory.
 
@@ -96,6 +120,8 @@ def load_model(
             "int8": weight-only int8 projections with per-channel scales, quantised here;
             checkpoint tensors are converted one at a time while copying.
         device: ``"cpu"`` or ``"cuda[:N]"``.
+        tp: this process's rank in a tensor-parallel group: only its share of every tensor
+            is read (see :mod:`cm3rt.model.tensor_parallel`).
 
     Raises:
         FileNotFoundError: the directory, config.json or a weight file is missing.
@@ -113,11 +139,11 @@ def load_model(
         prefix = _prefix(ckpt)
         # Shapes are checked against a meta-device twin first: nothing is allocated for
         # real until the whole checkpoint is known to fit the config.
-        probe = ChameleonModel(config, dtype, "meta")
+        probe = ChameleonModel(config, dtype, "meta", tp)
         _check_unexpected(ckpt, weight_specs(probe, prefix), prefix, path)
         ckpt.check(weight_specs(probe, prefix), what=f"load_model({str(path)!r})")
         del probe
-        model = ChameleonModel(config, dtype, device)
+        model = ChameleonModel(config, dtype, device, tp)
         ckpt.copy_into(weight_specs(model, prefix))
     if int8:
         model.quantize_int8_()
@@ -128,11 +154,12 @@ def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
+    tp: TensorParallel = TensorParallel(),
 ):
     """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN."""
     from cm3rt.tokenizer import ImageTokenizer, Processor, TextTokenizer
 
-    model = load_model(path, dtype, device)
+    model = load_model(path, dtype, device, tp)
     text = TextTokenizer.from_file(path)
     image = ImageTokenizer.from_pretrained(path, device=device)
     return model, Processor(text, image)
