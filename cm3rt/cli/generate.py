@@ -97,6 +97,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help=f"one of {', '.join(DTYPE_CHOICES)}, or int8 (weight-only, quantised at "
                         "load) (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (spawned here, or the ranks torchrun "
+                        "started; gloo on the CPU, NCCL on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -164,7 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
     engine, request = resolve_request(
         args.prompt, args.model, images, task=args.task, suffix=args.suffix, bank=args.bank,
         k_docs=args.k_docs, device=args.device, dtype=args.dtype, scorer=scorer,
-        **sampling_of(args))
+        tensor_parallel_size=args.tensor_parallel_size, **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     saved = _save(out, args.out, args.all)
     if out.text.strip():
@@ -190,7 +193,8 @@ def _caption(args: argparse.Namespace) -> int:
     image = open_image(args.image, "image")
     engine, request = resolve_request(
         [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
-        device=args.device, dtype=args.dtype, **sampling_of(args))
+        device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+        **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     for s in out.samples:
         print(s.text.strip())

@@ -23,6 +23,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "(default: $CM3RT_API_KEY; none: open)")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    s.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (gloo on the CPU, NCCL on CUDA)")
     s.add_argument("--max-queued", type=int, default=256,
                    help="samples in flight at most (an n > 1 request counts n); past it: 503")
     s.add_argument("--max-body-bytes", type=int, default=8 << 20,
@@ -48,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
                          api_key=args.api_key, max_queued=args.max_queued,
                          max_body_bytes=args.max_body_bytes,
                          served_model_name=args.served_model_name,
-                         shutdown_timeout=args.shutdown_timeout)
+                         shutdown_timeout=args.shutdown_timeout,
+                         tensor_parallel_size=args.tensor_parallel_size)
     serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -14,8 +14,8 @@ from cm3rt.engine.config import EngineConfig
 from cm3rt.engine.kv_cache import PagedKVCache
 from cm3rt.engine.scheduler import SchedulerOutput
 from cm3rt.engine.state import VocabInfo
-from cm3rt.engine.tensor_parallel import HEARTBEAT, INIT, STOP, StepChannel
 from cm3rt.engine.step_inputs import StepInputs, pack_step
+from cm3rt.engine.tensor_parallel import HEARTBEAT, INIT, STOP, StepChannel
 
 # What the engine calls on a model (ChameleonModel's step API).
 MODEL_API = ("config", "device", "forward_step", "compute_logits", "attention_workspace",

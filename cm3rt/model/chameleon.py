@@ -38,7 +38,7 @@ from cm3rt.model.layers import (
     swiglu,
 )
 from cm3rt.model.step import StepMetadata
-from cm3rt.model.tensor_parallel import TensorParallel
+from cm3rt.model.tensor_parallel import SINGLE_PROCESS, TensorParallel
 
 # Block size of the throw-away cache that ``logits`` builds (any size the kernels accept).
 _LOGITS_BLOCK_SIZE = 16
@@ -91,7 +91,7 @@ class ChameleonDecoderLayer(nn.Module):
     ``<name>_scales`` buffer."""
 
     def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device,
-                 tp: TensorParallel = TensorParallel()) -> None:
+                 tp: TensorParallel = SINGLE_PROCESS) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.tp = tp
@@ -182,7 +182,7 @@ class ChameleonModel(nn.Module):
         config: ChameleonConfig,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        tp: TensorParallel = TensorParallel(),
+        tp: TensorParallel = SINGLE_PROCESS,
     ) -> None:
         super().__init__()
         dtype = resolve_dtype(dtype, device)

@@ -16,7 +16,7 @@ from cm3rt.checkpoint import SafetensorsCheckpoint, TensorSpec
 from cm3rt.devices import resolve_device, resolve_weight_dtype
 from cm3rt.model.chameleon import ChameleonModel
 from cm3rt.model.config import ChameleonConfig
-from cm3rt.model.tensor_parallel import TensorParallel
+from cm3rt.model.tensor_parallel import SINGLE_PROCESS, TensorParallel
 
 
 def _prefix(ckpt: SafetensorsCheckpoint) -> str:
@@ -109,7 +109,7 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    tp: TensorParallel = TensorParallel(),
+    tp: TensorParallel = SINGLE_PROCESS,
 ) -> ChameleonModel:
     """Load a Chameleon model from an HF-layout directory.
 
@@ -154,7 +154,7 @@ def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    tp: TensorParallel = TensorParallel(),
+    tp: TensorParallel = SINGLE_PROCESS,
 ):
     """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN."""
     from cm3rt.tokenizer import ImageTokenizer, Processor, TextTokenizer

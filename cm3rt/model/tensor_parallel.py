@@ -96,3 +96,7 @@ class TensorParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+# The single-process model (every collective a no-op): the default of every ``tp`` argument.
+SINGLE_PROCESS = TensorParallel()

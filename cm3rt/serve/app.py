@@ -54,6 +54,7 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
+    tensor_parallel_size: int = 1
 
     @property
     def model_id(self) -> str:
@@ -116,7 +117,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = await asyncio.to_thread(load_engine, config.model, device=config.device,
-                                         dtype=config.dtype)
+                                         dtype=config.dtype,
+                                         tensor_parallel_size=config.tensor_parallel_size)
         loop = EngineLoop(engine, ServerMetrics(config.model_id), max_queued=config.max_queued)
         loop.start(asyncio.get_running_loop())
         app.state.loop = loop
@@ -167,7 +169,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             engine, request = await asyncio.to_thread(
                 resolve_request, prompt, config.model, device=config.device,
-                dtype=config.dtype, **kwargs)
+                dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size, **kwargs)
         except USER_ERRORS as exc:
             loop.release(ticket)
             raise user_error(exc) from None
