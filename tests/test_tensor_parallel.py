@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,44 @@ def test_torchrun_cli_draws_what_one_process_draws(tmp_path):
                     "--device", "cpu", "--no-progress", "-o", str(two)], timeout=240)
     assert [p.returncode for p in procs] == [0, 0], [p.stdout.read()[-2000:] for p in procs]
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_serve_with_tp2_answers_like_one_process(tmp_path):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import base64
+
+    import cm3rt
+    from serve_fixtures import start_server
+
+    server = start_server(tmp_path, "--tp", "2", "--device", "cpu")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=300)
+        got = client.images.generate(prompt="a red circle", n=2, extra_body={"seed": 5})
+        want = cm3rt.generate("a red circle", n=2, seed=5, device="cpu")
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        for item, image in zip(got.data, want.images, strict=True):
+            with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as im:
+                assert np.array_equal(np.asarray(im.convert("RGB")),
+                                      np.asarray(image.convert("RGB")))
+        chat = client.chat.completions.create(
+            model="cm3rt-default", messages=[{"role": "user", "content": "a red circle"}],
+            max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content is not None
+        workers = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f",
+                                  "cm3rt.api.parallel"], capture_output=True, text=True,
+                                 check=False).stdout.split()
+        assert len(workers) == 1, workers  # rank 1, spawned by the server
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()
+    # The worker rank exits with the server (the engine closes at exit).
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{workers[0]}").exists()
