@@ -185,8 +185,9 @@ def test_serve_with_tp2_answers_like_one_process(tmp_path):
     openai = pytest.importorskip("openai")
     import base64
 
-    import cm3rt
     from serve_fixtures import start_server
+
+    import cm3rt
 
     server = start_server(tmp_path, "--tp", "2", "--device", "cpu")
     try:
