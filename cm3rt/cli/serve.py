@@ -1,6 +1,7 @@
 """``cm3rt serve``: the OpenAI-compatible HTTP server (cm3rt.serve).
 
     cm3rt serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    cm3rt serve --replicas N      # N engines as Ray Serve replicas (cm3rt.serve.replicas)
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     s.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
                    help="shard the model over N processes (gloo on the CPU, NCCL on CUDA)")
+    s.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N engines as Ray Serve replicas behind Ray's HTTP proxy, routed by "
+                        "prompt-prefix affinity (needs ray[serve])")
+    s.add_argument("--imbalanced-threshold", type=float, default=8.0, metavar="Q",
+                   help="with --replicas: while replica queues differ by more than Q "
+                        "requests, route by power of two choices instead of affinity")
     s.add_argument("--max-queued", type=int, default=256,
                    help="samples in flight at most (an n > 1 request counts n); past it: 503")
     s.add_argument("--max-body-bytes", type=int, default=8 << 20,
@@ -43,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         from cm3rt.serve.server import serve
     except ModuleNotFoundError as exc:
         raise ImportError(f"cm3rt serve needs {exc.name}: pip install -e '.[serve]'") from exc
-    for name in ("port", "max_queued", "max_body_bytes"):
+    for name in ("port", "max_queued", "max_body_bytes", "replicas", "tensor_parallel_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     config = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
@@ -52,5 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
                          served_model_name=args.served_model_name,
                          shutdown_timeout=args.shutdown_timeout,
                          tensor_parallel_size=args.tensor_parallel_size)
+    if args.replicas > 1:
+        try:
+            from cm3rt.serve.replicas import serve_replicas
+        except ModuleNotFoundError as exc:
+            raise ImportError(f"cm3rt serve --replicas needs {exc.name}: pip install "
+                              "'ray[serve]'") from exc
+        serve_replicas(config, args.replicas, args.host, args.port, args.imbalanced_threshold)
+        return 0
     serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
