@@ -155,7 +155,7 @@ def test_errors_and_sse_come_through_the_proxy(replicas_server):
 
 
 def test_sigterm_stops_ray_and_the_replicas(replicas_server):
-    url, proc, log = replicas_server
+    _, proc, log = replicas_server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
     left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
