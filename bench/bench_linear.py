@@ -4,7 +4,7 @@ Run: OMP_WAIT_POLICY=passive python -m pytest bench/bench_linear.py -q -s
 
 For M = 1 .. 64 rows and a 2816 x 1024 weight (the mid-size model's gate/up): microseconds
 per call of torch fp32 / bf16 and cm3rt fp32 / bf16 / int8, the weight GB/s each reaches,
-and the largest M where cm3rt's bf16 beats torch's (the model's SMALL_M crossover).
+and the largest M where cm3rt's bf16 beats torch's (the model's KERNEL_ROWS crossover).
 One thread: the decode step of the CPU engine runs its GEMMs on the threads it has.
 """
 

@@ -50,20 +50,23 @@ def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# Rows up to which a CPU bfloat16 projection goes to cm3rt's weight-streaming kernel rather
-# than torch's. Measured by bench/bench_linear.py on an AVX2 CPU (no bf16 instructions),
-# where torch's bf16 GEMM is 2-4x slower than the kernel at every M up to 64; on a CPU with
-# AVX-512 BF16 rerun the bench and lower it where torch wins.
-SMALL_M = 64
+# The row counts (fewest, most) for which a CPU projection goes to cm3rt's weight-streaming
+# kernel rather than torch's, by weight dtype. Measured by bench/bench_linear.py on an AVX2
+# CPU (no bf16 instructions): torch's bf16 GEMM is 2-4x slower than the kernel at every M
+# up to 64; MKL's fp32 GEMM is 1.4-2.2x slower for M = 2..8 (a decode step of 4 CFG pairs
+# is 8 rows), faster at M = 1 (its GEMV) and level from M = 12. On a CPU with AVX-512 BF16
+# rerun the bench.
+KERNEL_ROWS = {torch.bfloat16: (1, 64), torch.float32: (2, 8)}
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def project(x: torch.Tensor, weight: torch.Tensor,
             scales: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T``: int8 weights (``scales`` per output channel) always, and CPU bfloat16
-    weights for few rows, through :func:`ops.linear`; everything else through torch."""
-    if scales is not None or (weight.dtype == torch.bfloat16 and not x.is_cuda
-                              and x.shape[0] <= SMALL_M):
+    """``x @ weight^T``: int8 weights (``scales`` per output channel) always, and CPU
+    bfloat16 / float32 weights for few rows (:data:`KERNEL_ROWS`), through
+    :func:`ops.linear`; everything else through torch."""
+    fewest, most = KERNEL_ROWS.get(weight.dtype, (1, 0))
+    if scales is not None or (not x.is_cuda and fewest <= x.shape[0] <= most):
         return ops.linear(x, weight, scales)
     return F.linear(x, weight)
 
