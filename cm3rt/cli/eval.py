@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 QUICK_N = 4
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: weight-only, quantised at load
 # Built-in sampler settings, for a model directory without defaults.json (flags win, then
 # the directory's defaults.json, then these).
 _FALLBACKS = {"k_docs": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -72,7 +72,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="exit status 3 when a target is missed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=_DTYPES,
-                   help="default bfloat16 on CUDA, float32 on the CPU")
+                   help="default bfloat16 on CUDA, float32 on the CPU; int8: weight-only int8 "
+                        "projections, quantised at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_eval)
 
@@ -163,12 +164,12 @@ def _eval(args: argparse.Namespace) -> int:
     import time
 
     from cm3rt.api import load_engine
-    from cm3rt.devices import resolve_device, resolve_dtype
+    from cm3rt.devices import resolve_device, resolve_weight_dtype
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, int8 = resolve_weight_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    engine = load_engine(str(model_dir), device=device, dtype=dtype)
+    engine = load_engine(str(model_dir), device=device, dtype="int8" if int8 else dtype)
     bank = None
     if bank_dir is not None:
         from cm3rt.retrieval.bank import open_cached
@@ -177,7 +178,7 @@ def _eval(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     report = quality.run_quality(engine, bank, config, progress=not args.no_progress)
     report.info = {"model": str(model_dir), "bank": str(bank_dir) if bank_dir else None,
-                   "device": str(device), "dtype": str(dtype), "load_s": load_s}
+                   "device": str(device), "dtype": "int8" if int8 else str(dtype), "load_s": load_s}
     print(f"# cm3rt eval: {model_dir}" + (f" (bank {bank_dir})" if bank_dir else "")
           + f", {device}, load {load_s:.1f} s\n")
     print(quality.format_report(report))
