@@ -294,6 +294,25 @@ def test_cpu_weight_dtypes(bench_device, mid_model_dir):
     os.environ.pop("CM3RT_BENCH_THREADS")
 
 
+def test_int8_logits_vs_fp32(bench_device, mid_model_dir):
+    """The mid-size model's logits with int8 (weight-only, per channel) and bf16 weights
+    against float32 on the same prompts: relative L2 error and top-1 agreement. Stated
+    tolerance: relative error <= 3% and top-1 agreement >= 90% for int8."""
+    if bench_device != "cpu":
+        pytest.skip("the CPU weight formats")
+    from cm3rt.model import load_model
+
+    ids = torch.tensor(prompts())
+    ref = load_model(mid_model_dir).logits(ids)
+    for dt in ("int8", "bfloat16"):
+        got = load_model(mid_model_dir, dtype=dt).logits(ids).float()
+        rel = float((got - ref).norm() / ref.norm())
+        top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        record(bench="logits_vs_fp32", device="cpu", dtype=dt, rel_l2=round(rel, 4),
+               top1_agree=round(top1, 3),
+               target="rel <= 0.03, top1 >= 0.9" if dt == "int8" else "")
+
+
 def decode_step_vs_floor(device: str, shape: dict, new_tokens: int = 128) -> dict:
     """Mean decode step of 4 CFG pairs (8 streams) on random weights of ``shape``, and the
     floor: the weights read once at the copy bandwidth measured in the same run."""
