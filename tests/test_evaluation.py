@@ -22,6 +22,7 @@ from cm3rt.demo.evaluation import (
     run_quality,
     train_prompts,
 )
+from cm3rt.demo.evaluation.prompts import edit_items, infill_items
 from cm3rt.demo.evaluation.quality import Row, Score, Setting
 from cm3rt.demo.shapes import (
     COLOURS,
@@ -137,8 +138,10 @@ def _recoloured(scene: Scene) -> Scene:
 
 
 class FakeEngine:
-    """Stands in for the Engine: draws each prompt's own scene (``wrong``: recoloured) and
-    captions an image with a template caption of the scene it was rendered from."""
+    """Stands in for the Engine: draws each prompt's own scene (``wrong``: recoloured),
+    captions an image with a template caption of the scene it was rendered from, infills
+    the masked words of a render's canonical caption and applies "make the <shape>
+    <colour>" to a render (``wrong``: another word / the scene unedited)."""
 
     processor = None  # image size unknown -> the evaluation renders 64 px
 
@@ -146,18 +149,31 @@ class FakeEngine:
         self.scenes, self.wrong = scenes, wrong
         self.requests: list = []
 
+    def _segment(self, r):
+        if r.task == "text_to_image":
+            scene = self.scenes[r.prompt]
+            return (_recoloured(scene) if self.wrong else scene).render(64)
+        image, *text = r.prompt
+        scene = self.scenes[image.tobytes()]
+        if r.task == "infill":
+            full, pre, post = describe(scene), "".join(text), r.suffix or ""
+            return "wrong" if self.wrong else full[len(pre):len(full) - len(post)]
+        if r.task == "edit":
+            *_, shape, colour = text[0].split(" ")
+            if self.wrong:
+                return scene.render(64)
+            objs = tuple(replace(o, colour=colour) if o.shape == shape else o
+                         for o in scene.objects)
+            return replace(scene, objects=objs).render(64)
+        return random_caption(_recoloured(scene) if self.wrong else scene, r.params.seed)
+
     def stream(self, requests):
         requests = list(requests)
         self.requests += requests
         for r in requests:
-            if r.task == "text_to_image":
-                scene = self.scenes[r.prompt]
-                seg = (_recoloured(scene) if self.wrong else scene).render(64)
-            else:
-                (image,) = r.prompt
-                scene = self.scenes[image.tobytes()]
-                seg = random_caption(_recoloured(scene) if self.wrong else scene, r.params.seed)
-            out = RequestOutput(r.request_id, [], [SampleOutput(0, [], [], "stop", [seg])])
+            samples = [SampleOutput(i, [], [], "stop", [self._segment(r)])
+                       for i in range(r.params.n)]
+            out = RequestOutput(r.request_id, [], samples)
             yield TokenEvent(r.request_id, 0, 5, 0.0)
             yield TokenEvent(r.request_id, -1, -1, 0.0, output=out)
 
@@ -166,28 +182,44 @@ def _fake_scenes(cfg: QualityConfig) -> dict:
     scenes: dict = {p.text: p.scene for p in held_out_prompts(cfg.prompts, cfg.seed)}
     scenes.update({p.text: p.scene for p in train_prompts(cfg.n_train, cfg.seed)})
     scenes.update({s.render(64).tobytes(): s for s in caption_scenes(cfg.captions, cfg.seed)})
+    scenes.update({it.scene.render(64).tobytes(): it.scene
+                   for it in infill_items(cfg.infill, cfg.seed)})
+    scenes.update({it.scene.render(64).tobytes(): it.scene
+                   for it in edit_items(cfg.edits, cfg.seed)})
     return scenes
 
 
+def _first_sample_best(text, images):  # a scorer that always keeps sample 0
+    return [1.0] + [0.0] * (len(images) - 1)
+
+
 def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
-    cfg = QualityConfig(prompts=16, captions=16, seed=5, train_settings="all")
+    cfg = QualityConfig(prompts=16, captions=16, seed=5, best_of=4, infill=12, edits=12)
     perfect = FakeEngine(_fake_scenes(cfg))
-    report = run_quality(perfect, bank="unused-by-the-fake", config=cfg, progress=False)
+    report = run_quality(perfect, bank="unused-by-the-fake", config=cfg,
+                         scorer=_first_sample_best, progress=False)
     assert len(report.rows) == 10
     for row in report.rows:
         assert (row.held_out.n, row.held_out.passed) == (16, 16), row.setting
         assert (row.train.n, row.train.passed) == (16, 16), row.setting
+        assert row.train_two.n == row.train_two.passed > 0
     assert (report.captions.n, report.captions.passed) == (16, 16)
-    status = {t.name: t.status for t in report.targets}
-    assert status["held-out adherence with CFG >= 80%"] == "PASS"
-    assert status["caption accuracy >= 90%"] == "PASS"
-    # Equal rows: CFG is not *above* none, retrieval adds nothing.
-    assert status["CFG above no guidance (held-out)"] == "MISS"
-    assert status["retrieval adds >= 20 points (held-out)"] == "MISS"
+    assert {k: (v.n, v.passed) for k, v in report.best_of.items()} == {1: (16, 16),
+                                                                     4: (16, 16)}
+    assert (report.infill.n, report.infill.passed) == (12, 12)
+    assert (report.edits.n, report.edits.passed) == (12, 12)
+    status = {t.name.split(" (")[0].split(" >=")[0]: t.status for t in report.targets}
+    assert status["adherence with the default settings"] == "PASS"
+    assert status["held-out adherence with retrieval"] == "PASS"
+    assert status["caption accuracy"] == "PASS"
+    # Equal rows: CFG is not above none, retrieval adds nothing, best-of-4 = best-of-1.
+    assert status["CFG"] == "MISS"
+    assert status["retrieval adds"] == "MISS"
+    assert status["best-of-n above best-of-1"] == "MISS"
 
     # The requests: one per prompt and setting, with the setting's sampling and retrieval,
     # and the same sampler seed for a prompt in every setting.
-    t2i = [r for r in perfect.requests if r.task == "text_to_image"]
+    t2i = [r for r in perfect.requests if r.task == "text_to_image" and r.params.n == 1]
     assert len(t2i) == 10 * 16 * 2
     first = [r for r in t2i if r.request_id.endswith("-0") and "eval-1-" in r.request_id]
     assert len(first) == 10 and len({r.params.seed for r in first}) == 1
@@ -195,11 +227,16 @@ def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
         ("none", 1.0, 0), ("cfg", 1.5, 0), ("cfg", 3.0, 0), ("cfg", 5.0, 0), ("cdk", 1.0, 0),
         ("none", 1.0, 2), ("cfg", 1.5, 2), ("cfg", 3.0, 2), ("cfg", 5.0, 2), ("cdk", 1.0, 2)}
     assert all((r.bank is None) == (r.k_docs == 0) for r in t2i)
+    best = [r for r in perfect.requests if r.params.n == 4]
+    assert len(best) == 16 and all(r.params.guidance == "cdk" and r.k_docs == 2 for r in best)
+    edits = [r for r in perfect.requests if r.task == "edit"]
+    assert len(edits) == 12 and {r.params.guidance for r in edits} == {"cfg3"}
 
     wrong = run_quality(FakeEngine(_fake_scenes(cfg), wrong=True), bank="x", config=cfg,
-                        progress=False)
+                        scorer=_first_sample_best, progress=False)
     assert all(r.held_out.passed == 0 and r.train.passed == 0 for r in wrong.rows)
-    assert wrong.captions.passed == 0
+    assert wrong.captions.passed == 0 and wrong.infill.passed == 0
+    assert wrong.edits.passed == 0
     assert {t.status for t in wrong.targets} == {"MISS"}
 
 
@@ -213,28 +250,37 @@ def test_adheres_on_own_renders_and_failures() -> None:
 # ------------------------------------------------------------------------- targets
 
 
-def _row(guidance: str, retrieval: bool, passed: int, scale: float | None = None) -> Row:
-    return Row(Setting(guidance, retrieval, scale), held_out=Score(100, passed))
+def _row(guidance: str, retrieval: bool, held: int, train: int | None = None,
+         two: int | None = None, scale: float | None = None) -> Row:
+    return Row(Setting(guidance, retrieval, scale), held_out=Score(100, held),
+               train=None if train is None else Score(100, train),
+               train_two=None if two is None else Score(50, two))
 
 
 def test_targets_pass_and_miss_on_hand_made_rows() -> None:
-    rows = [_row("none", False, 30), _row("cfg", False, 50, 1.5), _row("cfg", False, 60, 3.0),
-            _row("none", True, 55), _row("cfg", True, 70, 1.5), _row("cfg", True, 85, 3.0)]
-    t = {x.name: x for x in evaluate_targets(rows, Score(200, 181))}
-    assert t["held-out adherence with CFG >= 80%"].status == "PASS"
-    assert "85.0%" in t["held-out adherence with CFG >= 80%"].value
-    assert t["CFG above no guidance (held-out)"].status == "PASS"
-    assert t["retrieval adds >= 20 points (held-out)"].status == "PASS"  # 85 - 60 = 25
-    assert t["caption accuracy >= 90%"].status == "PASS"
+    rows = [_row("none", False, 20, 70, 30), _row("cfg", False, 25, 80, 40, 3.0),
+            _row("cdk", False, 30, 85, 40),
+            _row("none", True, 60, 80, 35), _row("cfg", True, 65, 86, 39, 3.0),
+            _row("cdk", True, 61, 86, 41)]
+    t = {x.name: x for x in evaluate_targets(rows, Score(200, 181),
+                                             {1: Score(100, 80), 8: Score(100, 90)})}
+    names = list(t)
+    assert t[names[0]].status == "PASS" and "86.0%" in t[names[0]].value  # cdk r+ train
+    assert t[names[1]].status == "PASS" and "+8.0 points" in t[names[1]].value  # 78% - 70%
+    assert t[names[2]].status == "PASS"  # held-out cdk: 61 - 30 = 31 points
+    assert t[names[3]].status == "PASS"  # 61% >= 60%
+    assert t[names[4]].status == "PASS"  # best of 8 90% > best of 1 80%
+    assert t[names[5]].status == "PASS"  # 181/200 captions
 
-    rows[5] = _row("cfg", True, 79, 3.0)  # 79 < 80, and 79 - 60 = 19 < 20
-    rows[0] = _row("none", False, 60)     # CFG (best 60) not above none without retrieval
-    t = {x.name: x for x in evaluate_targets(rows, Score(200, 179))}
+    rows[5] = _row("cdk", True, 59, 84, 41)  # 84 < 85; 59 - 30 = 29 < 30; 59 < 60
+    rows[3] = _row("none", True, 60, 80, 38)  # CFG two-object: 39 vs 38 of 50 = +2 points
+    t = {x.name: x for x in evaluate_targets(rows, Score(200, 179),
+                                             {1: Score(100, 80), 8: Score(100, 80)})}
     assert {x.status for x in t.values()} == {"MISS"}
 
-    t = {x.name: x for x in evaluate_targets(rows[:3], None)}  # no retrieval, no captions
-    assert t["retrieval adds >= 20 points (held-out)"].status == "SKIP"
-    assert t["caption accuracy >= 90%"].status == "SKIP"
+    t = {x.name: x for x in evaluate_targets(rows[:3], None, None, Setting("cdk", False))}
+    statuses = [x.status for x in t.values()]
+    assert statuses == ["PASS", "PASS", "SKIP", "SKIP", "SKIP", "SKIP"], statuses
 
 
 def test_quality_config_is_validated() -> None:
@@ -290,28 +336,34 @@ def test_quick_eval_end_to_end(tiny_model, tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     lines = text.splitlines()
     header = "| setting | retrieval | held-out adherence | train-concept adherence " \
-             "| docs show the held-out pair |"
+             "| train-concept, two objects | docs show the held-out pair |"
     start = lines.index(header)
     table = lines[start + 2:start + 12]
+    # The tiny model has no defaults.json: its own setting is the built-in cfg 3.
     assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in table] == [
         (name, mode) for mode in ("off", "on")
-        for name in ("none", "cfg 1.5", "cfg 3", "cfg 5", "cdk")]
+        for name in ("none", "cfg 1.5", "cfg 3" + " (default)" * (mode == "on"), "cfg 5",
+                     "cdk")]
     assert lines[start + 12] == ""
     assert "caption accuracy:" in text
-    targets = lines[lines.index("| target | measured | result |") + 2:][:4]
-    assert all(r.rstrip().endswith(("| PASS |", "| MISS |")) for r in targets)
+    assert "| CM3 infill" in text and "| text-guided edit" in text
+    targets = lines[lines.index("| target | measured | result |") + 2:][:6]
+    assert len(targets) == 6
+    # No CLIP in the tiny model's directory: best-of-n is not measured.
+    assert [r.rstrip().endswith(("| PASS |", "| MISS |")) for r in targets] == [
+        True, True, True, True, False, True]
+    assert targets[4].rstrip().endswith("| SKIP |")
     assert "wall time" in text
 
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 10
     assert all(r["held_out"]["n"] == 2 and r["held_out"]["errors"] == 0 for r in data["rows"])
-    train = [r for r in data["rows"] if r["train"] is not None]
-    assert len(train) == 2 and {r["retrieval"] for r in train} == {False, True}
-    assert len({r["setting"] for r in train}) == 1  # the best scale, off and on
+    assert all(r["train"]["n"] == 2 for r in data["rows"])  # every row (default "all")
     assert all(r["docs_with_held_out_pair"] is not None for r in data["rows"] if r["retrieval"])
     assert data["captions"]["n"] == 2 and data["captions"]["errors"] == 0
     assert data["held_out_prompts"] == [p.text for p in held_out_prompts(2, 0)]
-    assert data["images"] == 10 * 2 + 2 * 2
+    assert data["infill"]["n"] == 4 and data["edits"]["n"] == 4 and data["best_of"] == {}
+    assert data["images"] == 10 * 2 + 10 * 2 + 4
 
 
 def test_eval_cli_errors_name_the_problem(tiny_model, tmp_path, capsys) -> None:

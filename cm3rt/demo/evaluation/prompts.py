@@ -11,15 +11,26 @@ stream tags that no training script uses (they draw from ``[seed, index]`` /
                                (``HELD_OUT_PAIRS``): a combination the decoder never saw
     train_prompts(n, seed)     no held-out pair anywhere: the concepts of training (ceiling)
     caption_scenes(n, seed)    any concepts, for the image -> text (captioning) accuracy
+    infill_items(n, seed)      a render and its canonical caption with 1-3 words masked (CM3)
+    edit_items(n, seed)        a one-object render, "make the <shape> <colour>" and the scene
+                               the edit should give (train concepts only)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cm3rt.demo.shapes import HELD_OUT_PAIRS, Scene, WorldConfig, random_caption, sample_scene
+from cm3rt.demo.shapes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    Scene,
+    WorldConfig,
+    describe,
+    random_caption,
+    sample_scene,
+)
 from cm3rt.demo.shapes.analyzer import matches
 from cm3rt.demo.shapes.captions import parse_caption
 
@@ -27,6 +38,8 @@ from cm3rt.demo.shapes.captions import parse_caption
 HELD_OUT_STREAM = 0xE7A1_0001
 TRAIN_STREAM = 0xE7A1_0002
 CAPTION_STREAM = 0xE7A1_0003
+INFILL_STREAM = 0xE7A1_0004
+EDIT_STREAM = 0xE7A1_0005
 
 _MAX_TRIES = 64
 
@@ -105,3 +118,59 @@ def caption_scenes(n: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(np.random.default_rng([int(seed), CAPTION_STREAM, i]),
                          WorldConfig(concepts="all"))
             for i in range(n)]
+
+
+@dataclass(frozen=True)
+class InfillItem:
+    """A masked caption span: the model sees ``image pre <mask> post <infill>`` and must
+    write ``span`` (the words of the canonical caption ``pre + span + post``)."""
+
+    scene: Scene
+    pre: str
+    span: str
+    post: str
+
+
+def infill_items(n: int, seed: int = 0) -> list[InfillItem]:
+    """``n`` fresh scenes (any concepts), each with 1-3 consecutive words of its canonical
+    caption (``describe``) masked, as the decoder's CM3 infill sequences are built."""
+    _check_n(n)
+    _check_seed(seed)
+    items = []
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), INFILL_STREAM, i])
+        scene = sample_scene(rng, WorldConfig(concepts="all"))
+        words = describe(scene).split(" ")
+        span = int(rng.integers(1, min(3, len(words)) + 1))
+        start = int(rng.integers(0, len(words) - span + 1))
+        pre = " ".join(words[:start]) + (" " if start else "")
+        post = (" " if start + span < len(words) else "") + " ".join(words[start + span:])
+        items.append(InfillItem(scene, pre, " ".join(words[start:start + span]), post))
+    return items
+
+
+@dataclass(frozen=True)
+class EditItem:
+    """A text-guided edit: ``instruction`` applied to ``scene`` should draw ``target``."""
+
+    scene: Scene
+    instruction: str
+    target: Scene
+
+
+def edit_items(n: int, seed: int = 0) -> list[EditItem]:
+    """``n`` one-object scenes of train concepts with a recolouring instruction ("make the
+    star blue") whose result is a train concept too; everything else must stay."""
+    _check_n(n)
+    _check_seed(seed)
+    items = []
+    config = WorldConfig(p_two=0.0, concepts="train")
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), EDIT_STREAM, i])
+        scene = sample_scene(rng, config)
+        (obj,) = scene.objects
+        colours = [c for c in COLOURS if c != obj.colour and (c, obj.shape) not in HELD_OUT_PAIRS]
+        colour = colours[int(rng.integers(len(colours)))]
+        target = replace(scene, objects=(replace(obj, colour=colour),))
+        items.append(EditItem(scene, f"make the {obj.shape} {colour}", target))
+    return items
