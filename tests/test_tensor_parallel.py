@@ -220,3 +220,23 @@ def test_serve_with_tp2_answers_like_one_process(tmp_path):
     while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{workers[0]}").exists()
+
+
+def test_a_worker_that_dies_fails_the_driver_at_once():
+    import threading
+
+    from cm3rt.api.parallel import watching
+
+    dead = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker rank 1 exited with code 3 during loading"):
+        watching([dead], "loading", threading.Event().wait)  # a collective that never ends
+    assert time.monotonic() - t0 < 10
+    assert watching([], "loading", lambda: 7) == 7
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(ValueError, match="boom"):  # the driver's own error comes through
+            watching([alive], "loading", lambda: (_ for _ in ()).throw(ValueError("boom")))
+    finally:
+        alive.kill()
+        alive.wait()

@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,6 +87,33 @@ def agree_loaded(tp: TensorParallel, error: BaseException | None) -> None:
                            "(their error is in their own output)")
 
 
+def watching(workers: list[subprocess.Popen], what: str, fn):
+    """``fn()`` (a rendezvous or collective the spawned ``workers`` must join), raising as
+    soon as one of them has exited instead of waiting out the group timeout."""
+    if not workers:
+        return fn()
+    result: dict = {}
+
+    def call() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=call, name=f"cm3rt-tp-{what}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        for rank, w in enumerate(workers, start=1):
+            if thread.is_alive() and w.poll() is not None:
+                raise RuntimeError(f"tensor parallelism: worker rank {rank} exited with code "
+                                   f"{w.returncode} during {what} (its error is in its own "
+                                   "output)")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,10 +173,17 @@ def start_engine(path: Path, size: int, device: torch.device, dtype, int8: bool,
                    "--device", str(rank_device(device, rank)), "--rank", str(rank),
                    "--size", str(size), "--init-method", init, "--timeout", str(timeout_s)]
             workers.append(subprocess.Popen(cmd))
-        tp = join_group(0, size, device, init, timeout_s)
+        try:
+            tp = watching(workers, "the group rendezvous",
+                          lambda: join_group(0, size, device, init, timeout_s))
+        except BaseException:
+            _stop_workers(workers, None)
+            raise
     try:
-        model, processor = load_sharded(path, dtype, int8, device, tp, with_processor=True)
-        engine = Engine(model, processor, **engine_kwargs)
+        model, processor = watching(workers, "loading", lambda: load_sharded(
+            path, dtype, int8, device, tp, with_processor=True))
+        engine = watching(workers, "engine start", lambda: Engine(model, processor,
+                                                                  **engine_kwargs))
     except BaseException:
         _stop_workers(workers, None)
         raise
