@@ -5,6 +5,10 @@
 #include "common/device.h"
 #include "dlpack_abi.h"
 
+#if defined(CM3RT_EMU)
+#include "emu.h"
+#endif
+
 namespace cm3rt::py_binding {
 
 namespace {
@@ -45,6 +49,14 @@ TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
   t.name = name;
   t.dtype = convert_dtype(dl.dtype, name);
   t.data = static_cast<char*>(dl.data) + dl.byte_offset;
+#if defined(CM3RT_EMU)
+  // cm3rt._emu: host memory is the emulated device's memory, so CPU tensors take the CUDA
+  // path of every binding (validation, planning, launch) unchanged.
+  if (dl.device.device_type != dlpack::kCPU)
+    throw py::type_error("argument '" + name + "': the CUDA emulator (cm3rt._emu) takes CPU "
+                         "tensors (its device memory is host memory)");
+  t.device = DeviceKind::kCUDA;
+#else
   switch (dl.device.device_type) {
     case dlpack::kCPU:
     case dlpack::kCUDAHost: t.device = DeviceKind::kCPU; break;
@@ -54,6 +66,7 @@ TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
       throw py::type_error("argument '" + name + "' lives on an unsupported device (DLPack type " +
                            std::to_string(dl.device.device_type) + "); cm3rt takes CPU or CUDA");
   }
+#endif
   t.device_id = dl.device.device_id;
   t.read_only = read_only;
   t.shape.assign(dl.shape, dl.shape + dl.ndim);
@@ -65,6 +78,28 @@ TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
     for (int i = dl.ndim - 1; i >= 0; --i) { t.strides[i] = s; s *= dl.shape[i]; }
   }
   t.keep_alive = std::move(keep);
+#if defined(CM3RT_EMU)
+  // The tensor's bytes are the one global buffer a kernel may reach through this argument
+  // (memcheck). Registered for as long as the call holds the TensorArg (or a copy).
+  int64_t lo = 0, hi = 0;
+  bool empty = false;
+  for (int i = 0; i < dl.ndim; ++i) {
+    if (t.shape[i] == 0) empty = true;
+    const int64_t span = (t.shape[i] - 1) * t.strides[i];
+    (span < 0 ? lo : hi) += span;
+  }
+  if (!empty) {
+    const int64_t es = dtype_size(t.dtype);
+    const int id = emu::register_buffer(static_cast<char*>(t.data) + lo * es,
+                                        size_t((hi - lo + 1) * es), name);
+    auto* token = new int(id);
+    py::capsule unregister(token, [](void* p) {
+      emu::unregister_buffer(*static_cast<int*>(p));
+      delete static_cast<int*>(p);
+    });
+    t.keep_alive = py::make_tuple(t.keep_alive, unregister);
+  }
+#endif
   return t;
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/cuda_launch.cuh"
 #include "common/device.h"
 #include "sampling/philox.h"
 #include "sampling/sample_logits.h"
@@ -409,9 +410,9 @@ void launch(const SampleLogitsParams& p, cudaStream_t stream) {
   const bool vec = p.V % kVec == 0 && aligned16(p.logits) &&
                    (p.row_stride * int64_t(sizeof(T))) % 16 == 0;
   if (vec)
-    sample_logits_kernel<T, kVec><<<p.G, kThreads, 0, stream>>>(p);
+    cuda::launch<sample_logits_kernel<T, kVec>>(dim3(p.G), dim3(kThreads), 0, stream, p);
   else
-    sample_logits_kernel<T, 1><<<p.G, kThreads, 0, stream>>>(p);
+    cuda::launch<sample_logits_kernel<T, 1>>(dim3(p.G), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace

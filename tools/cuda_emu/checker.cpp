@@ -1,0 +1,368 @@
+// The emulator's checker: every memory access of kernel code comes here, through the
+// __tsan_* hooks that g++ -fsanitize=thread puts before each load and store of the kernel
+// translation units (this file defines them: no TSan runtime is linked), and through the
+// PTX models (cp.async, ldmatrix) and atomics of runtime.cpp.
+//
+// An access of an emulated thread is classified by address:
+//   its own fiber stack              locals: not checked;
+//   the launch's parameter block     the kernel arguments: allowed;
+//   the block's dynamic shared memory [dyn, dyn + size): shared checks; the rest of the
+//                                    shared window beyond `size` is out of bounds;
+//   the module's writable data       static __shared__ variables (kernels have no other
+//                                    globals): shared checks;
+//   the module's read-only data      constant tables: reads allowed;
+//   a registered buffer              global memory of the call: allowed;
+//   anything else                    memcheck finding; the launch stops before the access.
+// Shared checks keep a 16-byte shadow per byte of shared memory: which thread wrote it last
+// and which read it, each with the barrier epoch of the access; a block generation number
+// makes every byte "never written" at the start of each block without clearing the shadow.
+#include <dlfcn.h>
+#include <link.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "internal.h"
+
+namespace emu {
+
+std::string hex(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  return buf;
+}
+
+namespace {
+
+struct Region {
+  char* lo = nullptr;
+  char* hi = nullptr;
+  bool contains(const void* p, size_t n) const {
+    auto c = static_cast<const char*>(p);
+    return c >= lo && c + n <= hi;
+  }
+};
+
+// One byte of shared memory. Thread ids are linear ids < 1024; the special values below.
+struct Shadow {
+  uint32_t gen;     // block generation the rest belongs to (else: never written this block)
+  uint16_t w_tid;   // last writer | kPending while a cp.async into it is in flight
+  uint16_t r_tid;   // a reader since that write, or kMany
+  uint32_t w_ep;    // epoch of the write: __syncthreads count << 12 | the writer's warp's __syncwarp count
+  uint32_t r_ep;
+};
+constexpr uint16_t kNone = 0xffff, kAtomic = 0xfffe, kMany = 0xfffd, kPending = 0x4000;
+static_assert(sizeof(Shadow) == 16, "shadow entry");
+
+constexpr size_t kWindow = 256 * 1024;  // >= the largest dynamic shared memory (227 KiB)
+
+struct Checker {
+  Region window;          // the dynamic shared memory window (the first dyn_bytes are valid)
+  Region statics;         // the module's writable data: static __shared__ variables
+  std::vector<Region> consts;  // the module's read-only data
+  Shadow* window_shadow = nullptr;
+  Shadow* static_shadow = nullptr;
+  uint32_t gen = 0;
+  struct Buf { const char* base; size_t bytes; std::string name; int id; };
+  std::vector<Buf> buffers;  // few per call: a linear search is fine
+  int next_id = 1;
+
+  Checker() {
+    void* m = mmap(nullptr, kWindow, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    window = {static_cast<char*>(m), static_cast<char*>(m) + kWindow};
+    window_shadow = alloc_shadow(kWindow);
+    find_module_segments();
+    static_shadow = alloc_shadow(size_t(statics.hi - statics.lo));
+  }
+
+  static Shadow* alloc_shadow(size_t bytes) {
+    // Untouched pages cost nothing; gen 0 (never written) is what fresh pages hold.
+    void* m = mmap(nullptr, bytes * sizeof(Shadow), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) throw Error("emu: cannot map the shared-memory shadow");
+    return static_cast<Shadow*>(m);
+  }
+
+  // The PT_LOAD segments of the object this code is linked into (cm3rt._emu or a test).
+  void find_module_segments() {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&hex), &info);
+    struct Ctx { void* base; Checker* self; } ctx{info.dli_fbase, this};
+    dl_iterate_phdr(
+        [](dl_phdr_info* i, size_t, void* p) {
+          auto* c = static_cast<Ctx*>(p);
+          bool mine = false;
+          for (int k = 0; k < i->dlpi_phnum; ++k)
+            if (i->dlpi_phdr[k].p_type == PT_LOAD &&
+                reinterpret_cast<void*>(i->dlpi_addr + i->dlpi_phdr[k].p_vaddr -
+                                        i->dlpi_phdr[k].p_offset) == c->base)
+              mine = true;
+          if (!mine && reinterpret_cast<void*>(i->dlpi_addr) != c->base) return 0;
+          for (int k = 0; k < i->dlpi_phnum; ++k) {
+            const ElfW(Phdr)& ph = i->dlpi_phdr[k];
+            if (ph.p_type != PT_LOAD) continue;
+            char* lo = reinterpret_cast<char*>(i->dlpi_addr + ph.p_vaddr);
+            char* hi = lo + ph.p_memsz;
+            if (ph.p_flags & PF_W) {
+              if (!c->self->statics.lo || lo < c->self->statics.lo) c->self->statics.lo = lo;
+              if (hi > c->self->statics.hi) c->self->statics.hi = hi;
+            } else if (!(ph.p_flags & PF_X)) {
+              c->self->consts.push_back({lo, hi});
+            }
+          }
+          return 1;
+        },
+        &ctx);
+  }
+
+  Shadow* shadow_of(const char* p) {
+    if (window.contains(p, 1)) return &window_shadow[p - window.lo];
+    return &static_shadow[p - statics.lo];
+  }
+};
+
+Checker& C() {
+  static Checker c;
+  return c;
+}
+
+uint32_t epoch_of(const State& s, int tid) {
+  return (s.cta_epoch << 12) | (s.warps[tid / 32].epoch & 0xfffu);
+}
+
+// Is an access of thread `a` at epoch `ep` ordered before the current thread's access now?
+bool ordered(const State& s, int me, uint16_t a, uint32_t ep) {
+  if (a == me) return true;
+  if ((ep >> 12) != s.cta_epoch) return true;  // a __syncthreads completed since
+  if (a == kAtomic || a == kMany) return false;
+  return a / 32 == me / 32 && (ep & 0xfffu) != (s.warps[me / 32].epoch & 0xfffu);  // __syncwarp
+}
+
+std::string describe(const State& s, const Fiber& f, const char* what, const void* addr,
+                     size_t n) {
+  return std::string(what) + " of " + std::to_string(n) + " bytes at " + hex(addr) + " by " +
+         f.where() + " in " + s.kernel;
+}
+
+std::string tid_name(const State& s, uint16_t t) {
+  if (t == kAtomic) return "an atomic";
+  if (t == kMany) return "several threads";
+  return s.fibers[t].where();
+}
+
+std::string shared_offset(const char* p) {
+  Checker& c = C();
+  if (c.window.contains(p, 1))
+    return "dynamic shared memory + " + std::to_string(p - c.window.lo);
+  return "static shared memory";
+}
+
+void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void* pc) {
+  Checker& c = C();
+  InRuntime scope(&f);
+  const int me = f.linear;
+  const uint32_t ep = epoch_of(s, me);
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& sh = *c.shadow_of(p + i);
+    const bool fresh = sh.gen != c.gen;
+    auto at = [&] { return " (" + shared_offset(p + i) + ", code " + hex(pc) + ")"; };
+    if (kind == Access::kRead || kind == Access::kAtomic) {
+      if (fresh) {
+        report("initcheck: " + describe(s, f, kind == Access::kRead ? "read" : "atomic", p, n) +
+               " reads shared memory this block never wrote" + at());
+        return;
+      }
+      if (sh.w_tid != kNone && (sh.w_tid & kPending) && sh.w_tid != kAtomic && sh.w_tid != kMany) {
+        report("racecheck: " + describe(s, f, "read", p, n) +
+               " reads a cp.async destination of " + s.fibers[sh.w_tid & ~kPending].where() +
+               " before its cp.async.wait_group" + at());
+        return;
+      }
+      if (sh.w_tid != kNone && !ordered(s, me, sh.w_tid, sh.w_ep) &&
+          !(kind == Access::kAtomic && sh.w_tid == kAtomic)) {
+        report("racecheck: " + describe(s, f, kind == Access::kRead ? "read" : "atomic", p, n) +
+               " races with a write by " + tid_name(s, sh.w_tid) +
+               " (no __syncthreads / __syncwarp between)" + at());
+        return;
+      }
+    }
+    if (kind == Access::kRead) {
+      if (sh.r_tid == kNone || ordered(s, me, sh.r_tid, sh.r_ep)) sh.r_tid = uint16_t(me);
+      else if (sh.r_tid != me) sh.r_tid = kMany;
+      sh.r_ep = ep;
+      continue;
+    }
+    // a write (plain, atomic, or a cp.async issued)
+    if (!fresh) {
+      if (kind != Access::kAtomic && sh.w_tid != kNone && !ordered(s, me, sh.w_tid & ~kPending, sh.w_ep)) {
+        report("racecheck: " + describe(s, f, "write", p, n) + " races with a write by " +
+               tid_name(s, sh.w_tid & ~kPending) + " (no __syncthreads / __syncwarp between)" + at());
+        return;
+      }
+      if (sh.r_tid != kNone && !ordered(s, me, sh.r_tid, sh.r_ep)) {
+        report("racecheck: " + describe(s, f, kind == Access::kAtomic ? "atomic" : "write", p, n) +
+               " races with a read by " + tid_name(s, sh.r_tid) +
+               " (no __syncthreads / __syncwarp between)" + at());
+        return;
+      }
+    }
+    sh.gen = c.gen;
+    sh.w_tid = kind == Access::kAtomic ? kAtomic
+               : kind == Access::kAsyncIssue ? uint16_t(me | kPending) : uint16_t(me);
+    sh.w_ep = ep;
+    sh.r_tid = kNone;
+  }
+}
+
+[[noreturn]] void out_of_bounds(State& s, Fiber& f, const char* p, size_t n, Access kind,
+                                void* pc) {
+  Checker& c = C();
+  ++f.in_runtime;
+  const char* what = kind == Access::kRead ? "read" : kind == Access::kAtomic ? "atomic" : "write";
+  std::string msg = "memcheck: invalid " + describe(s, f, what, p, n) + " (code " + hex(pc) + "): ";
+  if (c.window.contains(p, 1)) {
+    msg += "dynamic shared memory + " + std::to_string(p - c.window.lo) + ", beyond the " +
+           std::to_string(s.dyn_bytes) + " bytes the launch gave";
+    abort_launch(msg);
+  }
+  // The nearest registered buffer, for the message.
+  const char* best = nullptr;
+  long long dist = 0;
+  std::string name;
+  size_t best_bytes = 0;
+  for (const auto& b : c.buffers) {
+    const long long d = p < b.base ? b.base - p : p - (b.base + b.bytes) + 1;
+    if (!best || std::llabs(d) < std::llabs(dist)) {
+      best = b.base;
+      best_bytes = b.bytes;
+      dist = d;
+      name = b.name;
+    }
+  }
+  if (best) {
+    const struct { size_t bytes; } b{best_bytes};
+    if (p < best)
+      msg += std::to_string(best - p) + " bytes before '" + name + "'";
+    else if (p >= best && p < best + b.bytes)
+      msg += "runs " + std::to_string(p + n - (best + b.bytes)) + " bytes past the end of '" + name + "'";
+    else
+      msg += std::to_string(p - (best + b.bytes)) + " bytes past the end of '" + name + "'";
+    msg += " (" + std::to_string(b.bytes) + " bytes at " + hex(best) + ")";
+  } else {
+    msg += "no buffer is registered for this launch";
+  }
+  abort_launch(msg);
+}
+
+}  // namespace
+
+bool is_shared(const void* addr, size_t n) {
+  const State& s = S();
+  Checker& c = C();
+  auto p = static_cast<const char*>(addr);
+  return (p >= c.window.lo && p + n <= c.window.lo + s.dyn_bytes) || c.statics.contains(p, n);
+}
+
+void begin_block() {
+  State& s = S();
+  Checker& c = C();
+  ++c.gen;
+  s.dyn = reinterpret_cast<unsigned char*>(c.window.lo);
+  std::memset(c.window.lo, 0xff, s.dyn_bytes);  // poison: a stray read sees NaN / -1
+  s.cta_epoch = 0;
+}
+
+void land_async(void* dst, const Fiber& f) {
+  Checker& c = C();
+  auto p = static_cast<char*>(dst);
+  for (int i = 0; i < 16; ++i) {
+    Shadow& sh = *c.shadow_of(p + i);
+    if (sh.gen == c.gen && sh.w_tid == uint16_t(f.linear | kPending)) sh.w_tid = uint16_t(f.linear);
+  }
+}
+
+void check_access(const void* addr, size_t n, Access kind, void* pc) {
+  State& s = S();
+  Fiber* f = s.cur;
+  if (!f || f->in_runtime) return;  // host code, or the emulator's own
+  auto p = static_cast<const char*>(addr);
+  if (p >= f->stack_lo && p + n <= f->stack_hi) return;
+  ++s.stats.checked_accesses;
+  if (p >= s.params_lo && p + n <= s.params_hi) return;
+  Checker& c = C();
+  if (c.window.contains(p, n)) {
+    if (p + n > c.window.lo + s.dyn_bytes) out_of_bounds(s, *f, p, n, kind, pc);
+    return check_shared(s, *f, p, n, kind, pc);
+  }
+  if (c.statics.contains(p, n)) return check_shared(s, *f, p, n, kind, pc);
+  if (kind == Access::kRead)
+    for (const Region& r : c.consts)
+      if (r.contains(p, n)) return;
+  for (const auto& b : c.buffers)
+    if (p >= b.base && p + n <= b.base + b.bytes) {
+      if (n == 16 && reinterpret_cast<uintptr_t>(p) % 16)
+        abort_launch("memcheck: misaligned " + describe(s, *f, kind == Access::kRead ? "read" : "write", p, n) +
+                     " (a 16-byte access must be 16-byte aligned; code " + hex(pc) + ")");
+      return;
+    }
+  out_of_bounds(s, *f, p, n, kind, pc);
+}
+
+int register_buffer(const void* base, size_t bytes, const std::string& name) {
+  Checker& c = C();
+  const int id = c.next_id++;
+  if (bytes) c.buffers.push_back({static_cast<const char*>(base), bytes, name, id});
+  return id;
+}
+
+void unregister_buffer(int id) {
+  auto& v = C().buffers;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (v[i].id == id) {
+      v.erase(v.begin() + long(i));
+      return;
+    }
+}
+
+}  // namespace emu
+
+// ---- the instrumentation hooks g++ -fsanitize=thread calls -------------------------------------
+#define EMU_HOOK(kind, n, K)                                                    \
+  extern "C" void __tsan_##kind##n(void* a) {                                   \
+    if (emu::S().cur) emu::check_access(a, n, K, __builtin_return_address(0));  \
+  }                                                                             \
+  extern "C" void __tsan_unaligned_##kind##n(void* a) {                         \
+    if (emu::S().cur) emu::check_access(a, n, K, __builtin_return_address(0));  \
+  }
+EMU_HOOK(read, 1, emu::Access::kRead)
+EMU_HOOK(read, 2, emu::Access::kRead)
+EMU_HOOK(read, 4, emu::Access::kRead)
+EMU_HOOK(read, 8, emu::Access::kRead)
+EMU_HOOK(read, 16, emu::Access::kRead)
+EMU_HOOK(write, 1, emu::Access::kWrite)
+EMU_HOOK(write, 2, emu::Access::kWrite)
+EMU_HOOK(write, 4, emu::Access::kWrite)
+EMU_HOOK(write, 8, emu::Access::kWrite)
+EMU_HOOK(write, 16, emu::Access::kWrite)
+extern "C" void __tsan_read_range(void* a, unsigned long n) {
+  if (emu::S().cur) emu::check_access(a, n, emu::Access::kRead, __builtin_return_address(0));
+}
+extern "C" void __tsan_write_range(void* a, unsigned long n) {
+  if (emu::S().cur) emu::check_access(a, n, emu::Access::kWrite, __builtin_return_address(0));
+}
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
+extern "C" void __tsan_vptr_update(void**, void*) {}
+extern "C" void __tsan_vptr_read(void**) {}
+// Atomics of host code in the instrumented units (e.g. the guard of a function-local static's
+// one-time initialisation): performed, not checked.
+extern "C" char __tsan_atomic8_load(const volatile char* a, int) {
+  return __atomic_load_n(a, __ATOMIC_SEQ_CST);
+}
