@@ -56,16 +56,17 @@ def cuda_available() -> bool:
 
 
 @contextlib.contextmanager
-def emulated() -> Iterator[None]:
+def emulated(enabled: bool = True) -> Iterator[None]:
     """Within the block, every op runs the CUDA kernels under the CPU emulator: CPU tensors
     go through the CUDA path of the bindings (validation, launch planning, the kernels) with
     host memory as device memory, and the emulator checks each access (memcheck, racecheck,
     initcheck, synccheck; a finding raises RuntimeError). For tests (``device="emu"``) and
     for debugging a kernel without a GPU; needs ``tools/cuda_emu/build.sh``. Not thread-safe:
-    it swaps the module's kernel table."""
+    it swaps the module's kernel table. ``emulated(False)`` runs the native kernels again
+    inside an emulated block (to compare the two)."""
     global _C
     saved = _C
-    _C = _ext.load_emulator()
+    _C = _ext.load_emulator() if enabled else _ext._C
     try:
         yield
     finally:

@@ -49,15 +49,30 @@ DEVICES = [
 ]
 
 
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    if request.param == EMU:
+def _enter(name: str):
+    if name == EMU:
+        if not EMU_READY:
+            pytest.skip("cm3rt._emu not built (tools/cuda_emu/build.sh)")
         # The CUDA kernels under the CPU emulator: tensors live in host memory ("cpu" to
         # torch) and every op goes through cm3rt._emu for the test's duration.
         with ops.emulated():
             yield EmulatedDevice()
         return
-    yield request.param
+    if name == "cuda" and not CUDA_READY:
+        pytest.skip("no CUDA device (or cm3rt built without CUDA)")
+    yield name
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    yield from _enter(request.param)
+
+
+@pytest.fixture
+def device_for():
+    """For fixtures with their own device lists: device_for(name) is the generator that
+    `device` uses (skips a missing device, routes "emu" through the emulator)."""
+    return _enter
 
 
 @pytest.fixture(scope="module")

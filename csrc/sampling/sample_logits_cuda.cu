@@ -142,6 +142,10 @@ __device__ void radix_choose_block(SharedState& sh, double limit, int pass) {
       chosen = __shfl_sync(kFull, chosen, src);
       chosen_above = __shfl_sync(kFull, chosen_above, src);
       chosen_at = __shfl_sync(kFull, chosen_at, src);
+      // Every lane read sh.radix above; lane 0 overwrites it. Shuffles and votes order
+      // execution but not memory: __syncwarp orders the reads before the write (found by
+      // the emulator's racecheck).
+      __syncwarp();
       if (lane == 0) {
         const int shift = radix_shift(pass);
         s.prefix |= uint32_t(chosen) << shift;

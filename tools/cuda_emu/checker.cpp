@@ -38,6 +38,37 @@ std::string hex(const void* p) {
   return buf;
 }
 
+// "file:line" of a code address in the kernels (they are compiled with -g1), via addr2line
+// when it is installed, else the module offset. Only called for findings.
+std::string code_at(const void* pc) {
+  static std::map<const void*, std::string> cache;
+  auto it = cache.find(pc);
+  if (it != cache.end()) return it->second;
+  Dl_info info{};
+  std::string out = hex(pc);
+  if (dladdr(pc, &info) && info.dli_fname) {
+    char off[32];
+    // The return address points after the access's call: step back into it.
+    std::snprintf(off, sizeof off, "0x%lx",
+                  static_cast<unsigned long>(static_cast<const char*>(pc) - 1 -
+                                             static_cast<const char*>(info.dli_fbase)));
+    out = std::string(info.dli_fname) + "+" + off;
+    const std::string cmd = "addr2line -e '" + std::string(info.dli_fname) + "' " + off + " 2>/dev/null";
+    if (FILE* f = popen(cmd.c_str(), "r")) {
+      char line[512] = {};
+      if (std::fgets(line, sizeof line, f) && line[0] != '?') {
+        std::string where(line);
+        while (!where.empty() && (where.back() == '\n' || where.back() == ' ')) where.pop_back();
+        const size_t slash = where.rfind('/');
+        if (slash != std::string::npos) where = where.substr(slash + 1);
+        out = where;
+      }
+      pclose(f);
+    }
+  }
+  return cache[pc] = out;
+}
+
 namespace {
 
 struct Region {
@@ -57,7 +88,9 @@ struct Shadow {
   uint32_t w_ep;    // epoch of the write: __syncthreads count << 12 | the writer's warp's __syncwarp count
   uint32_t r_ep;
 };
-constexpr uint16_t kNone = 0xffff, kAtomic = 0xfffe, kMany = 0xfffd, kPending = 0x4000;
+// kWarpReaders | w: several readers, all in warp w (a __syncwarp of w orders them all).
+constexpr uint16_t kNone = 0xffff, kAtomic = 0xfffe, kMany = 0xfffd, kPending = 0x4000,
+                   kWarpReaders = 0x8000;
 static_assert(sizeof(Shadow) == 16, "shadow entry");
 
 constexpr size_t kWindow = 256 * 1024;  // >= the largest dynamic shared memory (227 KiB)
@@ -141,7 +174,8 @@ bool ordered(const State& s, int me, uint16_t a, uint32_t ep) {
   if (a == me) return true;
   if ((ep >> 12) != s.cta_epoch) return true;  // a __syncthreads completed since
   if (a == kAtomic || a == kMany) return false;
-  return a / 32 == me / 32 && (ep & 0xfffu) != (s.warps[me / 32].epoch & 0xfffu);  // __syncwarp
+  const int warp = (a & 0xff00) == kWarpReaders ? (a & 0xff) : a / 32;
+  return warp == me / 32 && (ep & 0xfffu) != (s.warps[me / 32].epoch & 0xfffu);  // __syncwarp
 }
 
 std::string describe(const State& s, const Fiber& f, const char* what, const void* addr,
@@ -153,6 +187,7 @@ std::string describe(const State& s, const Fiber& f, const char* what, const voi
 std::string tid_name(const State& s, uint16_t t) {
   if (t == kAtomic) return "an atomic";
   if (t == kMany) return "several threads";
+  if ((t & 0xff00) == kWarpReaders) return "several threads of warp " + std::to_string(t & 0xff);
   return s.fibers[t].where();
 }
 
@@ -171,12 +206,17 @@ void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void
   for (size_t i = 0; i < n; ++i) {
     Shadow& sh = *c.shadow_of(p + i);
     const bool fresh = sh.gen != c.gen;
-    auto at = [&] { return " (" + shared_offset(p + i) + ", code " + hex(pc) + ")"; };
+    auto at = [&] { return " (" + shared_offset(p + i) + ", at " + code_at(pc) + ")"; };
     if (kind == Access::kRead || kind == Access::kAtomic) {
       if (fresh) {
         report("initcheck: " + describe(s, f, kind == Access::kRead ? "read" : "atomic", p, n) +
                " reads shared memory this block never wrote" + at());
-        return;
+        // From here on the bytes count as seen (one report each); the read is recorded
+        // below, so a later unordered write by another thread is still a race.
+        for (size_t k = i; k < n; ++k) {
+          Shadow& z = *c.shadow_of(p + k);
+          if (z.gen != c.gen) z = Shadow{c.gen, kNone, kNone, 0, 0};
+        }
       }
       if (sh.w_tid != kNone && (sh.w_tid & kPending) && sh.w_tid != kAtomic && sh.w_tid != kMany) {
         report("racecheck: " + describe(s, f, "read", p, n) +
@@ -193,8 +233,12 @@ void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void
       }
     }
     if (kind == Access::kRead) {
-      if (sh.r_tid == kNone || ordered(s, me, sh.r_tid, sh.r_ep)) sh.r_tid = uint16_t(me);
-      else if (sh.r_tid != me) sh.r_tid = kMany;
+      if (sh.r_tid == kNone || ordered(s, me, sh.r_tid, sh.r_ep)) {
+        sh.r_tid = uint16_t(me);
+      } else if (sh.r_tid != me && sh.r_tid != kMany) {
+        const int warp = (sh.r_tid & 0xff00) == kWarpReaders ? (sh.r_tid & 0xff) : sh.r_tid / 32;
+        sh.r_tid = warp == me / 32 ? uint16_t(kWarpReaders | warp) : kMany;
+      }
       sh.r_ep = ep;
       continue;
     }
@@ -225,7 +269,7 @@ void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void
   Checker& c = C();
   ++f.in_runtime;
   const char* what = kind == Access::kRead ? "read" : kind == Access::kAtomic ? "atomic" : "write";
-  std::string msg = "memcheck: invalid " + describe(s, f, what, p, n) + " (code " + hex(pc) + "): ";
+  std::string msg = "memcheck: invalid " + describe(s, f, what, p, n) + " (at " + code_at(pc) + "): ";
   if (c.window.contains(p, 1)) {
     msg += "dynamic shared memory + " + std::to_string(p - c.window.lo) + ", beyond the " +
            std::to_string(s.dyn_bytes) + " bytes the launch gave";
@@ -233,7 +277,7 @@ void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void
   }
   // The nearest registered buffer, for the message.
   const char* best = nullptr;
-  long long dist = 0;
+  long long dist = 0;  // bytes outside the buffer
   std::string name;
   size_t best_bytes = 0;
   for (const auto& b : c.buffers) {
@@ -246,14 +290,8 @@ void check_shared(State& s, Fiber& f, const char* p, size_t n, Access kind, void
     }
   }
   if (best) {
-    const struct { size_t bytes; } b{best_bytes};
-    if (p < best)
-      msg += std::to_string(best - p) + " bytes before '" + name + "'";
-    else if (p >= best && p < best + b.bytes)
-      msg += "runs " + std::to_string(p + n - (best + b.bytes)) + " bytes past the end of '" + name + "'";
-    else
-      msg += std::to_string(p - (best + b.bytes)) + " bytes past the end of '" + name + "'";
-    msg += " (" + std::to_string(b.bytes) + " bytes at " + hex(best) + ")";
+    msg += "byte offset " + std::to_string(p - best) + " of '" + name + "' (" +
+           std::to_string(best_bytes) + " bytes at " + hex(best) + "), the nearest buffer";
   } else {
     msg += "no buffer is registered for this launch";
   }
@@ -293,6 +331,7 @@ void check_access(const void* addr, size_t n, Access kind, void* pc) {
   if (!f || f->in_runtime) return;  // host code, or the emulator's own
   auto p = static_cast<const char*>(addr);
   if (p >= f->stack_lo && p + n <= f->stack_hi) return;
+  InRuntime scope(f);  // what the checker itself runs (messages, ...) is not the kernel's
   ++s.stats.checked_accesses;
   if (p >= s.params_lo && p + n <= s.params_hi) return;
   Checker& c = C();
@@ -308,7 +347,7 @@ void check_access(const void* addr, size_t n, Access kind, void* pc) {
     if (p >= b.base && p + n <= b.base + b.bytes) {
       if (n == 16 && reinterpret_cast<uintptr_t>(p) % 16)
         abort_launch("memcheck: misaligned " + describe(s, *f, kind == Access::kRead ? "read" : "write", p, n) +
-                     " (a 16-byte access must be 16-byte aligned; code " + hex(pc) + ")");
+                     " (a 16-byte access must be 16-byte aligned; at " + code_at(pc) + ")");
       return;
     }
   out_of_bounds(s, *f, p, n, kind, pc);

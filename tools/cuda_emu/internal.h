@@ -72,9 +72,7 @@ struct State {
   int cta_waiting = 0;
   int cta_or = 0;
   uint32_t cta_epoch = 0;  // __syncthreads count of the block (racecheck)
-  bool exited_before_barrier = false;
   bool divergence_reported = false;
-  std::string exited_where;
   // shared memory
   unsigned char* dyn = nullptr;  // the block's dynamic shared memory
   size_t dyn_bytes = 0;
@@ -108,5 +106,6 @@ bool is_shared(const void* addr, size_t n);
 void begin_block();
 void land_async(void* dst, const Fiber& f);  // a cp.async destination has landed
 std::string hex(const void* p);
+std::string code_at(const void* pc);  // "file:line" of kernel code, for messages
 
 }  // namespace emu

@@ -136,9 +136,13 @@ void block_current() {
   std::abort();  // never resumed
 }
 
+// Keeps the first few findings of each detector (the prefix before ':'), counts the rest.
 void report(const std::string& msg) {
   State& s = S();
-  if (s.findings.size() < 8) s.findings.push_back(msg);
+  const std::string kind = msg.substr(0, msg.find(':'));
+  int same = 0;
+  for (const std::string& f : s.findings) same += f.compare(0, kind.size() + 1, kind + ":") == 0;
+  if (same < 3) s.findings.push_back(msg);
   else ++s.more_findings;
 }
 
@@ -183,10 +187,18 @@ void try_complete_cta_barrier() {
              " waits at " + first->bar_site.str() + ", " + f.where() + " at " + f.bar_site.str());
     }
   }
-  if (s.exited_before_barrier && !s.divergence_reported) {
+  // Threads that exited never reach this barrier: the hardware would let the rest pass, but
+  // the CUDA programming model calls such a barrier divergent (undefined behaviour).
+  if (s.live < int(s.fibers.size()) && !s.divergence_reported) {
     s.divergence_reported = true;
+    std::string gone;
+    for (const Fiber& f : s.fibers)
+      if (f.state == Fiber::kDone) {
+        gone = f.where();
+        break;
+      }
     report("synccheck: __syncthreads at " + first->bar_site.str() + " in " + s.kernel +
-           " is not reached by " + s.exited_where + " (it exited first)");
+           " is not reached by " + gone + " (it exited before)");
   }
   const int result = s.cta_or;
   for (Fiber& f : s.fibers)
@@ -221,10 +233,6 @@ void thread_exited(Fiber& f) {
   State& s = S();
   f.state = Fiber::kDone;
   --s.live;
-  if (s.cta_waiting > 0 && !s.exited_before_barrier) {
-    s.exited_before_barrier = true;
-    s.exited_where = f.where();
-  }
   try_complete_cta_barrier();
   // A lane that exits while its warp waits in a collective: the collective can never finish.
   const Warp& w = s.warps[f.linear / 32];
@@ -299,8 +307,9 @@ uint64_t shfl(uint64_t v, Shfl kind, int arg, unsigned mask, int width, const ch
   static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
                                 "__shfl_xor_sync"};
   return warp_collective(names[int(kind)], Site{file, line}, mask, v, false, [&](Warp& w) {
-    // PTX shfl.sync with c = width segments: a source lane outside the segment (or not in
-    // the mask) leaves the value unchanged.
+    // PTX shfl.sync, CUDA's width w as c = ((32 - w) << 8) | (up ? 0 : 31): segments of w
+    // lanes; a source lane j with !pval (up: below the segment; down, bfly: past its end)
+    // leaves the lane's own value.
     for (int l = 0; l < 32; ++l) {
       if (!((w.mask >> l) & 1u)) continue;
       const int seg = l & ~(width - 1);
@@ -309,7 +318,8 @@ uint64_t shfl(uint64_t v, Shfl kind, int arg, unsigned mask, int width, const ch
         case Shfl::kIdx: src = seg + (arg & (width - 1)); break;
         case Shfl::kUp: src = l - arg; if (src < seg) src = l; break;
         case Shfl::kDown: src = l + arg; if (src >= seg + width) src = l; break;
-        case Shfl::kXor: src = l ^ arg; if (src < seg || src >= seg + width) src = l; break;
+        // (bfly may reach an earlier segment, never a later one: pval = j <= maxLane)
+        case Shfl::kXor: src = l ^ arg; if (src >= seg + width) src = l; break;
       }
       if (!((w.mask >> src) & 1u)) {
         // Reading a lane outside the mask is undefined: report it rather than invent a value.
@@ -585,7 +595,6 @@ void launch(const char* kernel, const void* kernel_fn, dim3 grid, dim3 block, si
         s.live = n;
         s.cta_waiting = 0;
         s.cta_or = 0;
-        s.exited_before_barrier = false;
         s.divergence_reported = false;
         ++s.stats.blocks;
         s.stats.threads += n;
@@ -618,7 +627,7 @@ void launch(const char* kernel, const void* kernel_fn, dim3 grid, dim3 block, si
   s.fibers.clear();
   if (!s.findings.empty()) {
     std::string msg = "cuda emulator: " + std::to_string(s.findings.size() + s.more_findings) +
-                      " finding(s) in " + s.kernel + ":";
+                      " finding(s) in " + s.kernel + " (the first of each kind):";
     for (const std::string& f : s.findings) msg += "\n  " + f;
     if (s.more_findings) msg += "\n  ... and " + std::to_string(s.more_findings) + " more";
     throw Error(msg);
