@@ -296,6 +296,24 @@ def test_cuda_workspace_too_small_raises(cuda_device):
                             workspace=torch.empty(16, dtype=torch.uint8, device=cuda_device))
 
 
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_garbage_lengths_stay_in_bounds(cuda_device, decode):
+    # unvalidated CUDA index tensors with nonsense lengths: the kernels clamp them, so the
+    # call reads and writes nothing outside its tensors (the emulator checks every access)
+    gen = torch.Generator().manual_seed(41)
+    seq_lens, q_lens = ([600, 50, 30], [1, 1, 1]) if decode else ([100, 50, 30], [20, 10, 5])
+    batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, torch.bfloat16, cuda_device, gen)
+    sl = torch.tensor([1 << 30, -5, 1 << 30], dtype=torch.int32, device=cuda_device)
+    cu = batch["cu_seqlens_q"].clone()
+    cu[1], cu[2] = -7, 1 << 30
+    out, lse = ops.paged_attention(
+        batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"], sl, cu,
+        return_lse=True, max_q_len=1 if decode else None, max_seq_len=max(seq_lens))
+    if cuda_device == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape == batch["q"].shape and lse.shape == batch["q"].shape[:2]
+
+
 @pytest.mark.cuda
 @_cuda_only()
 def test_cuda_decode_step_graph_capture():

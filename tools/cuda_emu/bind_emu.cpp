@@ -28,6 +28,8 @@ void bind_emulator(py::module_& m) {
     d["checked_accesses"] = s.checked_accesses;
     return d;
   }, "Counters since the module was loaded.");
+  m.def("launched_kernels", [] { return emu::launched_kernels(); },
+        "Names of every kernel instantiation launched since the module was loaded.");
   m.def("selftest_names", [] { return emu::selftest::names(); },
         "Names of the emulator's self-tests (tools/cuda_emu/tests/).");
   m.def("selftest", [](const std::string& name) { return emu::selftest::run(name); },

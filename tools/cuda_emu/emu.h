@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 // ---- CUDA keywords ----------------------------------------------------------------------
 #define __global__
@@ -118,6 +119,8 @@ struct Stats {
   long launches = 0, blocks = 0, threads = 0, switches = 0, checked_accesses = 0;
 };
 Stats& stats();
+// Every kernel (instantiation) launched since the module was loaded, by name.
+std::vector<std::string> launched_kernels();
 
 }  // namespace emu
 

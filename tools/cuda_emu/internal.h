@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,7 @@ struct State {
   void (*invoke)(void*) = nullptr;
   uint3 gdim{1, 1, 1}, bdim{1, 1, 1}, block{0, 0, 0};
   std::map<const void*, size_t> smem_limit;
+  std::set<std::string> launched;
   // block
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;

@@ -62,6 +62,7 @@ State& S() {
 
 DeviceProps& device_props() { return S().props; }
 Stats& stats() { return S().stats; }
+std::vector<std::string> launched_kernels() { return {S().launched.begin(), S().launched.end()}; }
 
 std::string Fiber::where() const {
   const State& s = S();
@@ -563,6 +564,7 @@ void launch(const char* kernel, const void* kernel_fn, dim3 grid, dim3 block, si
     return launch_error(name + ": dynamic shared memory beyond the device limit");
 
   s.kernel = name;
+  s.launched.insert(name);
   s.params = params;
   s.params_lo = static_cast<char*>(params);
   s.params_hi = s.params_lo + params_bytes;
