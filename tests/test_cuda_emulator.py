@@ -38,6 +38,9 @@ BROKEN = {
                    r"misaligned read of 16 bytes"),
     "shared_bounds": ("memcheck", "dynamic_shared_overflow", "thread (63,0,0) of block (0,0,0)",
                       r"dynamic shared memory \+ 256, beyond the 256 bytes the launch gave"),
+    "static_shared_bounds": ("memcheck", "static_shared_overflow", "thread (0,0,0) of block (0,0,0)",
+                             (r"static shared memory outside every __shared__ variable, byte "
+                              r"offset 256 of .*static_shared_overflow.*::s \(256 bytes\)")),
     "cp_async_source": ("memcheck", "cp_async_source_past_end", "thread (31,0,0) of block (0,0,0)",
                         r"invalid read of 16 bytes .*byte offset 512 of 'in'"),
     "race_raw": ("racecheck", "missing_syncthreads", "thread (32,0,0) of block (0,0,0)",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import CUDA_READY
 
 pytestmark = [pytest.mark.cuda,

@@ -16,9 +16,17 @@
 // Shared checks keep a 16-byte shadow per byte of shared memory: which thread wrote it last
 // and which read it, each with the barrier epoch of the access; a block generation number
 // makes every byte "never written" at the start of each block without clearing the shadow.
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include <cstdio>
 #include <cstring>
@@ -59,6 +67,8 @@ std::string code_at(const void* pc) {
       if (std::fgets(line, sizeof line, f) && line[0] != '?') {
         std::string where(line);
         while (!where.empty() && (where.back() == '\n' || where.back() == ' ')) where.pop_back();
+        const size_t disc = where.find(" (discriminator");
+        if (disc != std::string::npos) where.resize(disc);
         const size_t slash = where.rfind('/');
         if (slash != std::string::npos) where = where.substr(slash + 1);
         out = where;
@@ -98,6 +108,10 @@ constexpr size_t kWindow = 256 * 1024;  // >= the largest dynamic shared memory 
 struct Checker {
   Region window;          // the dynamic shared memory window (the first dyn_bytes are valid)
   Region statics;         // the module's writable data: static __shared__ variables
+  // The function-local statics of the module ("_ZZ..." symbols: every __shared__ variable),
+  // sorted by address, from its symbol table: a static shared access must stay inside one.
+  struct Var { char* lo; char* hi; std::string name; };
+  std::vector<Var> vars;
   std::vector<Region> consts;  // the module's read-only data
   Shadow* window_shadow = nullptr;
   Shadow* static_shadow = nullptr;
@@ -112,6 +126,54 @@ struct Checker {
     window_shadow = alloc_shadow(kWindow);
     find_module_segments();
     static_shadow = alloc_shadow(size_t(statics.hi - statics.lo));
+    find_shared_variables();
+  }
+
+  void find_shared_variables() {
+    Dl_info info{};
+    if (!dladdr(reinterpret_cast<void*>(&hex), &info) || !info.dli_fname) return;
+    const int fd = open(info.dli_fname, O_RDONLY);
+    if (fd < 0) return;
+    struct stat st{};
+    fstat(fd, &st);
+    void* m = mmap(nullptr, size_t(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) return;
+    const auto* base = static_cast<const char*>(m);
+    const auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(base);
+    const auto* sh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff);
+    // A shared object's symbols are relative to its load address; an executable's absolute.
+    const uintptr_t load = eh->e_type == ET_DYN ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+    for (int i = 0; i < eh->e_shnum; ++i) {
+      if (sh[i].sh_type != SHT_SYMTAB) continue;
+      const auto* syms = reinterpret_cast<const ElfW(Sym)*>(base + sh[i].sh_offset);
+      const char* names = base + sh[sh[i].sh_link].sh_offset;
+      for (size_t k = 0; k < sh[i].sh_size / sizeof(ElfW(Sym)); ++k) {
+        const ElfW(Sym)& y = syms[k];
+        const char* name = names + y.st_name;
+        if (ELF64_ST_TYPE(y.st_info) != STT_OBJECT || y.st_size == 0 || std::strncmp(name, "_ZZ", 3))
+          continue;
+        char* lo = reinterpret_cast<char*>(load + y.st_value);
+        if (!statics.contains(lo, y.st_size)) continue;
+        int status = 0;
+        char* pretty = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+        vars.push_back({lo, lo + y.st_size, status == 0 ? pretty : name});
+        std::free(pretty);
+      }
+    }
+    munmap(m, size_t(st.st_size));
+    std::sort(vars.begin(), vars.end(), [](const Var& a, const Var& b) { return a.lo < b.lo; });
+  }
+
+  // The __shared__ variable holding [p, p + n), or nullptr; `near` gets the closest one.
+  const Var* shared_var(const char* p, size_t n, const Var** near) const {
+    auto it = std::upper_bound(vars.begin(), vars.end(), p,
+                               [](const char* a, const Var& v) { return a < v.lo; });
+    const Var* before = it == vars.begin() ? nullptr : &*(it - 1);
+    const Var* after = it == vars.end() ? nullptr : &*it;
+    if (before && p + n <= before->hi) return before;
+    *near = !before ? after : !after ? before : (p - before->hi < after->lo - p ? before : after);
+    return nullptr;
   }
 
   static Shadow* alloc_shadow(size_t bytes) {
@@ -339,7 +401,19 @@ void check_access(const void* addr, size_t n, Access kind, void* pc) {
     if (p + n > c.window.lo + s.dyn_bytes) out_of_bounds(s, *f, p, n, kind, pc);
     return check_shared(s, *f, p, n, kind, pc);
   }
-  if (c.statics.contains(p, n)) return check_shared(s, *f, p, n, kind, pc);
+  if (c.statics.contains(p, n)) {
+    const Checker::Var* near = nullptr;
+    if (!c.vars.empty() && !c.shared_var(p, n, &near)) {
+      const char* what = kind == Access::kRead ? "read" : kind == Access::kAtomic ? "atomic" : "write";
+      const long long off = near ? (p - near->lo) : 0;
+      abort_launch("memcheck: invalid " + describe(s, *f, what, p, n) + " (at " + code_at(pc) +
+                   "): static shared memory outside every __shared__ variable" +
+                   (near ? ", byte offset " + std::to_string(off) + " of " + near->name + " (" +
+                               std::to_string(near->hi - near->lo) + " bytes)"
+                         : std::string()));
+    }
+    return check_shared(s, *f, p, n, kind, pc);
+  }
   if (kind == Access::kRead)
     for (const Region& r : c.consts)
       if (r.contains(p, n)) return;

@@ -77,6 +77,17 @@ __global__ void dynamic_shared_overflow(Args a) {
 EMU_SELFTEST(broken_shared_bounds) { return run_pair<dynamic_shared_overflow>({nullptr, nullptr, 0, 1}, 64 * 4); }
 EMU_SELFTEST(fixed_shared_bounds) { return run_pair<dynamic_shared_overflow>({nullptr, nullptr, 0, 0}, 64 * 4); }
 
+// memcheck, static shared: a __shared__ array of 64 floats indexed with 64.
+__global__ void static_shared_overflow(Args a) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = a.in[t];
+  __syncthreads();
+  a.out[blockIdx.x * 64 + t] = s[a.broken ? 64 - (t == 0 ? 0 : t) : 63 - t];
+}
+EMU_SELFTEST(broken_static_shared_bounds) { return run_pair<static_shared_overflow>({nullptr, nullptr, 0, 1}); }
+EMU_SELFTEST(fixed_static_shared_bounds) { return run_pair<static_shared_overflow>({nullptr, nullptr, 0, 0}); }
+
 // memcheck: a cp.async whose source runs past the end of `in`.
 __global__ void cp_async_source_past_end(Args a) {
   float* s = cuda::dynamic_smem<float>();
