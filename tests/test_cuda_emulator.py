@@ -50,7 +50,8 @@ BROKEN = {
     "race_waw": ("racecheck", "everyone_writes_one_slot", "thread (1,0,0) of block (0,0,0)",
                  r"write of 4 bytes .* races with a write by thread \(0,0,0\)"),
     "cp_async_wait": ("racecheck", "read_before_wait", "thread (0,0,0) of block (0,0,0)",
-                      r"reads a cp.async destination .* before its cp.async.wait_group"),
+                      (r"reads a cp.async destination .* before its cp.async.wait_group "
+                       r"\(dynamic shared memory \+ 256")),
     "uninit": ("initcheck", "uninitialised_shared", "thread (0,0,0) of block (0,0,0)",
                r"reads shared memory this block never wrote"),
     "divergent_barrier": ("synccheck", "divergent_barrier", "thread (32,0,0) of block (0,0,0)",

@@ -145,19 +145,25 @@ __global__ void everyone_writes_one_slot(Args a) {
 EMU_SELFTEST(broken_race_waw) { return run_pair<everyone_writes_one_slot>({nullptr, nullptr, 0, 1}); }
 EMU_SELFTEST(fixed_race_waw) { return run_pair<everyone_writes_one_slot>({nullptr, nullptr, 0, 0}); }
 
-// racecheck: a thread reads its own cp.async destination before cp.async.wait_group.
+// racecheck: a thread reads a cp.async destination before the cp.async.wait_group that
+// covers it: two groups in flight, wait_group 1 lands only the older one (the fix waits for
+// both, wait_group 0, before reading the newer one).
 __global__ void read_before_wait(Args a) {
   float* s = cuda::dynamic_smem<float>();
-  const int t = threadIdx.x;
+  const int t = threadIdx.x;  // 16 threads, two 16-byte chunks each
   cuda::cp_async_16(s + 4 * t, a.in + 4 * t, true);
   cuda::cp_async_commit();
+  cuda::cp_async_16(s + 64 + 4 * t, a.in + 64 + 4 * t, true);
+  cuda::cp_async_commit();
+  cuda::cp_async_wait<1>();
+  const float older = s[4 * t];  // landed: fine in both twins
   if (!a.broken) cuda::cp_async_wait<0>();
-  const float v = s[4 * t];
+  const float newer = s[64 + 4 * t];
   cuda::cp_async_wait<0>();
-  a.out[t] = v;
+  a.out[t] = older + newer;
 }
-EMU_SELFTEST(broken_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 1}, 512, 32); }
-EMU_SELFTEST(fixed_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 0}, 512, 32); }
+EMU_SELFTEST(broken_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 1}, 512, 16); }
+EMU_SELFTEST(fixed_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 0}, 512, 16); }
 
 // initcheck: the block reads a shared element nobody wrote (thread 63's element is written
 // only in the fixed twin).
