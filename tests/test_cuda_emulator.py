@@ -52,6 +52,9 @@ BROKEN = {
     "cp_async_wait": ("racecheck", "read_before_wait", "thread (0,0,0) of block (0,0,0)",
                       (r"reads a cp.async destination .* before its cp.async.wait_group "
                        r"\(dynamic shared memory \+ 256")),
+    "global_race": ("racecheck", "blocks_write_the_same_output", "thread (0,0,0) of block (1,0,0)",
+                    (r"write of 4 bytes .*byte offset 0 of 'out'\) touches a byte that block "
+                     r"\(0,0,0\) wrote in the same launch")),
     "uninit": ("initcheck", "uninitialised_shared", "thread (0,0,0) of block (0,0,0)",
                r"reads shared memory this block never wrote"),
     "divergent_barrier": ("synccheck", "divergent_barrier", "thread (32,0,0) of block (0,0,0)",

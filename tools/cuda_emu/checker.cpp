@@ -116,7 +116,10 @@ struct Checker {
   Shadow* window_shadow = nullptr;
   Shadow* static_shadow = nullptr;
   uint32_t gen = 0;
-  struct Buf { const char* base; size_t bytes; std::string name; int id; };
+  // A registered global buffer. `writer` (one entry per byte, mapped lazily) holds the launch
+  // and the block that last wrote the byte: the cross-block racecheck of global memory.
+  struct Writer { uint32_t launch, block; };
+  struct Buf { const char* base; size_t bytes; std::string name; int id; Writer* writer; };
   std::vector<Buf> buffers;  // few per call: a linear search is fine
   int next_id = 1;
 
@@ -387,6 +390,37 @@ void land_async(void* dst, const Fiber& f) {
   }
 }
 
+namespace {
+
+// Blocks of one launch are unordered (no kernel here synchronises the grid): a byte of
+// global memory one block writes must not be written or read by another block of the same
+// launch (atomics excepted). Blocks run one after another here, so the later block is the
+// one that would see the other's value or lose its own on a GPU. Reads before a write in
+// another block are not tracked (write-after-read across blocks is not seen).
+void check_global_race(State& s, Fiber& f, const Checker::Buf& b, const char* p, size_t n,
+                       Access kind, void* pc) {
+  if (kind == Access::kAtomic || !b.writer) return;
+  const uint32_t launch = uint32_t(s.stats.launches);
+  const uint32_t block = 1 + s.block.x + s.gdim.x * (s.block.y + s.gdim.y * s.block.z);
+  for (size_t i = 0; i < n; ++i) {
+    Checker::Writer& w = b.writer[p + i - b.base];
+    if (w.launch == launch && w.block != block) {
+      const uint32_t o = w.block - 1;
+      const std::string other = "block (" + std::to_string(o % s.gdim.x) + "," +
+                                std::to_string(o / s.gdim.x % s.gdim.y) + "," +
+                                std::to_string(o / (s.gdim.x * s.gdim.y)) + ")";
+      report("racecheck: " + describe(s, f, kind == Access::kRead ? "read" : "write", p, n) +
+             " (global, byte offset " + std::to_string(p - b.base) + " of '" + b.name +
+             "') touches a byte that " + other + " wrote in the same launch (at " + code_at(pc) +
+             ")");
+      return;
+    }
+    if (kind != Access::kRead) w = {launch, block};
+  }
+}
+
+}  // namespace
+
 void check_access(const void* addr, size_t n, Access kind, void* pc) {
   State& s = S();
   Fiber* f = s.cur;
@@ -422,6 +456,7 @@ void check_access(const void* addr, size_t n, Access kind, void* pc) {
       if (n == 16 && reinterpret_cast<uintptr_t>(p) % 16)
         abort_launch("memcheck: misaligned " + describe(s, *f, kind == Access::kRead ? "read" : "write", p, n) +
                      " (a 16-byte access must be 16-byte aligned; at " + code_at(pc) + ")");
+      check_global_race(s, *f, b, p, n, kind, pc);
       return;
     }
   out_of_bounds(s, *f, p, n, kind, pc);
@@ -430,7 +465,12 @@ void check_access(const void* addr, size_t n, Access kind, void* pc) {
 int register_buffer(const void* base, size_t bytes, const std::string& name) {
   Checker& c = C();
   const int id = c.next_id++;
-  if (bytes) c.buffers.push_back({static_cast<const char*>(base), bytes, name, id});
+  if (bytes) {
+    void* m = mmap(nullptr, bytes * sizeof(Checker::Writer), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    auto* writer = m == MAP_FAILED ? nullptr : static_cast<Checker::Writer*>(m);
+    c.buffers.push_back({static_cast<const char*>(base), bytes, name, id, writer});
+  }
   return id;
 }
 
@@ -438,6 +478,7 @@ void unregister_buffer(int id) {
   auto& v = C().buffers;
   for (size_t i = 0; i < v.size(); ++i)
     if (v[i].id == id) {
+      if (v[i].writer) munmap(v[i].writer, v[i].bytes * sizeof(Checker::Writer));
       v.erase(v.begin() + long(i));
       return;
     }

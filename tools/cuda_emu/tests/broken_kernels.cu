@@ -96,7 +96,7 @@ __global__ void cp_async_source_past_end(Args a) {
   cuda::cp_async_commit();
   cuda::cp_async_wait<0>();
   __syncthreads();
-  a.out[t] = s[4 * t];
+  a.out[blockIdx.x * 32 + t] = s[4 * t];
 }
 EMU_SELFTEST(broken_cp_async_source) {
   return run_pair<cp_async_source_past_end>({nullptr, nullptr, 0, 1}, 512, 32);
@@ -160,10 +160,18 @@ __global__ void read_before_wait(Args a) {
   if (!a.broken) cuda::cp_async_wait<0>();
   const float newer = s[64 + 4 * t];
   cuda::cp_async_wait<0>();
-  a.out[t] = older + newer;
+  a.out[blockIdx.x * 16 + t] = older + newer;
 }
 EMU_SELFTEST(broken_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 1}, 512, 16); }
 EMU_SELFTEST(fixed_cp_async_wait) { return run_pair<read_before_wait>({nullptr, nullptr, 0, 0}, 512, 16); }
+
+// racecheck, global: every block writes all of `out` (the fix: each block its own half).
+__global__ void blocks_write_the_same_output(Args a) {
+  const int t = threadIdx.x;
+  a.out[(a.broken ? 0 : blockIdx.x * 64) + t] = a.in[t];
+}
+EMU_SELFTEST(broken_global_race) { return run_pair<blocks_write_the_same_output>({nullptr, nullptr, 0, 1}); }
+EMU_SELFTEST(fixed_global_race) { return run_pair<blocks_write_the_same_output>({nullptr, nullptr, 0, 0}); }
 
 // initcheck: the block reads a shared element nobody wrote (thread 63's element is written
 // only in the fixed twin).
