@@ -99,10 +99,11 @@ else
   build="echo 'no nvcc and no prebuilt cm3rt wheel in $whl' >&2; false"
 fi
 
-step install 45 last_line "$py -m pip install -q --no-index --no-deps $whl/deps/*.whl && $py -m pip check | grep -v -i -E 'torch|nvidia|triton' || true"
+step install 45 last_line "$py -m pip install -q --no-index --no-deps $whl/deps/*.whl && { $py -m pip check | grep -v -i -E 'torch|nvidia|triton'; true; }"
 step build 150 last_line "$build"
 step verify 10 last_line "$py -c \"import cm3rt.ops as o; i = o.build_info(); print(i['summary'], 'devices', i['cuda_devices']); assert i['cuda'] and i['cuda_devices'] > 0 and '90a' in i['cuda_archs']\""
-step tests 100 pytest_counts "$py -m pytest -q -m cuda tests -p no:cacheprovider --ignore=tests/test_cupy_interop.py"
+# A test module whose imports are missing here is reported as a collection error; the rest run.
+step tests 100 pytest_counts "$py -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors --ignore=tests/test_cupy_interop.py"
 step cupy 15 pytest_counts "$py -m pytest -q tests/test_cupy_interop.py -p no:cacheprovider"
 step bench 70 derived "$py -m pytest -q -s bench -p no:cacheprovider --bench-device cuda --benchmark-disable --ignore=bench/bench_engine.py --ignore=bench/bench_retrieval.py --ignore=bench/bench_serve.py --ignore=bench/bench_linear.py"
 step decode 80 decode_row "$py -m pytest -q -s bench/bench_engine.py -k decode_step_vs_bandwidth_floor -p no:cacheprovider --bench-device cuda --benchmark-disable"

@@ -66,3 +66,11 @@ def test_wheel_set_has_the_test_deps_and_cupy_but_not_torch(tmp_path):
             "pybind11", "cmake", "ninja"} <= names
     assert "torchvision==0.26.*" in r.stdout.split()  # open_clip's, paired with torch 2.11
     assert not any(n == "torch" or n.startswith(("nvidia-", "triton")) for n in names)
+
+
+def test_minimal_wheel_set_is_what_the_cuda_checks_import(tmp_path):
+    r = _run(["tools/prepare_gpu_wheels.sh", "--list", "--minimal"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = {line.split("==")[0] for line in r.stdout.split()}
+    assert {"pytest", "pytest-benchmark", "numpy", "scipy", "transformers", "cupy-cuda13x"} <= names
+    assert not names & {"torch", "faiss-cpu", "open-clip-torch", "fastapi"}

@@ -10,21 +10,26 @@
 #   .whl/MANIFEST   what was prepared, for which Python, from which commit.
 # Then copy the checkout (with .whl/) to the GPU machine and run bash bench/gpu_check.sh.
 #
-#   tools/prepare_gpu_wheels.sh [--python 3.11] [--torch 2.11] [--no-cm3rt-wheel] [--list]
+#   tools/prepare_gpu_wheels.sh [--python 3.11] [--torch 2.11] [--minimal] [--no-cm3rt-wheel] [--list]
 # --python: the GPU machine's Python (default: this one's); --torch: its torch (for the
-# matching torchvision, which open_clip needs); --list: print the set and exit.
+# matching torchvision, which open_clip needs); --minimal: only what the CUDA checks import
+# (pytest, numpy, scipy, transformers, cupy, ...: for a machine reached through a small file
+# transfer; test modules needing more fail to collect and are reported, the rest run);
+# --list: print the set and exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 torch_minor=11  # torch 2.11 on the GPU machine: torchvision 0.26
 build_wheel=1
 list_only=0
+roots="cm3rt"
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) pyver="$2"; shift 2;;
     --torch) torch_minor="${2#2.}"; torch_minor="${torch_minor%%.*}"; shift 2;;
     --no-cm3rt-wheel) build_wheel=0; shift;;
     --list) list_only=1; shift;;
+    --minimal) roots="pytest pytest-benchmark numpy scipy transformers safetensors tokenizers pyyaml tqdm pillow"; shift;;
     *) echo "prepare_gpu_wheels: unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -32,7 +37,8 @@ out=.whl
 
 # The dependency closure of cm3rt[test] as installed here (pinned to these versions, which the
 # test suite passes with), without torch and what only torch needs.
-deps=$(python3 - <<'EOF'
+deps=$(ROOTS="$roots" python3 - <<'EOF'
+import os
 import re
 from importlib import metadata
 
@@ -40,7 +46,7 @@ from importlib import metadata
 # driver are not needed there.
 SKIP = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*|cm3rt|playwright|"
                   r"taming-transformers|ruff|import-linter|grimp)$")
-seen, todo = {}, ["cm3rt"]
+seen, todo = {}, os.environ["ROOTS"].split()
 while todo:
     name = todo.pop()
     try:
@@ -63,10 +69,11 @@ EOF
 )
 # + the build tools, cupy for the interop test, torchvision for open_clip (the torch release's
 # pair: 0.(minor + 15)), and the VQGAN tests' reference model (as .ci/run installs it).
-tools="cmake ninja pybind11 setuptools wheel cupy-cuda13x fastrlock torchvision==0.$((torch_minor + 15)).* taming-transformers==0.0.1"
+tools="cmake ninja pybind11 setuptools wheel"
+[ "$roots" = cm3rt ] && tools="$tools torchvision==0.$((torch_minor + 15)).* taming-transformers==0.0.1"
 if [ "$list_only" = 1 ]; then
   echo "$deps"
-  echo "$tools" | tr ' ' '\n'
+  echo "$tools cupy-cuda13x" | tr ' ' '\n'
   exit 0
 fi
 
@@ -74,10 +81,12 @@ mkdir -p "$out/deps"
 # One wheel per requirement, for the GPU machine's Python, no dependency resolution (the set
 # above is already closed, and resolving would pull torch in).
 # shellcheck disable=SC2086
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform linux_x86_64 --platform any \
-  -d "$out/deps" $deps $tools
+target=(--only-binary=:all: --python-version "$pyver" --implementation cp
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+        --platform manylinux_2_17_x86_64 --platform linux_x86_64 --platform any)
+python3 -m pip download -q --no-deps "${target[@]}" -d "$out/deps" $deps $tools
+# cupy with its own dependencies (none of them torch's).
+python3 -m pip download -q "${target[@]}" -d "$out/deps" cupy-cuda13x
 if [ "$build_wheel" = 1 ]; then
   # sm_90a only (H100 / H200), portable CPU code: the GPU machine's CPU is not this one.
   CM3RT_CUDA_ARCHS=90a CM3RT_PORTABLE=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
