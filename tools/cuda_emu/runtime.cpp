@@ -340,7 +340,8 @@ unsigned ballot(unsigned mask, int pred, const char* file, int line) {
                                     unsigned b = 0;
                                     for (int l = 0; l < 32; ++l)
                                       if (((w.mask >> l) & 1u) && w.in[l]) b |= 1u << l;
-                                    for (int l = 0; l < 32; ++l) w.out[l] = b;
+                                    for (int l = 0; l < 32; ++l)  // (lanes outside the mask
+                                      if ((w.mask >> l) & 1u) w.out[l] = b;  // may not have read theirs)
                                   }));
 }
 
