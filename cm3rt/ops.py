@@ -11,19 +11,22 @@ the part a caller needs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.dlpack import to_dlpack
 
+from cm3rt import _ext
 from cm3rt._ext import _C
 
 __all__ = [
     "SAMPLE_MODES",
     "build_info",
     "cuda_available",
+    "emulated",
     "kv_append",
     "linear",
     "pack_allowed_bits",
@@ -50,6 +53,30 @@ def build_info() -> dict:
 def cuda_available() -> bool:
     """True when the CUDA kernels are compiled in and a device is visible to them."""
     return _C.built_with_cuda() and _C.cuda_device_count() > 0
+
+
+@contextlib.contextmanager
+def emulated(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every op runs the CUDA kernels under the CPU emulator: CPU tensors
+    go through the CUDA path of the bindings (validation, launch planning, the kernels) with
+    host memory as device memory, and the emulator checks each access (memcheck, racecheck,
+    initcheck, synccheck; a finding raises RuntimeError). For tests (``device="emu"``) and
+    for debugging a kernel without a GPU; needs ``tools/cuda_emu/build.sh``. Not thread-safe:
+    it swaps the module's kernel table. ``emulated(False)`` runs the native kernels again
+    inside an emulated block (to compare the two)."""
+    global _C
+    saved = _C
+    _C = _ext.load_emulator() if enabled else _ext._C
+    try:
+        yield
+    finally:
+        _C = saved
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """True when the kernels treat `t` as device memory: a CUDA tensor, or any under
+    :func:`emulated`."""
+    return t.is_cuda or _C.EMULATED
 
 
 def _dl(t: torch.Tensor):
@@ -100,7 +127,7 @@ def paged_attention_workspace(
     Allocate it once per batch shape and pass it as ``workspace=`` to keep a decode step free
     of allocations (for CUDA-graph capture).
     """
-    if not q.is_cuda:
+    if not _on_device(q):
         return None
     sm = _C.cuda_sm_count(q.device.index or 0)
     nbytes = _C.paged_attention_workspace_bytes(
@@ -164,7 +191,7 @@ def paged_attention(
     num_seqs = block_tables.shape[0] if block_tables.dim() == 2 else 0
     mq = -1 if max_q_len is None else int(max_q_len)
     ms = -1 if max_seq_len is None else int(max_seq_len)
-    if q.is_cuda and workspace is None:
+    if _on_device(q) and workspace is None:
         workspace = paged_attention_workspace(
             q, num_seqs, T if mq < 0 else mq,
             (block_tables.shape[1] * k_cache.shape[1]) if ms < 0 else ms,

@@ -6,7 +6,13 @@
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_C, m) {
+#ifndef CM3RT_MODULE_NAME
+#define CM3RT_MODULE_NAME _C
+#endif
+
+// cm3rt._C, or with CM3RT_EMU cm3rt._emu: the same bindings over the CUDA kernels running
+// under the CPU emulator (tools/cuda_emu/), for CPU tensors.
+PYBIND11_MODULE(CM3RT_MODULE_NAME, m) {
   m.doc() = "cm3rt kernels (CPU always; CUDA when built with nvcc). Tensors in via DLPack.";
   m.def("built_with_cuda", &cm3rt::built_with_cuda, "True if the CUDA kernels were compiled in.");
   m.def("cuda_archs", &cm3rt::cuda_archs, "CUDA architectures compiled for ('' without CUDA).");
@@ -19,4 +25,9 @@ PYBIND11_MODULE(_C, m) {
   cm3rt::py_binding::bind_sampling(m);
   cm3rt::py_binding::bind_vq(m);
   cm3rt::py_binding::bind_linear(m);
+#if defined(CM3RT_EMU)
+  cm3rt::py_binding::bind_emulator(m);
+#else
+  m.attr("EMULATED") = false;
+#endif
 }

@@ -5,6 +5,14 @@
 #include "common/device.h"
 #include "dlpack_abi.h"
 
+#if defined(CM3RT_EMU)
+#include <sys/mman.h>
+
+#include <cstring>
+
+#include "emu.h"
+#endif
+
 namespace cm3rt::py_binding {
 
 namespace {
@@ -39,12 +47,69 @@ DType convert_dtype(const dlpack::DataType& t, const std::string& name) {
   throw py::type_error(s.str());
 }
 
+#if defined(CM3RT_EMU)
+// The emulated device's memory for one tensor argument: its bytes (the extent its shape and
+// strides reach) copied into a mapping of their own, between unmapped gaps, for the call.
+// The copy is registered with the emulator as the one buffer this argument may reach, so an
+// access past its ends hits nothing else (memcheck names it); it keeps the host pointer's
+// alignment mod 256 (the launchers pick vector widths from it). When the call ends, bytes
+// the kernels changed are copied back to the tensor.
+struct EmuDeviceCopy {
+  char* host;
+  char* dev;
+  size_t bytes;
+  void* map;
+  size_t map_bytes;
+  int id;
+  bool read_only;
+  ~EmuDeviceCopy() {
+    emu::unregister_buffer(id);
+    if (!read_only && std::memcmp(host, dev, bytes) != 0) std::memcpy(host, dev, bytes);
+    munmap(map, map_bytes);
+  }
+};
+
+constexpr size_t kEmuGap = 64 * 1024;
+
+void emu_device_copy(TensorArg& t) {
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t.rank(); ++i) {
+    if (t.shape[i] == 0) return;  // no element: nothing to reach
+    const int64_t span = (t.shape[i] - 1) * t.strides[i];
+    (span < 0 ? lo : hi) += span;
+  }
+  const int64_t es = dtype_size(t.dtype);
+  char* host = static_cast<char*>(t.data) + lo * es;
+  const size_t bytes = size_t((hi - lo + 1) * es);
+  const size_t inner = (bytes + 256 + 4095) & ~size_t(4095);
+  const size_t map_bytes = inner + 2 * kEmuGap;
+  void* m = mmap(nullptr, map_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) throw std::runtime_error("cm3rt._emu: cannot map device memory");
+  mprotect(static_cast<char*>(m) + kEmuGap, inner, PROT_READ | PROT_WRITE);
+  char* dev = static_cast<char*>(m) + kEmuGap + (reinterpret_cast<uintptr_t>(host) % 256);
+  std::memcpy(dev, host, bytes);
+  auto* copy = new EmuDeviceCopy{host, dev, bytes, m, map_bytes,
+                                 emu::register_buffer(dev, bytes, t.name), t.read_only};
+  t.data = dev - lo * es;
+  py::capsule owner(copy, [](void* p) { delete static_cast<EmuDeviceCopy*>(p); });
+  t.keep_alive = py::make_tuple(t.keep_alive, owner);
+}
+#endif
+
 TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
                   const std::string& name) {
   TensorArg t;
   t.name = name;
   t.dtype = convert_dtype(dl.dtype, name);
   t.data = static_cast<char*>(dl.data) + dl.byte_offset;
+#if defined(CM3RT_EMU)
+  // cm3rt._emu: host memory is the emulated device's memory, so CPU tensors take the CUDA
+  // path of every binding (validation, planning, launch) unchanged.
+  if (dl.device.device_type != dlpack::kCPU)
+    throw py::type_error("argument '" + name + "': the CUDA emulator (cm3rt._emu) takes CPU "
+                         "tensors (its device memory is host memory)");
+  t.device = DeviceKind::kCUDA;
+#else
   switch (dl.device.device_type) {
     case dlpack::kCPU:
     case dlpack::kCUDAHost: t.device = DeviceKind::kCPU; break;
@@ -54,6 +119,7 @@ TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
       throw py::type_error("argument '" + name + "' lives on an unsupported device (DLPack type " +
                            std::to_string(dl.device.device_type) + "); cm3rt takes CPU or CUDA");
   }
+#endif
   t.device_id = dl.device.device_id;
   t.read_only = read_only;
   t.shape.assign(dl.shape, dl.shape + dl.ndim);
@@ -65,6 +131,9 @@ TensorArg from_dl(const dlpack::Tensor& dl, bool read_only, py::object keep,
     for (int i = dl.ndim - 1; i >= 0; --i) { t.strides[i] = s; s *= dl.shape[i]; }
   }
   t.keep_alive = std::move(keep);
+#if defined(CM3RT_EMU)
+  emu_device_copy(t);
+#endif
   return t;
 }
 

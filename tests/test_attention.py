@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from attention_reference import make_paged_batch, reference_attention
+from device_kinds import cuda_kernels, emulated
 
 from cm3rt import ops
 
@@ -14,7 +15,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def dtypes_for(device):
-    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if cuda_kernels(device) else [])
 
 
 def run_case(device, dtype, seq_lens, q_lens, H, Hkv, D, BS, causal=True, seed=0, lse=True):
@@ -51,7 +52,8 @@ def test_decode_single(device, D, BS, seq_len):
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2), (8, 1), (12, 3)])
 def test_gqa_ratios_mixed_batch(device, H, Hkv):
     # prefill, chunked prefill after a cached prefix, decode, in one call
-    seq_lens = [97, 300, 7, 1025, 1, 64]
+    long = (160, 400) if emulated(device) else (300, 1025)  # emulated: trimmed
+    seq_lens = [97, long[0], 7, long[1], 1, 64]
     q_lens = [97, 45, 1, 1, 1, 17]
     for dtype in dtypes_for(device):
         run_case(device, dtype, seq_lens, q_lens, H=H, Hkv=Hkv, D=64, BS=16, seed=H * 7 + Hkv)
@@ -65,8 +67,10 @@ def test_head_dims_prefill(device, D):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_long_prefill_split(device, causal):
-    # one long sequence: the CPU kernel splits the key range and merges by LSE
-    run_case(device, torch.float32, [1025], [513], H=2, Hkv=1, D=128, BS=32, causal=causal, seed=3)
+    # one long sequence: the CPU kernel splits the key range and merges by LSE (emulated:
+    # still 10 query tiles over 19 key tiles, at a ninth of the cost)
+    S, Q = (300, 150) if emulated(device) else (1025, 513)
+    run_case(device, torch.float32, [S], [Q], H=2, Hkv=1, D=128, BS=32, causal=causal, seed=3)
 
 
 def test_zero_length_query_sequence(device):
@@ -228,6 +232,13 @@ def _cuda_only():
     return pytest.mark.skipif(not CUDA_READY, reason="no CUDA device (or cm3rt built without CUDA)")
 
 
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("emu", marks=pytest.mark.emu)])
+def cuda_device(request, device_for):
+    """The CUDA kernels' own paths: on the GPU, and under the emulator."""
+    yield from device_for(request.param)
+
+
 def _check(out, lse, batch, seq_lens, q_lens, D, causal, dtype, skip_rows=()):
     ref, ref_lse = reference_attention(batch["q"].cpu(), batch["keys"], batch["values"],
                                        seq_lens, q_lens, 1 / math.sqrt(D), causal)
@@ -237,17 +248,15 @@ def _check(out, lse, batch, seq_lens, q_lens, D, causal, dtype, skip_rows=()):
     torch.testing.assert_close(lse.cpu().double()[keep], ref_lse[keep], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.cuda
-@_cuda_only()
 @pytest.mark.parametrize("D", [80, 256])
-def test_cuda_decode_batch_split_kv(D):
+def test_cuda_decode_batch_split_kv(cuda_device, D):
     # max_q_len=1 selects the split-KV decode kernel: 12 query heads on 1 kv head (3 head
     # chunks per CTA group), a sequence with no query row, long and tiny sequences
     seq_lens, q_lens = [1500, 600, 2, 900], [1, 0, 1, 1]
     gen = torch.Generator().manual_seed(D)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        batch = make_paged_batch(seq_lens, q_lens, 12, 1, D, 16, dtype, "cuda", gen)
-        out = torch.full((3, 12, D), float("nan"), dtype=dtype, device="cuda")
+        batch = make_paged_batch(seq_lens, q_lens, 12, 1, D, 16, dtype, cuda_device, gen)
+        out = torch.full((3, 12, D), float("nan"), dtype=dtype, device=cuda_device)
         _, lse = ops.paged_attention(
             batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"],
             batch["seq_lens"], batch["cu_seqlens_q"], out=out, return_lse=True,
@@ -255,21 +264,19 @@ def test_cuda_decode_batch_split_kv(D):
         _check(out, lse, batch, seq_lens, q_lens, D, True, dtype)
 
 
-@pytest.mark.cuda
-@_cuda_only()
 @pytest.mark.parametrize("decode", [False, True])
-def test_cuda_bad_block_id_gives_nan_rows(decode):
+def test_cuda_bad_block_id_gives_nan_rows(cuda_device, decode):
     # without validate, a block id out of range must not be read: rows that attend a key of
     # that block come out NaN (output and lse), every other row stays exact
     gen = torch.Generator().manual_seed(77)
     seq_lens, q_lens = ([1000, 50], [1, 1]) if decode else ([100, 50], [100, 10])
     for dtype in (torch.float32, torch.bfloat16):
-        batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, dtype, "cuda", gen)
+        batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, dtype, cuda_device, gen)
         NB = batch["k_cache"].shape[0]
         bt = batch["block_tables"].clone()
         bt[0, 40 if decode else 3] = -3 if decode else NB + 5
         T = sum(q_lens)
-        out = torch.full((T, 4, 64), 0.0, dtype=dtype, device="cuda")
+        out = torch.full((T, 4, 64), 0.0, dtype=dtype, device=cuda_device)
         _, lse = ops.paged_attention(
             batch["q"], batch["k_cache"], batch["v_cache"], bt, batch["seq_lens"],
             batch["cu_seqlens_q"], out=out, return_lse=True, max_q_len=1 if decode else None)
@@ -279,17 +286,33 @@ def test_cuda_bad_block_id_gives_nan_rows(decode):
         _check(out, lse, batch, seq_lens, q_lens, 64, True, dtype, skip_rows=bad_rows)
 
 
-@pytest.mark.cuda
-@_cuda_only()
-def test_cuda_workspace_too_small_raises():
+def test_cuda_workspace_too_small_raises(cuda_device):
     gen = torch.Generator().manual_seed(3)
-    batch = make_paged_batch([2000], [1], 8, 2, 64, 16, torch.float16, "cuda", gen)
+    batch = make_paged_batch([2000], [1], 8, 2, 64, 16, torch.float16, cuda_device, gen)
     assert ops.paged_attention_workspace(batch["q"], 1, 1, 2000) is not None  # a split plan
     with pytest.raises(ValueError, match="argument 'workspace' must hold at least"):
         ops.paged_attention(batch["q"], batch["k_cache"], batch["v_cache"],
                             batch["block_tables"], batch["seq_lens"], batch["cu_seqlens_q"],
                             max_q_len=1, max_seq_len=2000,
-                            workspace=torch.empty(16, dtype=torch.uint8, device="cuda"))
+                            workspace=torch.empty(16, dtype=torch.uint8, device=cuda_device))
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_garbage_lengths_stay_in_bounds(cuda_device, decode):
+    # unvalidated CUDA index tensors with nonsense lengths: the kernels clamp them, so the
+    # call reads and writes nothing outside its tensors (the emulator checks every access)
+    gen = torch.Generator().manual_seed(41)
+    seq_lens, q_lens = ([600, 50, 30], [1, 1, 1]) if decode else ([100, 50, 30], [20, 10, 5])
+    batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, torch.bfloat16, cuda_device, gen)
+    sl = torch.tensor([1 << 30, -5, 1 << 30], dtype=torch.int32, device=cuda_device)
+    cu = batch["cu_seqlens_q"].clone()
+    cu[1], cu[2] = -7, 1 << 30
+    out, lse = ops.paged_attention(
+        batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"], sl, cu,
+        return_lse=True, max_q_len=1 if decode else None, max_seq_len=max(seq_lens))
+    if cuda_device == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape == batch["q"].shape and lse.shape == batch["q"].shape[:2]
 
 
 @pytest.mark.cuda

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from device_kinds import emulated
 from sampling_reference import GroupSpec, chi_square_pvalue, final_distribution
 
 from cm3rt import ops
@@ -22,6 +23,14 @@ from cm3rt._ext import _C
 
 ALPHA = 1e-4
 N_DRAWS = 20000
+# Under the emulator a draw costs milliseconds: fewer draws, each also compared token for
+# token with the CPU kernel (the same group, seed and step give the same token on every
+# device), which checks far more than the chi-square can at any sample size.
+N_DRAWS_EMULATED = 300
+
+
+def n_draws(device) -> int:
+    return N_DRAWS_EMULATED if emulated(device) else N_DRAWS
 STREAMS = {"none": 1, "cfg": 2, "cdk": 2, "cfg3": 3}
 
 
@@ -44,15 +53,23 @@ def case_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def draw_many(rows: torch.Tensor, spec: GroupSpec, device: str, n: int = N_DRAWS,
+def draw_many(rows: torch.Tensor, spec: GroupSpec, device: str, n: int | None = None,
               seed: int = 1234, allowed=None, allowed_bits=None):
     """n draws of one group: the group repeated n times in one call, step = 0..n-1."""
+    n = n_draws(device) if n is None else n
     S = rows.shape[0]
     logits = rows.to(device).repeat(n, 1)  # [n*S, V], groups adjacent
     steps = torch.arange(n, dtype=torch.int64, device=device)
     tokens, logprobs = ops.sample_logits(
         logits, S, seed=seed, step=steps, allowed=allowed, allowed_bits=allowed_bits,
         validate=True, **spec_kwargs(spec))
+    if emulated(device):
+        with ops.emulated(False):  # the CPU kernel, same arguments
+            cpu_t, cpu_lp = ops.sample_logits(
+                logits, S, seed=seed, step=steps, allowed=allowed, allowed_bits=allowed_bits,
+                validate=True, **spec_kwargs(spec))
+        assert torch.equal(tokens, cpu_t)
+        torch.testing.assert_close(logprobs, cpu_lp, atol=1e-5, rtol=1e-5)
     return tokens.cpu().numpy(), logprobs.cpu().numpy()
 
 
@@ -153,7 +170,7 @@ def test_distribution_masked(device, kind, V):
     if kind == "bool_shared":
         kw["allowed"] = allowed.to(device)
     elif kind == "bool_per_group":
-        kw["allowed"] = allowed.to(device).repeat(N_DRAWS, 1)
+        kw["allowed"] = allowed.to(device).repeat(n_draws(device), 1)
     else:
         kw["allowed_bits"] = ops.pack_allowed_bits(allowed).to(device)
     counts, _ = check_distribution(rows, spec, device, allowed_np=allowed.numpy(),
@@ -186,6 +203,9 @@ def test_distribution_half_inputs(device, dtype):
 
 def test_chi_square_has_power(device):
     """The check used above rejects near misses at these sample sizes."""
+    if emulated(device):
+        pytest.skip("the power of the check at N_DRAWS draws; emulated draws are fewer and "
+                    "compared token for token with the CPU kernel instead")
     rows = make_rows(12, 1, seed=3)
     tokens, _ = draw_many(rows, GroupSpec(temperature=1.0, top_p=0.9), device)
     counts = np.bincount(tokens, minlength=12)
@@ -203,10 +223,15 @@ def test_top_k_large_vocab_row_split(device):
     V = 16384
     rows = make_rows(V, 1, seed=21, scale=3.0)
     spec = GroupSpec(top_k=4, temperature=1.5)
-    n = 1500
+    n = 60 if emulated(device) else 1500
     logits = rows.to(device)
     tokens = [int(ops.sample_logits(logits, 1, seed=9, step=s, **spec_kwargs(spec))[0][0])
               for s in range(n)]
+    if emulated(device):
+        with ops.emulated(False):
+            assert tokens == [int(ops.sample_logits(logits, 1, seed=9, step=s,
+                                                    **spec_kwargs(spec))[0][0])
+                              for s in range(n)]
     ref = final_distribution([rows[0].double().numpy()], spec)
     assert chi_square_pvalue(np.bincount(tokens, minlength=V), ref) > ALPHA
 
@@ -366,8 +391,9 @@ def test_negative_infinity_is_never_drawn(device):
     rows = torch.zeros(2, V)
     rows[0, :8] = float("-inf")  # cond -inf: banned
     rows[1, 8:12] = float("-inf")  # uncond -inf: banned under cfg
-    t, lp = ops.sample_logits(rows.repeat(2000, 1).to(device), 2, mode="cfg", cfg_scale=2.0,
-                              seed=1, step=torch.arange(2000, device=device))
+    n = 300 if emulated(device) else 2000
+    t, lp = ops.sample_logits(rows.repeat(n, 1).to(device), 2, mode="cfg", cfg_scale=2.0,
+                              seed=1, step=torch.arange(n, device=device))
     assert set(t.tolist()) == {12, 13, 14, 15}
     torch.testing.assert_close(lp, torch.full_like(lp, math.log(0.25)))
     t, _ = ops.sample_logits(torch.full((1, V), float("-inf"), device=device), 1, seed=1, step=0)
@@ -444,21 +470,24 @@ def test_bad_tensor_arguments(device):
                                torch.empty(6, device=device)))
 
 
-# ---- CUDA only: the same token as the CPU ------------------------------------------------------
+# ---- CUDA kernels (GPU and emulated): the same token as the CPU --------------------------------
 
-@pytest.mark.cuda
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("emu", marks=pytest.mark.emu)])
+def cuda_device(request, device_for):
+    yield from device_for(request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu_token_for_token(dtype):
-    from conftest import CUDA_READY
-
-    if not CUDA_READY:
-        pytest.skip("no CUDA device (or cm3rt built without CUDA)")
+def test_cuda_matches_cpu_token_for_token(cuda_device, dtype):
+    reps = 2 if emulated(cuda_device) else 8
     for V in (65536, 1000):
         specs, rows, seeds, steps = _mixed_batch(V, seed=V + 1, device="cpu")
         rows = [r.to(dtype) for r in rows]
-        many_steps = [s + 100 * k for k in range(8) for s in steps]
-        specs8, rows8, seeds8 = specs * 8, rows * 8, seeds * 8
-        cpu_t, cpu_lp = _call_batch(specs8, rows8, seeds8, many_steps, "cpu")
-        gpu_t, gpu_lp = _call_batch(specs8, rows8, seeds8, many_steps, "cuda")
+        many_steps = [s + 100 * k for k in range(reps) for s in steps]
+        specs8, rows8, seeds8 = specs * reps, rows * reps, seeds * reps
+        with ops.emulated(False):
+            cpu_t, cpu_lp = _call_batch(specs8, rows8, seeds8, many_steps, "cpu")
+        gpu_t, gpu_lp = _call_batch(specs8, rows8, seeds8, many_steps, cuda_device)
         assert torch.equal(cpu_t, gpu_t.cpu())
         torch.testing.assert_close(cpu_lp, gpu_lp.cpu(), atol=1e-5, rtol=1e-5)

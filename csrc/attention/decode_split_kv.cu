@@ -293,15 +293,15 @@ void launch_decode(const PagedAttentionParams& p, const attn_plan::DecodePlan& p
   }
   const dim3 grid(unsigned(p.B), unsigned(grid_y), unsigned(plan.splits));
   CM3RT_DISPATCH_HEAD_DIM(p.D, "paged_attention", kD, [&] {
-    cuda::launch_kernel(decode_kernel<kD>, grid, dim3(kThreads), 0, s, p, plan.head_chunks,
-                        plan.splits, ws_o, ws_lse);
+    cuda::launch<decode_kernel<kD>>(grid, dim3(kThreads), 0, s, p, plan.head_chunks, plan.splits,
+                                    ws_o, ws_lse);
   });
   check_cuda_launch("paged_attention (decode)");
   if (plan.splits > 1) {
     const int64_t rows = int64_t(p.B) * p.H;
     const unsigned blocks = unsigned((rows + kMergeWarps - 1) / kMergeWarps);
-    cuda::launch_kernel(merge_kernel, dim3(blocks), dim3(32 * kMergeWarps), 0, s, p, plan.splits,
-                        static_cast<const float*>(ws_o), static_cast<const float*>(ws_lse));
+    cuda::launch<merge_kernel>(dim3(blocks), dim3(32 * kMergeWarps), 0, s, p, plan.splits,
+                               static_cast<const float*>(ws_o), static_cast<const float*>(ws_lse));
     check_cuda_launch("paged_attention (split-KV merge)");
   }
 }

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "attention/kv_append.h"
+#include "common/cuda_launch.cuh"
 #include "common/device.h"
 
 namespace cm3rt {
@@ -48,9 +49,9 @@ void kv_append_cuda(const KvAppendParams& p, void* stream) {
                      reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
   if (vec16)
-    kv_append_kernel<int4><<<grid, block, 0, s>>>(p, int(row_bytes / 16), esize);
+    cuda::launch<kv_append_kernel<int4>>(grid, block, 0, s, p, int(row_bytes / 16), esize);
   else
-    kv_append_kernel<uint16_t><<<grid, block, 0, s>>>(p, int(row_bytes / 2), esize);
+    cuda::launch<kv_append_kernel<uint16_t>>(grid, block, 0, s, p, int(row_bytes / 2), esize);
   check_cuda_launch("kv_append");
 }
 

@@ -268,8 +268,8 @@ void launch(const PagedAttentionParams& p, int max_q_len, void* stream) {
     for (int b_base = 0; b_base < p.B; b_base += attn_plan::kMaxGridYZ) {
       const dim3 grid(unsigned(p.H), unsigned(std::min(p.B - b_base, attn_plan::kMaxGridYZ)),
                       unsigned(q_tiles));
-      cuda::launch_kernel(kernel, grid, dim3(C::kThreads), C::kSmemBytes,
-                          static_cast<cudaStream_t>(stream), p, b_base);
+      cuda::launch<prefill_mma_kernel<T, kD>>(grid, dim3(C::kThreads), C::kSmemBytes,
+                                              static_cast<cudaStream_t>(stream), p, b_base);
     }
   });
   check_cuda_launch("paged_attention");

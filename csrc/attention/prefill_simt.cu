@@ -155,8 +155,8 @@ void launch_prefill_simt(const PagedAttentionParams& p, int max_q_len, void* str
     for (int b_base = 0; b_base < p.B; b_base += attn_plan::kMaxGridYZ) {
       const dim3 grid(unsigned(p.H), unsigned(std::min(p.B - b_base, attn_plan::kMaxGridYZ)),
                       unsigned(q_tiles));
-      cuda::launch_kernel(prefill_simt_kernel<kD>, grid, dim3(C::kThreads), 0,
-                          static_cast<cudaStream_t>(stream), p, b_base);
+      cuda::launch<prefill_simt_kernel<kD>>(grid, dim3(C::kThreads), 0,
+                                            static_cast<cudaStream_t>(stream), p, b_base);
     }
   });
   check_cuda_launch("paged_attention");

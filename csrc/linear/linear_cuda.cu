@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_launch.cuh"
 #include "common/dtype.h"
 #include "linear/linear.h"
 
@@ -54,7 +55,7 @@ __global__ void linear_kernel(LinearParams p) {
 template <typename TX, typename TW>
 void launch(const LinearParams& p, cudaStream_t stream) {
   const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
-  linear_kernel<TX, TW><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  cuda::launch<linear_kernel<TX, TW>>(grid, dim3(kWarpsPerBlock * 32), 0, stream, p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("linear: CUDA launch failed: ") +

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/cuda_launch.cuh"
 #include "common/device.h"
 #include "sampling/philox.h"
 #include "sampling/sample_logits.h"
@@ -141,6 +142,10 @@ __device__ void radix_choose_block(SharedState& sh, double limit, int pass) {
       chosen = __shfl_sync(kFull, chosen, src);
       chosen_above = __shfl_sync(kFull, chosen_above, src);
       chosen_at = __shfl_sync(kFull, chosen_at, src);
+      // Every lane read sh.radix above; lane 0 overwrites it. Shuffles and votes order
+      // execution but not memory: __syncwarp orders the reads before the write (found by
+      // the emulator's racecheck).
+      __syncwarp();
       if (lane == 0) {
         const int shift = radix_shift(pass);
         s.prefix |= uint32_t(chosen) << shift;
@@ -409,9 +414,9 @@ void launch(const SampleLogitsParams& p, cudaStream_t stream) {
   const bool vec = p.V % kVec == 0 && aligned16(p.logits) &&
                    (p.row_stride * int64_t(sizeof(T))) % 16 == 0;
   if (vec)
-    sample_logits_kernel<T, kVec><<<p.G, kThreads, 0, stream>>>(p);
+    cuda::launch<sample_logits_kernel<T, kVec>>(dim3(p.G), dim3(kThreads), 0, stream, p);
   else
-    sample_logits_kernel<T, 1><<<p.G, kThreads, 0, stream>>>(p);
+    cuda::launch<sample_logits_kernel<T, 1>>(dim3(p.G), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/cuda_launch.cuh"
 #include "common/device.h"
 #include "vq/vq.h"
 #include "vq/vq_math.h"
@@ -148,13 +149,13 @@ void launch_nearest(const VqNearestParams& p, cudaStream_t s) {
   const int codes_per_split = ((tiles_k + splits - 1) / splits) * kBN;
   const int grid_y = (p.K + codes_per_split - 1) / codes_per_split;
   auto* packed = reinterpret_cast<uint64_t*>(p.out);
-  vq_fill_kernel<<<(p.N + 255) / 256, 256, 0, s>>>(packed, p.N);
+  cuda::launch<vq_fill_kernel>(dim3((p.N + 255) / 256), dim3(256), 0, s, packed, p.N);
   const dim3 grid{unsigned(blocks_x), unsigned(grid_y), 1u};
   if (p.sqnorm)
-    vq_nearest_kernel<T, false><<<grid, kVqThreads, 0, s>>>(p, packed, codes_per_split);
+    cuda::launch<vq_nearest_kernel<T, false>>(grid, dim3(kVqThreads), 0, s, p, packed, codes_per_split);
   else
-    vq_nearest_kernel<T, true><<<grid, kVqThreads, 0, s>>>(p, packed, codes_per_split);
-  vq_unpack_kernel<<<(p.N + 255) / 256, 256, 0, s>>>(packed, p.N);
+    cuda::launch<vq_nearest_kernel<T, true>>(grid, dim3(kVqThreads), 0, s, p, packed, codes_per_split);
+  cuda::launch<vq_unpack_kernel>(dim3((p.N + 255) / 256), dim3(256), 0, s, packed, p.N);
 }
 
 }  // namespace
@@ -181,9 +182,9 @@ void vq_embed_cuda(const VqEmbedParams& p, void* stream) {
   const bool vec16 = row_bytes % 16 == 0 && aligned16(p.codebook) && aligned16(p.out) &&
                      (p.cb_stride * esize) % 16 == 0;
   if (vec16)
-    vq_embed_kernel<int4><<<grid, block, 0, s>>>(p, int(row_bytes / 16), esize);
+    cuda::launch<vq_embed_kernel<int4>>(grid, block, 0, s, p, int(row_bytes / 16), esize);
   else
-    vq_embed_kernel<uint16_t><<<grid, block, 0, s>>>(p, int(row_bytes / 2), esize);
+    cuda::launch<vq_embed_kernel<uint16_t>>(grid, block, 0, s, p, int(row_bytes / 2), esize);
   check_cuda_launch("vq_embed");
 }
 

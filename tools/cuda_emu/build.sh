@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# Builds and runs the CUDA paged-attention sources on the CPU under a small SIMT emulator
-# (each CUDA thread a fiber; ldmatrix, mma.m16n8k16, shuffles, cp.async per the PTX ISA),
-# against a float64 reference. A pre-GPU check of index arithmetic and fragment layouts,
-# not a substitute for the GPU tests: the emulator encodes one reading of the PTX semantics.
-#   bash tools/cuda_emu/build.sh && /tmp/cm3rt_cuda_emu/harness
+# Builds cm3rt._emu (the CUDA kernels under the CPU emulator) into ./cm3rt/, incrementally.
+#   tools/cuda_emu/build.sh        # then: pytest tests -k emu
+# CMAKE_BUILD_PARALLEL_LEVEL sets the compile jobs (default 2).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-src="$here/../../csrc"
-obj="${EMU_BUILD_DIR:-/tmp/cm3rt_cuda_emu}"
-mkdir -p "$obj"
-flags="-std=c++20 -O1 -g -Wno-unknown-pragmas -I$here/shim -I$here -I$src -include $here/emu.h"
-for f in paged_attention_cuda prefill_mma_f16 prefill_mma_bf16 prefill_simt decode_split_kv; do
-  g++ $flags -x c++ -c "$src/attention/$f.cu" -o "$obj/$f.o" &
-done
-g++ $flags -c "$src/attention/paged_attention_plan.cpp" -o "$obj/plan.o" &
-g++ $flags -c "$here/emu.cpp" -o "$obj/emu.o" &
-g++ $flags -c "$here/harness.cpp" -o "$obj/harness.o" &
-wait
-g++ "$obj"/*.o -o "$obj/harness"
-echo "built $obj/harness"
+cd "$(dirname "$0")/../.."
+build_dir=build/emu
+cmake -S tools/cuda_emu -B "$build_dir" -G Ninja \
+  -DPython_EXECUTABLE="$(command -v python3)" \
+  -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+  -DCM3RT_OUTPUT_DIR="$PWD/cm3rt" >/dev/null
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" cmake --build "$build_dir"
+# Every __tsan_* hook the instrumented kernels call must be the emulator's: an undefined one
+# would be a memory access nobody checks (and a failed import).
+so=$(ls cm3rt/_emu.*.so)
+if nm -D --undefined-only "$so" | grep -q __tsan_; then
+  echo "cuda_emu: undefined instrumentation hooks:" >&2
+  nm -D --undefined-only "$so" | grep __tsan_ >&2
+  exit 1
+fi
