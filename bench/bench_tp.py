@@ -91,8 +91,10 @@ def _free_port() -> int:
 
 
 def run(model_dir: Path, device: str, size: int, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive",
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
            "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, str(model_dir), device]
     if size == 1:
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)]

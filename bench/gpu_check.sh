@@ -9,6 +9,8 @@
 #   cupy     the DLPack interop test with cupy arrays (tests/test_cupy_interop.py)
 #   bench    the kernel benchmarks on the device (bench/, derived numbers)
 #   decode   the 7B-shaped decode step (bf16, 4 CFG pairs) against the weight-bytes floor
+#   tp       with two or more GPUs only: TP = 1 vs TP = 2 decode step (bench/bench_tp.py,
+#            NCCL), 90 s more than the single-GPU budget
 # Each step runs under its own time limit (they sum to at most 8 minutes); logs go to $OUT
 # (default ./gpu_check_out/). A failed step does not stop the later ones.
 #   bash bench/gpu_check.sh            # on the GPU machine
@@ -69,12 +71,14 @@ if want:
     for r in rows:
         if r.get("bench") == want:
             print(" ".join(f"{k}={v}" for k, v in r.items() if k in
-                           ("step_ms", "floor_ms", "ratio", "weights_GB", "target")))
+                           ("tp", "step_ms", "vs_tp1", "floor_ms", "ratio", "weights_GB",
+                            "target")))
 else:
     print(f"{len(rows)} benchmark rows (table in bench.log)")
 EOF
 }
 decode_row() { derived "$1" decode_step_7b; }
+tp_rows() { derived "$1" tp_decode_step; }
 # For tests/test_gpu_check.py: the result parser alone, on a saved log.
 if [ "${1:-}" = "--parse-derived" ]; then
   derived "$2" "${3:-}"
@@ -105,8 +109,15 @@ step verify 10 last_line "$py -c \"import cm3rt.ops as o; i = o.build_info(); pr
 # A test module whose imports are missing here is reported as a collection error; the rest run.
 step tests 100 pytest_counts "$py -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors --ignore=tests/test_cupy_interop.py"
 step cupy 15 pytest_counts "$py -m pytest -q tests/test_cupy_interop.py -p no:cacheprovider"
-step bench 70 derived "$py -m pytest -q -s bench -p no:cacheprovider --bench-device cuda --benchmark-disable --ignore=bench/bench_engine.py --ignore=bench/bench_retrieval.py --ignore=bench/bench_serve.py --ignore=bench/bench_linear.py"
+step bench 70 derived "$py -m pytest -q -s bench -p no:cacheprovider --bench-device cuda --benchmark-disable --ignore=bench/bench_engine.py --ignore=bench/bench_retrieval.py --ignore=bench/bench_serve.py --ignore=bench/bench_linear.py --ignore=bench/bench_tp.py"
 step decode 80 decode_row "$py -m pytest -q -s bench/bench_engine.py -k decode_step_vs_bandwidth_floor -p no:cacheprovider --bench-device cuda --benchmark-disable"
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+if [ "${gpus:-0}" -ge 2 ]; then
+  budget=$((budget + 90))
+  step tp 90 tp_rows "$py -m pytest -q -s bench/bench_tp.py -p no:cacheprovider --bench-device cuda --benchmark-disable"
+else
+  echo "tp: skipped (TP = 2 needs two GPUs; ${gpus:-0} visible)"
+fi
 
 total_limit=0
 for l in "${limits[@]}"; do total_limit=$((total_limit + l)); done
