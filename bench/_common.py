@@ -50,3 +50,11 @@ def record(**row) -> None:
     """Adds a row to the table printed at the end of the benchmark session."""
     RESULTS.append(row)
     print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def result_of(stdout: str) -> dict | None:
+    """The JSON of the last ``RESULT {...}`` line a benchmark worker process printed."""
+    import json
+
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None

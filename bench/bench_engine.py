@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import copy_bandwidth, record
+from _common import copy_bandwidth, record, result_of
 
 MID = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 65536,
@@ -240,15 +240,10 @@ def spawn(side: str, model_dir: Path, device: str, dtype: str | None = None) -> 
                            "--threads", threads, *extra],
                           check=False, capture_output=True, text=True, env=env,
                           timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = result_of(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"{side} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-@pytest.fixture(scope="session")
-def mid_model_dir(tmp_path_factory) -> Path:
-    return write_model_dir(tmp_path_factory.mktemp("bench_engine") / "mid", MID)
+    return result
 
 
 def test_engine_vs_hf(bench_device, mid_model_dir):

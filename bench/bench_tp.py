@@ -2,7 +2,7 @@
 
 Run: python -m pytest bench/bench_tp.py -q -s [--bench-device cuda]
 
-The mid-size Chameleon of bench_engine.py (8 layers, hidden 1024, vocab 65536, random
+The mid-size Chameleon of bench_engine.py (the ``mid_model_dir`` fixture; 8 layers, hidden 1024, vocab 65536, random
 weights), 4 prompts with CFG (8 streams), 64 image codes each. TP = 2 runs as two ranks (the
 env:// variables torchrun sets; gloo on the CPU, NCCL + gloo on CUDA): rank 0 runs the
 engine, rank 1 :func:`cm3rt.engine.runner.run_worker`. Rows: TP = 1 on 1 and on 2 threads,
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import record
-from bench_engine import BOI, BOS, MID, PROMPTS, prompts, write_model_dir
+from _common import record, result_of
+from bench_engine import BOI, BOS, PROMPTS, prompts
 
 NEW_TOKENS = 64
 
@@ -106,15 +106,10 @@ def run(model_dir: Path, device: str, size: int, threads: int) -> dict:
                                        "MASTER_PORT": port})
                  for r in range(size)]
     outs = [p.communicate(timeout=1800)[0] for p in procs]
-    lines = [ln for ln in outs[0].splitlines() if ln.startswith("RESULT ")]
-    if any(p.returncode for p in procs) or not lines:
+    result = result_of(outs[0])
+    if any(p.returncode for p in procs) or result is None:
         raise RuntimeError(f"TP={size} run failed: {[p.returncode for p in procs]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-@pytest.fixture(scope="session")
-def mid_model_dir(tmp_path_factory) -> Path:
-    return write_model_dir(tmp_path_factory.mktemp("bench_tp") / "mid", MID)
+    return result
 
 
 def test_tp_step_time(bench_device, mid_model_dir):

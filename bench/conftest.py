@@ -26,6 +26,15 @@ def bench_device(request) -> str:
     return dev
 
 
+@pytest.fixture(scope="session")
+def mid_model_dir(tmp_path_factory) -> Path:
+    """The mid-size Chameleon of bench_engine.py (random weights saved by HF), written once
+    per session for every benchmark that uses it."""
+    from bench_engine import MID, write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("bench") / "mid", MID)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return

@@ -333,30 +333,49 @@ def _adherence(engine: Any, prompts: list[EvalPrompt], setting: Setting,
     return Score(len(prompts), sum(results), errors), results, docs_hit
 
 
+def _render_size(engine: Any) -> int:
+    size = image_size_of(engine)
+    return size if size >= 24 else 64  # the renderer's minimum; the processor resizes
+
+
+def _judge(engine: Any, items: list, reqs: list, bar, judge, keep: int = 10
+           ) -> tuple[Score, list[dict[str, Any]]]:
+    """Run ``reqs`` (one per item) and score each output: ``judge(item, out) -> (correct,
+    example fields)``; the first ``keep`` examples are returned with the score."""
+    outs = _run_requests(engine, reqs, bar)
+    ok, errors, examples = 0, 0, []
+    for item, r in zip(items, reqs):
+        out = outs[r.request_id]
+        errors += out.error is not None
+        good, example = judge(item, out)
+        ok += good
+        if len(examples) < keep:
+            examples.append({**example, "correct": good})
+    return Score(len(items), ok, errors), examples
+
+
+def _text_of(out) -> str:
+    return out.text.strip() if out.error is None else ""
+
+
 def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig,
                 bar) -> tuple[Score, list[dict[str, Any]]]:
     from cm3rt.engine.params import SamplingParams
     from cm3rt.engine.request import Request
 
-    size = image_size_of(engine)
-    render = size if size >= 24 else 64  # the renderer's minimum; the processor resizes
+    render = _render_size(engine)
     reqs = [Request(prompt=[scene.render(render)], task="image_to_text",
                     params=SamplingParams(guidance="none", temperature=cfg.caption_temperature,
                                           max_new_tokens=cfg.caption_max_tokens,
                                           seed=_seed(cfg.seed, _CAPTION_TAG, i)),
                     request_id=f"eval-caption-{i}")
             for i, scene in enumerate(scenes)]
-    outs = _run_requests(engine, reqs, bar)
-    ok, errors, examples = 0, 0, []
-    for scene, r in zip(scenes, reqs):
-        out = outs[r.request_id]
-        text = out.text.strip() if out.error is None else ""
-        errors += out.error is not None
-        good = caption_correct(text, scene)
-        ok += good
-        if len(examples) < 20:
-            examples.append({"caption": text, "scene": scene.describe(), "correct": good})
-    return Score(len(scenes), ok, errors), examples
+
+    def judge(scene: Scene, out) -> tuple[bool, dict[str, Any]]:
+        text = _text_of(out)
+        return caption_correct(text, scene), {"caption": text, "scene": scene.describe()}
+
+    return _judge(engine, scenes, reqs, bar, judge, keep=20)
 
 
 def _image_of(sample) -> Any:
@@ -397,7 +416,7 @@ def _infill(engine: Any, items: list[InfillItem], cfg: QualityConfig,
     from cm3rt.engine.params import SamplingParams
     from cm3rt.engine.request import Request
 
-    render = max(image_size_of(engine), 24)
+    render = _render_size(engine)
     reqs = [Request(prompt=[it.scene.render(render), *([it.pre] if it.pre else [])],
                     task="infill", suffix=it.post or None,
                     params=SamplingParams(guidance="none", temperature=0.0,
@@ -405,18 +424,13 @@ def _infill(engine: Any, items: list[InfillItem], cfg: QualityConfig,
                                           seed=_seed(cfg.seed, _INFILL_TAG, i)),
                     request_id=f"eval-infill-{i}")
             for i, it in enumerate(items)]
-    outs = _run_requests(engine, reqs, bar)
-    ok, errors, examples = 0, 0, []
-    for it, r in zip(items, reqs):
-        out = outs[r.request_id]
-        errors += out.error is not None
-        text = out.text.strip() if out.error is None else ""
-        good = text == it.span
-        ok += good
-        if len(examples) < 10:
-            examples.append({"masked": f"{it.pre}<mask>{it.post}", "want": it.span,
-                             "got": text, "correct": good})
-    return Score(len(items), ok, errors), examples
+
+    def judge(it: InfillItem, out) -> tuple[bool, dict[str, Any]]:
+        text = _text_of(out)
+        return text == it.span, {"masked": f"{it.pre}<mask>{it.post}", "want": it.span,
+                                 "got": text}
+
+    return _judge(engine, items, reqs, bar, judge)
 
 
 def _edits(engine: Any, items: list[EditItem], cfg: QualityConfig,
@@ -424,25 +438,21 @@ def _edits(engine: Any, items: list[EditItem], cfg: QualityConfig,
     from cm3rt.engine.params import SamplingParams
     from cm3rt.engine.request import Request
 
-    render = max(image_size_of(engine), 24)
+    render = _render_size(engine)
     reqs = [Request(prompt=[it.scene.render(render), it.instruction], task="edit",
                     params=SamplingParams(guidance="cfg3", temperature=cfg.temperature,
                                           top_k=cfg.top_k, top_p=cfg.top_p,
                                           seed=_seed(cfg.seed, _EDIT_TAG, i)),
                     request_id=f"eval-edit-{i}")
             for i, it in enumerate(items)]
-    outs = _run_requests(engine, reqs, bar)
-    ok, errors, examples = 0, 0, []
-    for it, r in zip(items, reqs):
-        out = outs[r.request_id]
-        errors += out.error is not None or out.image is None
+
+    def judge(it: EditItem, out) -> tuple[bool, dict[str, Any]]:
         want = describe(it.target)
         good = out.error is None and bool(adheres(want, out.image))
-        ok += good
-        if len(examples) < 10:
-            examples.append({"scene": describe(it.scene), "instruction": it.instruction,
-                             "want": want, "correct": good})
-    return Score(len(items), ok, errors), examples
+        return good, {"scene": describe(it.scene), "instruction": it.instruction,
+                      "want": want}
+
+    return _judge(engine, items, reqs, bar, judge)
 
 
 def _best_scale(rows: list[Row], scales: tuple[float, ...]) -> float:
