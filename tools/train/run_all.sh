@@ -6,14 +6,14 @@
 # One thread for every heavy step (the machine is shared); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
-# Environment: THREADS (default 1), DECODER_STEPS (default 2400), EVAL_PROMPTS (200),
+# Environment: THREADS (default 1), DECODER_STEPS (default 6000), EVAL_PROMPTS (200),
 # PACKAGE=0 to stop before writing cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
 DATA=$RUNS/shapes
 THREADS=${THREADS:-1}
-DECODER_STEPS=${DECODER_STEPS:-2400}
+DECODER_STEPS=${DECODER_STEPS:-6000}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
