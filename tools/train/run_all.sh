@@ -52,7 +52,7 @@ step select_decoder python $T/train_decoder.py --out "$RUNS/decoder" --select --
 if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi
 step package_default python $T/package_default.py --decoder "$RUNS/decoder/best" \
     --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
-    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32
+    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance cdk
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
     --json "$RUNS/eval.json"
 step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \
