@@ -6,14 +6,14 @@
 # One thread for every heavy step (the machine is shared); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
-# Environment: THREADS (default 1), DECODER_STEPS (default 2400), EVAL_PROMPTS (200),
+# Environment: THREADS (default 1), DECODER_STEPS (default 6000), EVAL_PROMPTS (200),
 # PACKAGE=0 to stop before writing cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
 DATA=$RUNS/shapes
 THREADS=${THREADS:-1}
-DECODER_STEPS=${DECODER_STEPS:-2400}
+DECODER_STEPS=${DECODER_STEPS:-6000}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
@@ -52,7 +52,7 @@ step select_decoder python $T/train_decoder.py --out "$RUNS/decoder" --select --
 if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi
 step package_default python $T/package_default.py --decoder "$RUNS/decoder/best" \
     --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
-    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32
+    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance cdk
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
     --json "$RUNS/eval.json"
 step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \
