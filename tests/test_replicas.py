@@ -48,6 +48,13 @@ def test_prefix_index_finds_the_longest_served_prefix():
     for i in range(4):  # past max_prompts the oldest prompt is forgotten
         index.insert(f"prompt {i} " * 3, "C")
     assert index.longest_match("a red circle below", {"B", "C"})[0] is None
+    # A prompt served again is one entry: forgetting it once forgets it.
+    again = PrefixIndex(max_prompts=1)
+    for _ in range(3):
+        again.insert("a blue square", "A")
+    again.insert("zebra", "B")
+    assert again.longest_match("a blue square", {"A", "B"}) == (None, 0)
+    assert again.root.keys() == {"z"}
 
 
 def test_choose_by_affinity_falls_back_to_two_choices_when_imbalanced():

@@ -97,10 +97,15 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help=f"one of {', '.join(DTYPE_CHOICES)}, or int8 (weight-only, quantised at "
                         "load) (default bfloat16 on CUDA, float32 on the CPU)")
+    add_tensor_parallel_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
+    """``--tensor-parallel-size N`` (``--tp``), for every command that loads a model."""
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
                    help="shard the model over N processes (spawned here, or the ranks torchrun "
                         "started; gloo on the CPU, NCCL on CUDA)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def sampling_of(args: argparse.Namespace) -> dict[str, Any]:

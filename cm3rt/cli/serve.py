@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from cm3rt.cli.generate import add_tensor_parallel_argument
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser(
@@ -24,8 +26,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "(default: $CM3RT_API_KEY; none: open)")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    s.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
-                   help="shard the model over N processes (gloo on the CPU, NCCL on CUDA)")
+    add_tensor_parallel_argument(s)
     s.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="N engines as Ray Serve replicas behind Ray's HTTP proxy, routed by "
                         "prompt-prefix affinity (needs ray[serve])")

@@ -67,7 +67,9 @@ class PrefixIndex:
 
     def insert(self, key: str, replica: Any) -> None:
         key = key[:KEY_CHARS]
-        self.recent.pop((key, replica), None)
+        if (key, replica) in self.recent:  # already counted once: only refresh its age
+            self.recent.move_to_end((key, replica))
+            return
         self.recent[(key, replica)] = None
         node = self.root
         for ch in key:

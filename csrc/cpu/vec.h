@@ -63,6 +63,21 @@ inline v8f load8(const half_t* p) {
 #endif
 }
 
+// int8 (weight-only quantised weights) widened to fp32; the per-channel scale is the caller's.
+inline v8f load8(const int8_t* p) {
+#if defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  v8f v;
+  for (int i = 0; i < 8; ++i) v[i] = float(p[i]);
+  return v;
+#endif
+}
+
 // Horizontal sums of 8 vectors at once: lane i of the result = sum of the lanes of a[i].
 // Three shuffle+add levels instead of eight separate horizontal sums.
 inline v8f reduce8x8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {

@@ -6,7 +6,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -22,21 +21,6 @@ using cpu::v8f;
 constexpr int kChannels = 4;    // output channels per block (weight rows in flight)
 constexpr int kChunk = 512;     // K elements per pass: 4 rows x 512 x 4 B = 8 KiB (L1)
 
-inline v8f load8w(const float* p) { return cpu::load8(p); }
-inline v8f load8w(const bf16_t* p) { return cpu::load8(p); }
-inline v8f load8w(const int8_t* p) {
-#if defined(__AVX2__)
-  const __m256 f = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  v8f v;
-  std::memcpy(&v, &f, sizeof(v));
-  return v;
-#else
-  v8f v;
-  for (int i = 0; i < 8; ++i) v[i] = float(p[i]);
-  return v;
-#endif
-}
 inline float loadw(const float* p) { return *p; }
 inline float loadw(const bf16_t* p) { return to_float(*p); }
 inline float loadw(const int8_t* p) { return float(*p); }
@@ -58,7 +42,7 @@ void chunk_dots(const TX* x0, const TX* x1, const TW* const* w, int nc, int k0, 
     const v8f xb = x1 ? cpu::load8(x1 + k) : xa;
     for (int c = 0; c < kChannels; ++c) {
       if (c >= nc) break;
-      const v8f wv = load8w(w[c] + k);
+      const v8f wv = cpu::load8(w[c] + k);
       a[0][c] += xa * wv;
       a[1][c] += xb * wv;
     }

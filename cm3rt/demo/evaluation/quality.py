@@ -303,18 +303,22 @@ def _pairs_in(text: str) -> set[tuple[str, str]]:
         return set()
 
 
+def _image_request(p: EvalPrompt, setting: Setting, cfg: QualityConfig, bank: Any, tag: int,
+                   request_id: str, n: int = 1):
+    """The text -> image request of prompt ``p`` under ``setting`` (``n`` samples)."""
+    from cm3rt.engine.request import Request
+
+    return Request(prompt=p.text, task="text_to_image",
+                   params=cfg.sampling(setting, _seed(cfg.seed, tag, p.index), n=n),
+                   bank=bank if setting.retrieval else None,
+                   k_docs=cfg.k_docs if setting.retrieval else 0, request_id=request_id)
+
+
 def _adherence(engine: Any, prompts: list[EvalPrompt], setting: Setting,
                cfg: QualityConfig, bank: Any, tag: int, bar) -> tuple[Score, list[bool],
                                                                        float | None]:
-    from cm3rt.engine.request import Request
-
     prefix = f"eval-{tag}-{setting.name}-{int(setting.retrieval)}"
-    reqs = [Request(prompt=p.text, task="text_to_image",
-                    params=cfg.sampling(setting, _seed(cfg.seed, tag, p.index)),
-                    bank=bank if setting.retrieval else None,
-                    k_docs=cfg.k_docs if setting.retrieval else 0,
-                    request_id=f"{prefix}-{p.index}")
-            for p in prompts]
+    reqs = [_image_request(p, setting, cfg, bank, tag, f"{prefix}-{p.index}") for p in prompts]
     outs = _run_requests(engine, reqs, bar)
     results, errors, hits = [], 0, 0
     for p, r in zip(prompts, reqs):
@@ -386,15 +390,9 @@ def _best_of(engine: Any, prompts: list[EvalPrompt], setting: Setting, cfg: Qual
              bank: Any, scorer, bar) -> dict[int, Score]:
     """Best-of-k (k = 1, 4, n) by ``scorer(prompt, images) -> scores`` (the model's CLIP):
     ``cfg.best_of`` samples per prompt, of the first k the best-scored one is checked."""
-    from cm3rt.engine.request import Request
-
     n = cfg.best_of
     ks = sorted({1, 4, n} & set(range(1, n + 1)))
-    reqs = [Request(prompt=p.text, task="text_to_image",
-                    params=cfg.sampling(setting, _seed(cfg.seed, _BEST_TAG, p.index), n=n),
-                    bank=bank if setting.retrieval else None,
-                    k_docs=cfg.k_docs if setting.retrieval else 0,
-                    request_id=f"eval-best-{p.index}")
+    reqs = [_image_request(p, setting, cfg, bank, _BEST_TAG, f"eval-best-{p.index}", n=n)
             for p in prompts]
     outs = _run_requests(engine, reqs, bar)
     passed, errors = dict.fromkeys(ks, 0), 0
