@@ -434,3 +434,38 @@ def test_make_dataset_respects_the_split_and_is_reproducible(tmp_path):
     assert json.loads(train[0])["scene"] != json.loads(bank[0])["scene"]
     with pytest.raises(ValueError, match="captions"):
         md.DatasetOptions(tmp_path, captions=0)
+
+
+def test_cell_codes_name_each_cell_content_once():
+    from cm3rt.demo.shapes.cells import (
+        CODES_PER_IMAGE,
+        NUM_CELL_CODES,
+        cell_code,
+        describe_code,
+        scene_codes,
+    )
+    from cm3rt.demo.shapes.vocab import SIZES, WORLD_BACKGROUNDS
+
+    assert NUM_CELL_CODES == 194 and CODES_PER_IMAGE == 9
+    names = [describe_code(c) for c in range(NUM_CELL_CODES)]
+    assert len(set(names)) == NUM_CELL_CODES  # one content per code
+    objs = [SceneObject(s, c, z, (0, 0)) for s in SHAPES for c in COLOURS for z in SIZES]
+    codes = {cell_code(bg, o) for bg in WORLD_BACKGROUNDS for o in [None, *objs]}
+    assert codes == set(range(NUM_CELL_CODES))  # and every content has its code
+    scene = Scene((SceneObject("star", "red", "small", (0, 2)),
+                   SceneObject("circle", "blue", "large", (2, 0))), "black")
+    got = scene_codes(scene)
+    assert len(got) == 9 and got[0] == cell_code("black") and got.count(got[0]) == 7
+    assert describe_code(got[2]) == "small red star on black"
+    assert describe_code(got[6]) == "large blue circle on black"
+    # the same object gives the same code in every cell
+    moved = Scene((SceneObject("star", "red", "small", (1, 1)),), "black")
+    assert scene_codes(moved)[4] == got[2]
+    with pytest.raises(ValueError, match="backgrounds"):
+        cell_code("grey")
+    with pytest.raises(ValueError, match="offset"):
+        cell_code("white", SceneObject("star", "red", "small", (0, 0), (0.01, 0.0)))
+    with pytest.raises(ValueError, match="flat"):
+        scene_codes(Scene(scene.objects, "black", texture="noise"))
+    with pytest.raises(ValueError, match="code must be"):
+        describe_code(NUM_CELL_CODES)

@@ -36,8 +36,7 @@ def runs(tmp_path_factory) -> Path:
                                                           bank=8, eval=2, novel=120))
     assert train_tokenizer.main(["--data", str(root / "shapes"), "--out", str(root / "tok"),
                                  "--quick"]) == 0
-    assert train_vqgan.main(["--data", str(root / "shapes"), "--out", str(root / "vq"),
-                             "--quick"]) == 0
+    assert train_vqgan.main(["--out", str(root / "vq"), "--quick"]) == 0
     assert encode_images.main(["--data", str(root / "shapes"), "--vqgan",
                                str(root / "vq" / "vqgan"), "--out", str(root / "codes"),
                                "--splits", "train", "--quick"]) == 0
@@ -138,6 +137,52 @@ def test_sequences_have_the_engine_layout(runs, tmp_path):
     assert ids[-1] == src.eos and ids[1] == src.boi
     ids, _ = src.build("infill", i, rng, 0.0)
     assert src.mask in ids and src.infill in ids and ids[-1] == src.eos
+
+
+def test_edit_sequences_recolour_one_cell(runs, tmp_path):
+    from PIL import Image
+
+    from cm3rt.demo.shapes.cells import describe_code
+    from cm3rt.engine.params import SamplingParams
+    from cm3rt.engine.request import Request
+    from cm3rt.engine.sequence import build_prompt
+    from cm3rt.engine.state import VocabInfo
+    from cm3rt.model import load_pretrained
+
+    opts = _options(runs, tmp_path)
+    src = train_decoder.SequenceSource(opts)
+    module = decoder_model.TrainableChameleon(
+        train_decoder.model_config(opts, train_decoder.padded_vocab(src.tok)))
+    model, proc = load_pretrained(train_decoder.export(module, opts, src))
+    vocab = VocabInfo.from_processor(proc, model.config.vocab_size)
+    first_code = int(src.code_ids[0])
+    checked = 0
+    for i in range(len(src)):
+        shapes = [o["shape"] for o in src.recs[i]["scene"]["objects"]]
+        if len(set(shapes)) != len(shapes):
+            continue
+        ids, mask = src.build("edit", i, np.random.default_rng(i), p_uncond=0.0)
+        cut = mask.index(1)
+        instruction = proc.text.decode(ids[len(src.image(i)) + 1: cut])
+        m = instruction.split(" ")
+        assert m[:2] == ["make", "the"] and m[2] in shapes, instruction
+        with Image.open(runs / "shapes" / src.recs[i]["image"]) as im:
+            req = Request(prompt=[im.convert("RGB"), instruction], task="edit",
+                          params=SamplingParams(guidance="cfg3"))
+            spec = build_prompt(req, vocab, proc, max_len=4096).spec
+        assert ids[:cut] == spec.cond  # the engine's edit prompt, then the edited image
+        assert all(mask[cut:]) and not any(mask[:cut])
+        source, target = src.images[i].tolist(), ids[cut:][1:-1]
+        (obj,) = [o for o in src.recs[i]["scene"]["objects"] if o["shape"] == m[2]]
+        cell = obj["cell"][0] * 3 + obj["cell"][1]
+        assert all(source[k] == target[k] for k in range(9) if k != cell)
+        new = describe_code(target[cell] - first_code)
+        assert new.startswith(f"{obj['size']} {m[3]} {m[2]} on "), (new, instruction)
+        assert m[3] != obj["colour"]
+        checked += 1
+    assert checked >= 10
+    masked, _ = src.build("edit", 0, np.random.default_rng(0), p_uncond=0.999999)
+    assert masked[len(src.image(0)) + 1] == src.mask  # the image-conditional stream
 
 
 def test_novel_episodes_need_their_documents(runs, tmp_path):

@@ -26,6 +26,8 @@ import train_clip
 import train_tokenizer
 import train_vqgan
 
+from cm3rt.demo.shapes.cells import NUM_CELL_CODES
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
@@ -35,8 +37,7 @@ def runs(tmp_path_factory) -> Path:
                                                           bank=40, eval=4, novel=8))
     assert train_tokenizer.main(["--data", str(root / "shapes"), "--out", str(root / "tok"),
                                  "--quick"]) == 0
-    assert train_vqgan.main(["--data", str(root / "shapes"), "--out", str(root / "vq"),
-                             "--quick"]) == 0
+    assert train_vqgan.main(["--out", str(root / "vq"), "--quick"]) == 0
     assert encode_images.main(["--data", str(root / "shapes"), "--vqgan",
                                str(root / "vq" / "vqgan"), "--out", str(root / "codes"),
                                "--quick"]) == 0
@@ -51,15 +52,15 @@ def test_tokenizer_layout_and_loading(runs):
     assert [tok.token_to_id(s) for s in specials] == list(range(8))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.boi_id, tok.eoi_id) == (0, 1, 2, 6, 7)
     assert (tok.mask_id, tok.infill_id) == (4, 5)
-    assert tok.num_image_codes == 1024
+    assert tok.num_image_codes == NUM_CELL_CODES == 194
     ids = tok.image_token_ids
     # image tokens come after every text token, in code order
-    assert ids.tolist() == list(range(tok.vocab_size - 1024, tok.vocab_size))
+    assert ids.tolist() == list(range(tok.vocab_size - NUM_CELL_CODES, tok.vocab_size))
     assert tok.id_to_token(int(ids[123])) == "IMGIMGBCDZ"
     caption = json.loads((runs / "shapes" / "train.jsonl").open().readline())["text"]
     enc = tok.encode(caption)
     assert tok.decode(enc) == caption
-    assert all(i < tok.vocab_size - 1024 and i >= 8 for i in enc)
+    assert all(i < tok.vocab_size - NUM_CELL_CODES and i >= 8 for i in enc)
     # the world's words are whole tokens: far fewer tokens than characters
     assert len(enc) <= len(caption.split()) + 2
 
@@ -68,24 +69,22 @@ def test_vqgan_export_loads_and_round_trips(runs):
     from cm3rt.tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(runs / "vq" / "vqgan")
-    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (48, 36, 1024)  # f = 8
+    assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (48, 9, 194)  # f = 16
     assert tok.has_decoder
     info = json.loads((runs / "vq" / "checkpoint.json").read_text())
-    assert info["step"] == 6  # quick: 4 crop steps + 2 full-image steps
+    assert info["step"] == 6  # quick: 6 steps of 4 scenes
     with Image.open(runs / "shapes" / "train" / "00000" / "0000000.png") as im:
         codes = tok.encode([im.convert("RGB")])
-    assert codes.shape == (1, 36) and int(codes.min()) >= 0 and int(codes.max()) < 1024
+    assert codes.shape == (1, 9) and int(codes.min()) >= 0 and int(codes.max()) < 194
     (out,) = tok.decode(codes)
     assert out.size == (48, 48)
 
 
 def test_vqgan_resume_is_exact(runs, tmp_path):
-    data = runs / "shapes"
-    opts = train_vqgan.VQGANOptions(data, tmp_path / "a", crops=4 * 8, images=2 * 4,
-                                    crop_batch=8, image_batch=4, ckpt_every=3,
-                                    restart_every=2, limit=64)
-    train_vqgan.train(opts, quiet=True, max_steps=4)  # interrupted after 4 of 6 steps
-    assert json.loads((tmp_path / "a" / "checkpoint.json").read_text())["step"] == 4
+    opts = train_vqgan.VQGANOptions(tmp_path / "a", images=4 * 4, decoder_images=2 * 4,
+                                    batch=4, ckpt_every=3)  # what --quick runs
+    train_vqgan.train(opts, quiet=True, max_steps=5)  # interrupted in phase 2, step 5 of 6
+    assert json.loads((tmp_path / "a" / "checkpoint.json").read_text())["step"] == 5
     train_vqgan.train(opts, quiet=True)  # resumed
     from safetensors.torch import load_file
 
@@ -96,35 +95,32 @@ def test_vqgan_resume_is_exact(runs, tmp_path):
         assert torch.equal(resumed[k], straight[k]), k
 
 
+def test_vqgan_decoder_phase_keeps_the_codes(tmp_path):
+    """Phase 2 trains only the pixel decoder: a run extended by it (resumed from the end of
+    phase 1) has phase 1's encoder and code book, bit for bit, and a new decoder."""
+    from safetensors.torch import load_file
+
+    joint = train_vqgan.VQGANOptions(tmp_path / "a", images=4 * 4, batch=4, ckpt_every=3)
+    train_vqgan.train(joint, quiet=True)
+    first = load_file(str(tmp_path / "a" / "vqgan" / "vqgan.safetensors"))
+    both = train_vqgan.VQGANOptions(tmp_path / "a", images=4 * 4, decoder_images=3 * 4,
+                                    batch=4, ckpt_every=3)
+    assert both.total_steps == 7
+    train_vqgan.train(both, quiet=True)
+    after = load_file(str(tmp_path / "a" / "vqgan" / "vqgan.safetensors"))
+    assert first.keys() == after.keys()
+    changed = {k for k in first if not torch.equal(first[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").open()]
+    assert log[-1]["step"] == 7 and log[-1]["phase"] == 2
+
+
 def test_vqgan_eval_gate_runs(runs, capsys):
     r = train_vqgan.evaluate(runs / "vq" / "vqgan", n=12)
     # the analyzer reads the raw renders (the harness is right); a 6-step VQGAN is not
     assert r["raw_agreement"] >= 0.9
     assert 0.0 <= r["roundtrip_agreement"] <= 1.0 and r["passed"] is (
         r["roundtrip_agreement"] >= train_vqgan.GATE)
-
-
-def test_decoder_finetune_keeps_the_codes(runs, tmp_path):
-    import finetune_vqgan_decoder as ft
-    from safetensors.torch import load_file
-
-    from cm3rt.tokenizer import ImageTokenizer
-
-    src = runs / "vq" / "vqgan"
-    out = tmp_path / "ft"
-    assert ft.main(["--data", str(runs / "shapes"), "--vqgan", str(src), "--out", str(out),
-                    "--threads", "1", "--quick"]) == 0
-    before, after = ImageTokenizer.from_pretrained(src), ImageTokenizer.from_pretrained(
-        out / "vqgan")
-    assert after.identity() == before.identity()
-    a, b = load_file(str(src / "vqgan.safetensors")), load_file(str(out / "vqgan" /
-                                                                    "vqgan.safetensors"))
-    assert a.keys() == b.keys()
-    changed = {k for k in a if not torch.equal(a[k], b[k])}
-    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
-    with Image.open(runs / "shapes" / "train" / "00000" / "0000001.png") as im:
-        im = im.convert("RGB")
-        assert torch.equal(before.encode([im]), after.encode([im]))
 
 
 def test_encoded_codes_match_the_loaded_tokenizer(runs):
@@ -135,7 +131,7 @@ def test_encoded_codes_match_the_loaded_tokenizer(runs):
     assert meta["identity"] == tok.identity()
     for split in ("train", "bank"):
         codes = np.load(runs / "codes" / f"{split}_codes.npy")
-        assert codes.dtype == np.uint16 and codes.shape == (40, 36)
+        assert codes.dtype == np.uint16 and codes.shape == (40, 9)
         recs = [json.loads(line) for line in (runs / "shapes" / f"{split}.jsonl").open()][:40]
         pick = [0, 17, 39]
         images = []

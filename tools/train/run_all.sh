@@ -33,8 +33,8 @@ T=tools/train
 step make_dataset python $T/make_dataset.py --out "$DATA" --seed 0 --train 30000 --bank 4000 \
     --eval 400 --novel 12000
 step train_tokenizer python $T/train_tokenizer.py --data "$DATA" --out "$RUNS/tokenizer"
-step train_vqgan python $T/train_vqgan.py --data "$DATA" --out "$RUNS/vqgan" --threads "$THREADS" \
-    --images 54400 --lr 2e-3 --restart-every 400 --dense 0.85
+step train_vqgan python $T/train_vqgan.py --out "$RUNS/vqgan" --threads "$THREADS" --images 40000 \
+    --decoder-images 48000
 step vqgan_gate python $T/train_vqgan.py --out "$RUNS/vqgan" --eval --threads "$THREADS"
 step encode_images python $T/encode_images.py --data "$DATA" --vqgan "$RUNS/vqgan/vqgan" \
     --out "$RUNS/codes" --threads "$THREADS"

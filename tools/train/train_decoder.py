@@ -4,19 +4,22 @@
     python tools/train/train_decoder.py --data data/shapes --out data/runs/decoder    # train
     python tools/train/train_decoder.py --out data/runs/decoder --eval                # check
 
-Reads the train split (captions), its image codes (``encode_images.py``: uint16 [N, 256])
+Reads the train split (captions), its image codes (``encode_images.py``: uint16 [N, 9])
 and its retrieval lists (``build_banks.py``: int32 [N, 2], -1 = none), and the tokenizer.
 Every step draws one kind of sequence (so a batch pads little), by the mixture
 
     kind    share  sequence (ids; loss on every token but bos, pads and retrieved docs)
-    t2i     40%    <s> caption <racm3:break> 256 codes <eoss>     (caption -> <mask> 10%)
-    i2t     15%    <s> <racm3:break> codes <eoss> canonical caption </s>
-    infill  10%    <s> <racm3:break> codes <eoss> pre <mask> post <infill> span </s>
-    ra      35%    <s> doc [doc] caption <racm3:break> codes <eoss>, doc = caption <racm3:break> codes <eoss>
+    t2i     30%    <s> caption <racm3:break> 256 codes <eoss>     (caption -> <mask> 10%)
+    i2t     12%    <s> <racm3:break> codes <eoss> canonical caption </s>
+    infill   8%    <s> <racm3:break> codes <eoss> pre <mask> post <infill> span </s>
+    ra      15%    <s> doc [doc] caption <racm3:break> codes <eoss>, doc = caption <racm3:break> codes <eoss>
+    novel   27%    as ra, but the object's look is renamed to a nonce word (``build_novel``)
+    edit     8%    <s> <racm3:break> codes <eoss> "make the star blue" <racm3:break> edited codes <eoss>
 
 which is exactly what cm3rt's engine builds at inference (``cm3rt/engine/sequence.py``:
 text -> image prompts end in <racm3:break>; the unconditional CFG stream is
-``<s> <mask> <racm3:break>``; retrieved documents come first, best first, as
+``<s> <mask> <racm3:break>``; an edit's image-conditional stream replaces the instruction
+by <mask>, as 10% of the edit sequences do; retrieved documents come first, best first, as
 ``cm3rt.tokenizer.Processor.document_ids`` lays them out). The retrieved documents are train
 scenes (held-out colour x shape pairs never occur in them), so the decoder never sees a
 held-out pair; the shipped bank (``build_banks.py``) has them.
@@ -51,12 +54,20 @@ from train_common import (
     step_rng,
 )
 
-from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS, NONCE_WORDS, SHAPE_PLURALS, article
+from cm3rt.demo.shapes.cells import cell_code
+from cm3rt.demo.shapes.vocab import (
+    COLOURS,
+    GRID,
+    HELD_OUT_PAIRS,
+    NONCE_WORDS,
+    SHAPE_PLURALS,
+    article,
+)
 from cm3rt.tokenizer.text import TextTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
 EXPORT = "model"
-KINDS = ("t2i", "i2t", "infill", "ra", "novel")
+KINDS = ("t2i", "i2t", "infill", "ra", "novel", "edit")
 VQGAN_FILES = ("vqgan.safetensors", "vqgan_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -71,8 +82,9 @@ class DecoderOptions:
         folder.  vqgan: the VQGAN export (copied into the model directory).  out: run folder.
         seed, threads: as in the other scripts.  steps: optimizer steps.
         tokens_per_step: padded tokens per batch (batch size = this // the kind's length).
-        lr: peak AdamW learning rate.  mixture: shares of t2i, i2t, infill, ra.
-        p_uncond: share of t2i captions replaced by <mask> (the CFG unconditional prompt).
+        lr: peak AdamW learning rate.  mixture: shares of ``KINDS``.
+        p_uncond: share of t2i captions and edit instructions replaced by <mask> (the CFG
+            unconditional and image-conditional prompts).
         hidden, layers, heads, kv_heads, ffn: decoder size.
         ckpt_every: steps between checkpoints.  limit: first N train records only.
     """
@@ -88,7 +100,7 @@ class DecoderOptions:
     steps: int = 2400
     tokens_per_step: int = 4096
     lr: float = 2e-3
-    mixture: tuple[float, ...] = (0.35, 0.12, 0.08, 0.15, 0.30)
+    mixture: tuple[float, ...] = (0.30, 0.12, 0.08, 0.15, 0.27, 0.08)
     p_uncond: float = 0.10
     hidden: int = 192
     layers: int = 4
@@ -180,6 +192,7 @@ class SequenceSource:
             raise ValueError(f"codes reach {int(codes.max())}, the tokenizer spells "
                              f"{len(table)} image codes")
         self.images = table[codes.astype(np.int64)]  # [N, tokens] vocabulary ids
+        self.code_ids = table
         # Retrieval lists may only point inside the records used (limit), never at self.
         self.retrieval = np.where((retr >= 0) & (retr < n) & (retr != np.arange(n)[:, None]),
                                   retr, -1)
@@ -207,7 +220,7 @@ class SequenceSource:
         self.canonical_words = [r["canonical"].split(" ") for r in self.recs]
         ntok = self.images.shape[1]
         self.typical = {"t2i": ntok + 20, "i2t": ntok + 25, "infill": ntok + 30,
-                        "ra": 3 * ntok + 60, "novel": 3 * ntok + 60}
+                        "ra": 3 * ntok + 60, "novel": 3 * ntok + 60, "edit": 2 * ntok + 12}
 
     def __len__(self) -> int:
         return len(self.recs)
@@ -262,12 +275,43 @@ class SequenceSource:
         body = [*self.tok.encode(caption), *self.novel_image(i)]
         return ids + body, mask + [1] * len(body)
 
+    def build_edit(self, i: int, rng: np.random.Generator, p_uncond: float
+                   ) -> tuple[list[int], list[int]]:
+        """A text-guided edit of train record ``i``: recolour an object whose shape is the
+        only one of its kind in the scene ("make the star blue", the instruction
+        ``cm3rt eval`` uses) to a colour that keeps it a train pair. The target codes are
+        the source codes with that cell's code replaced (``cells.cell_code``: the tokenizer
+        codes each cell by its content)."""
+        scene = self.recs[i]["scene"]
+        shapes = [o["shape"] for o in scene["objects"]]
+        objs = [o for o in scene["objects"] if shapes.count(o["shape"]) == 1]
+        source = self.images[i].tolist()
+        if not objs or len(source) != GRID * GRID:
+            return self.build("t2i", i, rng, p_uncond)
+        obj = objs[int(rng.integers(len(objs)))]
+        colours = [c for c in COLOURS
+                   if c != obj["colour"] and (c, obj["shape"]) not in HELD_OUT_PAIRS]
+        colour = colours[int(rng.integers(len(colours)))]
+        from cm3rt.demo.shapes import SceneObject
+
+        new = SceneObject(obj["shape"], colour, obj["size"], tuple(obj["cell"]))
+        target = list(source)
+        row, col = obj["cell"]
+        target[row * GRID + col] = int(self.code_ids[cell_code(scene["background"], new)])
+        text = ([self.mask] if rng.random() < p_uncond
+                else self.tok.encode(f"make the {obj['shape']} {colour}"))
+        prompt = [self.bos, self.boi, *source, self.eoi, *text]
+        body = [self.boi, *target, self.eoi]
+        return prompt + body, [0] * len(prompt) + [1] * len(body)
+
     def build(self, kind: str, i: int, rng: np.random.Generator, p_uncond: float
               ) -> tuple[list[int], list[int]]:
         """(ids, loss mask) of one sequence of ``kind`` about record ``i`` (a novel
         episode draws its own scenes from the novel split)."""
         if kind == "novel":
             return self.build_novel(rng)
+        if kind == "edit":
+            return self.build_edit(i, rng, p_uncond)
         caption = self.captions[i][rng.integers(len(self.captions[i]))]
         if kind == "t2i":
             text = [self.mask] if rng.random() < p_uncond else caption

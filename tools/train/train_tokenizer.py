@@ -23,6 +23,7 @@ from pathlib import Path
 
 from train_common import Timer, split_records
 
+from cm3rt.demo.shapes.cells import NUM_CELL_CODES
 from cm3rt.tokenizer.image_vocab import image_token_name
 
 SPECIALS = ("<s>", "</s>", "<pad>", "<unk>", "<mask>", "<infill>", "<racm3:break>", "<eoss>")
@@ -53,7 +54,7 @@ class TokenizerOptions:
     data: Path
     out: Path
     merges: int = 400
-    num_codes: int = 1024
+    num_codes: int = NUM_CELL_CODES
     limit: int | None = None
 
     def __post_init__(self) -> None:

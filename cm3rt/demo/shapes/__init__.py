@@ -4,6 +4,7 @@
     captions   caption templates (``random_caption``, ``describe``) and ``parse_caption``
     analyzer   ``analyze(image)`` -> detected objects; ``matches`` / ``caption_matches``
     vocab      shapes, colours, sizes, cells, backgrounds, held-out colour x shape pairs
+    cells      the default image tokenizer's code of each cell content (``scene_codes``)
 """
 
 from cm3rt.demo.shapes.captions import (

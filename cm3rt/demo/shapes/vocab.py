@@ -39,15 +39,14 @@ TEXTURES: tuple[str, ...] = ("plain", "noise", "gradient")
 """Background textures: flat, faint per-pixel noise, faint vertical brightness ramp."""
 
 IMAGE_SIZE = 48
-"""Side in pixels of the default world's images. With 3 x 3 cells of 16 px, every cell is
-2 x 2 codes of an f = 8 image tokenizer (6 x 6 = 36 codes an image), so an object centred
-in its cell gives the same codes in every cell (CNNs are shift-equivariant only for shifts
-by multiples of their stride)."""
+"""Side in pixels of the default world's images: 3 x 3 cells of 16 px, each one code of the
+f = 16 image tokenizer (9 codes an image, ``cells.py``), so an object centred in its cell is
+one code, the same in every cell."""
 
 WORLD_BACKGROUNDS: tuple[str, ...] = ("white", "black")
 """Backgrounds the default world draws (flat). The analyzer and the caption parser still
-know every name of ``BACKGROUNDS``; fewer backgrounds keep the number of distinct 8 px
-patches (background x colour x shape x size x quadrant, 770) inside a 1024-code book."""
+know every name of ``BACKGROUNDS``; two backgrounds keep the tokenizer's book of cell
+contents (background x empty-or-colour x shape x size) at 194 codes."""
 
 WORLD_TEXTURES: tuple[str, ...] = ("plain",)
 """Textures the default world draws: flat backgrounds only (a texture makes the same
