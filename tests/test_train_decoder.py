@@ -170,7 +170,7 @@ def test_edit_sequences_recolour_one_cell(runs, tmp_path):
             req = Request(prompt=[im.convert("RGB"), instruction], task="edit",
                           params=SamplingParams(guidance="cfg3"))
             spec = build_prompt(req, vocab, proc, max_len=4096).spec
-        assert ids[:cut] == spec.cond  # the engine's edit prompt, then the edited image
+        assert ids[:cut + 1] == spec.cond  # the engine's edit prompt (ends in boi), then codes
         assert all(mask[cut:]) and not any(mask[:cut])
         source, target = src.images[i].tolist(), ids[cut:][1:-1]
         (obj,) = [o for o in src.recs[i]["scene"]["objects"] if o["shape"] == m[2]]
@@ -183,6 +183,19 @@ def test_edit_sequences_recolour_one_cell(runs, tmp_path):
     assert checked >= 10
     masked, _ = src.build("edit", 0, np.random.default_rng(0), p_uncond=0.999999)
     assert masked[len(src.image(0)) + 1] == src.mask  # the image-conditional stream
+
+
+def test_binding_steps_draw_captions_and_images_only(runs, tmp_path):
+    src = train_decoder.SequenceSource(_options(runs, tmp_path))
+    opts = _options(runs, tmp_path, binding_steps=30)
+    early = {src.batch(np.random.default_rng(s), opts, s)[0] for s in range(30)}
+    late = {src.batch(np.random.default_rng(s), opts, 30 + s)[0] for s in range(60)}
+    assert early <= {"t2i", "i2t", "infill"} and len(early) >= 2
+    assert late & {"ra", "novel", "edit"}
+    with pytest.raises(ValueError, match="binding_mixture"):
+        _options(runs, tmp_path, binding_mixture=(1.0,))
+    with pytest.raises(ValueError, match="binding_steps"):
+        _options(runs, tmp_path, binding_steps=-1)
 
 
 def test_novel_episodes_need_their_documents(runs, tmp_path):

@@ -3,17 +3,17 @@
 #
 #     tools/train/run_all.sh [RUNS_DIR]            # default RUNS_DIR: data/runs12
 #
-# One thread for every heavy step (the machine is shared); seeded; resumable: a finished
+# Both cores for every heavy step (THREADS); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
-# Environment: THREADS (default 1), DECODER_STEPS (default 6000), EVAL_PROMPTS (200),
+# Environment: THREADS (default 2), DECODER_STEPS (default 4000), EVAL_PROMPTS (200),
 # PACKAGE=0 to stop before writing cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
 DATA=$RUNS/shapes
-THREADS=${THREADS:-1}
-DECODER_STEPS=${DECODER_STEPS:-6000}
+THREADS=${THREADS:-2}
+DECODER_STEPS=${DECODER_STEPS:-4000}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
@@ -34,7 +34,7 @@ step make_dataset python $T/make_dataset.py --out "$DATA" --seed 0 --train 30000
     --eval 400 --novel 12000
 step train_tokenizer python $T/train_tokenizer.py --data "$DATA" --out "$RUNS/tokenizer"
 step train_vqgan python $T/train_vqgan.py --out "$RUNS/vqgan" --threads "$THREADS" --images 40000 \
-    --decoder-images 48000
+    --decoder-images 128000
 step vqgan_gate python $T/train_vqgan.py --out "$RUNS/vqgan" --eval --threads "$THREADS"
 step encode_images python $T/encode_images.py --data "$DATA" --vqgan "$RUNS/vqgan/vqgan" \
     --out "$RUNS/codes" --threads "$THREADS"
