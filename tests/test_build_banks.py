@@ -38,7 +38,7 @@ def built(tmp_path_factory):
                                                           eval=2))
     assert train_tokenizer.main(["--data", str(data), "--out", str(root / "tok"),
                                  "--quick"]) == 0
-    assert train_vqgan.main(["--data", str(data), "--out", str(root / "vq"), "--quick"]) == 0
+    assert train_vqgan.main(["--out", str(root / "vq"), "--quick"]) == 0
     assert encode_images.main(["--data", str(data), "--vqgan", str(root / "vq" / "vqgan"),
                                "--out", str(root / "codes"), "--quick"]) == 0
     assert train_clip.main(["--data", str(data), "--tokenizer", str(root / "tok"),
