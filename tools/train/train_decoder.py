@@ -61,15 +61,10 @@ from train_common import (
     step_rng,
 )
 
-from cm3rt.demo.shapes.cells import cell_code
-from cm3rt.demo.shapes.vocab import (
-    COLOURS,
-    GRID,
-    HELD_OUT_PAIRS,
-    NONCE_WORDS,
-    SHAPE_PLURALS,
-    article,
-)
+from cm3rt.demo.evaluation.prompts import recolour
+from cm3rt.demo.shapes import SceneObject
+from cm3rt.demo.shapes.cells import CODES_PER_IMAGE, cell_code
+from cm3rt.demo.shapes.vocab import GRID, HELD_OUT_PAIRS, NONCE_WORDS, SHAPE_PLURALS, article
 from cm3rt.tokenizer.text import TextTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
@@ -206,6 +201,9 @@ class SequenceSource:
         if int(codes.max()) >= len(table):
             raise ValueError(f"codes reach {int(codes.max())}, the tokenizer spells "
                              f"{len(table)} image codes")
+        if opts.mixture[KINDS.index("edit")] > 0 and codes.shape[1] != CODES_PER_IMAGE:
+            raise ValueError(f"edit episodes edit cell codes (cells.py, {CODES_PER_IMAGE} an "
+                             f"image); {opts.codes} has {codes.shape[1]} codes an image")
         self.images = table[codes.astype(np.int64)]  # [N, tokens] vocabulary ids
         self.code_ids = table
         # Retrieval lists may only point inside the records used (limit), never at self.
@@ -292,29 +290,24 @@ class SequenceSource:
 
     def build_edit(self, i: int, rng: np.random.Generator, p_uncond: float
                    ) -> tuple[list[int], list[int]]:
-        """A text-guided edit of train record ``i``: recolour an object whose shape is the
-        only one of its kind in the scene ("make the star blue", the instruction
-        ``cm3rt eval`` uses) to a colour that keeps it a train pair. The target codes are
-        the source codes with that cell's code replaced (``cells.cell_code``: the tokenizer
-        codes each cell by its content)."""
+        """A text-guided edit of train record ``i``: ``recolour`` (the edit ``cm3rt eval``
+        scores) an object whose shape is the only one of its kind in the scene, so the
+        instruction names one object; a scene with no such object gives a t2i sequence.
+        The target codes are the source codes with that cell's code replaced
+        (``cells.cell_code``: the tokenizer codes each cell by its content)."""
         scene = self.recs[i]["scene"]
         shapes = [o["shape"] for o in scene["objects"]]
         objs = [o for o in scene["objects"] if shapes.count(o["shape"]) == 1]
-        source = self.images[i].tolist()
-        if not objs or len(source) != GRID * GRID:
+        if not objs:
             return self.build("t2i", i, rng, p_uncond)
-        obj = objs[int(rng.integers(len(objs)))]
-        colours = [c for c in COLOURS
-                   if c != obj["colour"] and (c, obj["shape"]) not in HELD_OUT_PAIRS]
-        colour = colours[int(rng.integers(len(colours)))]
-        from cm3rt.demo.shapes import SceneObject
-
-        new = SceneObject(obj["shape"], colour, obj["size"], tuple(obj["cell"]))
+        o = objs[int(rng.integers(len(objs)))]
+        new, instruction = recolour(SceneObject(o["shape"], o["colour"], o["size"],
+                                                tuple(o["cell"])), rng)
+        source = self.images[i].tolist()
         target = list(source)
-        row, col = obj["cell"]
+        row, col = new.cell
         target[row * GRID + col] = int(self.code_ids[cell_code(scene["background"], new)])
-        text = ([self.mask] if rng.random() < p_uncond
-                else self.tok.encode(f"make the {obj['shape']} {colour}"))
+        text = [self.mask] if rng.random() < p_uncond else self.tok.encode(instruction)
         prompt = [self.bos, self.boi, *source, self.eoi, *text]
         body = [self.boi, *target, self.eoi]
         return prompt + body, [0] * len(prompt) + [1] * len(body)

@@ -64,7 +64,7 @@ from train_common import (
     to_pixels,
 )
 
-from cm3rt.demo.shapes.cells import NUM_CELL_CODES, scene_codes
+from cm3rt.demo.shapes.cells import CODES_PER_IMAGE, NUM_CELL_CODES, scene_codes
 from cm3rt.demo.shapes.vocab import IMAGE_SIZE
 from cm3rt.tokenizer.vqgan import ImageTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
@@ -298,7 +298,7 @@ def evaluate(vqgan_dir: Path, n: int = 500, seed: int = 0) -> dict:
     codes = tok.encode(images, batch_size=32)
     recon = tok.decode(codes, batch_size=32)
     truth = torch.tensor([scene_codes(s) for s in scenes]) if (
-        tok.num_tokens == 9 and tok.codebook_size == NUM_CELL_CODES) else None
+        tok.num_tokens == CODES_PER_IMAGE and tok.codebook_size == NUM_CELL_CODES) else None
     raw_ok = rt_ok = 0
     sq_err = 0.0
     for scene, im, rc in zip(scenes, images, recon):

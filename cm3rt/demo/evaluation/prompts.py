@@ -26,6 +26,7 @@ from cm3rt.demo.shapes import (
     COLOURS,
     HELD_OUT_PAIRS,
     Scene,
+    SceneObject,
     WorldConfig,
     describe,
     random_caption,
@@ -158,6 +159,15 @@ class EditItem:
     target: Scene
 
 
+def recolour(obj: SceneObject, rng: np.random.Generator) -> tuple[SceneObject, str]:
+    """``obj`` in another colour drawn by ``rng`` that keeps it a train concept, and the
+    instruction asking for it ("make the star blue"): the edit the eval scores and the
+    default decoder trains on (``tools/train/train_decoder.py``)."""
+    colours = [c for c in COLOURS if c != obj.colour and (c, obj.shape) not in HELD_OUT_PAIRS]
+    colour = colours[int(rng.integers(len(colours)))]
+    return replace(obj, colour=colour), f"make the {obj.shape} {colour}"
+
+
 def edit_items(n: int, seed: int = 0) -> list[EditItem]:
     """``n`` one-object scenes of train concepts with a recolouring instruction ("make the
     star blue") whose result is a train concept too; everything else must stay."""
@@ -169,8 +179,6 @@ def edit_items(n: int, seed: int = 0) -> list[EditItem]:
         rng = np.random.default_rng([int(seed), EDIT_STREAM, i])
         scene = sample_scene(rng, config)
         (obj,) = scene.objects
-        colours = [c for c in COLOURS if c != obj.colour and (c, obj.shape) not in HELD_OUT_PAIRS]
-        colour = colours[int(rng.integers(len(colours)))]
-        target = replace(scene, objects=(replace(obj, colour=colour),))
-        items.append(EditItem(scene, f"make the {obj.shape} {colour}", target))
+        new, instruction = recolour(obj, rng)
+        items.append(EditItem(scene, instruction, replace(scene, objects=(new,))))
     return items
