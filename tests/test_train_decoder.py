@@ -232,8 +232,40 @@ def test_novel_episodes_need_their_documents(runs, tmp_path):
             k = e + 1
         assert any(any(nv.key(j)[0] == look and src.novel_images[j].tolist() == d
                        for j in nv.by_look[look]) for d in doc_images)
-    assert train_decoder.nonce_caption("an orange star above two orange stars",
-                                       ("orange", "star"), "dax") == "a dax above two daxs"
+    assert train_decoder.rename_look("an orange star above two orange stars",
+                                     ("orange", "star"), "dax") == "a dax above two daxs"
+
+
+def test_alias_episodes_name_the_look_by_an_unshown_ordinary_pair(runs, tmp_path):
+    """An alias episode renames its look to a train pair that no object of the episode is,
+    in the documents and the target alike (the held-out situation: familiar words, a look
+    only the documents show)."""
+    from cm3rt.demo.shapes.captions import parse_caption
+    from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS, NONCE_WORDS
+
+    src = train_decoder.SequenceSource(_options(runs, tmp_path, novel_alias=1.0))
+    nv = src.novel
+    code_min = int(src.images.min())
+    for seed in range(30):
+        ids, mask = src.build("novel", 0, np.random.default_rng(seed), 0.0)
+        body = mask.index(1)
+        target = ids[body:]
+        caption = src.tok.decode([t for t in target if t < code_min])
+        assert not any(w in caption.split() for w in NONCE_WORDS), caption
+        codes = target[target.index(src.boi) + 1: -1]
+        j = next(j for j in range(len(nv.recs)) if src.novel_images[j].tolist() == codes)
+        shown = {(o["colour"], o["shape"]) for o in nv.recs[j]["scene"]["objects"]}
+        named = {(o.colour, o.shape) for o in parse_caption(caption).objects}
+        look = nv.key(j)[0]
+        alias = named - (shown - {look})
+        assert len(alias) == 1, (caption, shown)
+        assert not alias & shown and not alias & HELD_OUT_PAIRS
+        # the documents call the look by the same alias, next to a distractor document
+        assert ids[:body].count(src.boi) >= 2
+        docs = src.tok.decode([t for t in ids[:body] if t < code_min])
+        assert f"{next(iter(alias))[0]} {next(iter(alias))[1]}" in docs
+    with pytest.raises(ValueError, match="novel_alias"):
+        _options(runs, tmp_path, novel_alias=1.5)
 
 
 def test_quick_run_exports_a_loadable_model(runs, tmp_path):

@@ -6,14 +6,14 @@
 # Both cores for every heavy step (THREADS); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
-# Environment: THREADS (default 2), DECODER_STEPS (default 4000), EVAL_PROMPTS (200),
+# Environment: THREADS (default 2), DECODER_STEPS (default 7000), EVAL_PROMPTS (200),
 # PACKAGE=0 to stop before writing cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
 DATA=$RUNS/shapes
 THREADS=${THREADS:-2}
-DECODER_STEPS=${DECODER_STEPS:-4000}
+DECODER_STEPS=${DECODER_STEPS:-7000}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
@@ -46,7 +46,7 @@ step build_banks python $T/build_banks.py --data "$DATA" --codes "$RUNS/codes" \
 step train_decoder python $T/train_decoder.py --data "$DATA" --codes "$RUNS/codes" \
     --retrieval "$RUNS/banks/train_retrieval.npy" --tokenizer "$RUNS/tokenizer" \
     --vqgan "$RUNS/vqgan/vqgan" --out "$RUNS/decoder" --threads "$THREADS" \
-    --steps "$DECODER_STEPS" --ckpt-every 200
+    --steps "$DECODER_STEPS" --ckpt-every 200 --novel-alias 0.5
 step select_decoder python $T/train_decoder.py --out "$RUNS/decoder" --select --eval-n 48 \
     --eval-bank "$RUNS/banks/bank" --threads "$THREADS"
 if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi

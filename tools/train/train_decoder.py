@@ -64,11 +64,20 @@ from train_common import (
 from cm3rt.demo.evaluation.prompts import recolour
 from cm3rt.demo.shapes import SceneObject
 from cm3rt.demo.shapes.cells import CODES_PER_IMAGE, cell_code
-from cm3rt.demo.shapes.vocab import GRID, HELD_OUT_PAIRS, NONCE_WORDS, SHAPE_PLURALS, article
+from cm3rt.demo.shapes.vocab import (
+    COLOURS,
+    GRID,
+    HELD_OUT_PAIRS,
+    NONCE_WORDS,
+    SHAPE_PLURALS,
+    SHAPES,
+    article,
+)
 from cm3rt.tokenizer.text import TextTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
 EXPORT = "model"
+TRAIN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS)
 KINDS = ("t2i", "i2t", "infill", "ra", "novel", "edit")
 VQGAN_FILES = ("vqgan.safetensors", "vqgan_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -89,6 +98,8 @@ class DecoderOptions:
             ``binding_mixture`` instead (captions and images only; see the module doc).
         p_uncond: share of t2i captions and edit instructions replaced by <mask> (the CFG
             unconditional and image-conditional prompts).
+        novel_alias: share of novel episodes that name their looks by ordinary colour x
+            shape pairs instead of nonce words (``SequenceSource.alias_names``).
         hidden, layers, heads, kv_heads, ffn: decoder size.
         ckpt_every: steps between checkpoints.  limit: first N train records only.
     """
@@ -108,6 +119,7 @@ class DecoderOptions:
     binding_steps: int = 1000
     binding_mixture: tuple[float, ...] = (0.50, 0.40, 0.10, 0.0, 0.0, 0.0)
     p_uncond: float = 0.10
+    novel_alias: float = 0.0
     hidden: int = 192
     layers: int = 4
     heads: int = 6
@@ -127,22 +139,26 @@ class DecoderOptions:
         for name in ("steps", "tokens_per_step", "ckpt_every", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.novel_alias <= 1.0:
+            raise ValueError(f"novel_alias must be in [0, 1], got {self.novel_alias!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
 
 
-def nonce_caption(text: str, look: tuple[str, str], word: str) -> str:
+def rename_look(text: str, look: tuple[str, str], name: str, plural: str | None = None
+                ) -> str:
     """``text`` with every mention of the colour x shape ``look`` ("a small red star",
-    "two red stars", "red star") renamed to the nonce ``word`` ("a small dax", "two daxs")."""
+    "two red stars", "red star") renamed to ``name`` ("a small dax", "two daxs"; or an
+    ordinary pair's name, "a small green cross", with its ``plural`` "green crosses")."""
     colour, shape = look
-    text = re.sub(rf"\b{colour} {SHAPE_PLURALS[shape]}\b", word + "s", text)
+    text = re.sub(rf"\b{colour} {SHAPE_PLURALS[shape]}\b", plural or name + "s", text)
 
     def with_article(m: re.Match) -> str:
         size = m.group(2) or ""
-        return f"{article(size or word)} {size}{word}"
+        return f"{article(size or name)} {size}{name}"
 
     text = re.sub(rf"\b(an?) ((?:small |large )?){colour} {shape}\b", with_article, text)
-    return re.sub(rf"\b{colour} {shape}\b", word, text)
+    return re.sub(rf"\b{colour} {shape}\b", name, text)
 
 
 class NovelLooks:
@@ -220,6 +236,7 @@ class SequenceSource:
                          for r in self.recs]
         self.doc_text = [t.encode(r["text"]) for r in self.recs]
         self.novel = None
+        self.novel_alias = opts.novel_alias
         if opts.mixture[KINDS.index("novel")] > 0:
             # every novel record that has codes (``limit`` applies to the train split)
             ncodes = np.load(opts.codes / "novel_codes.npy", allow_pickle=False)
@@ -250,7 +267,8 @@ class SequenceSource:
         that word (the first matches the target's size and background 60% of the time),
         sometimes next to a distractor document (another look, another nonce word), and
         the target names it only by the nonce word, so its codes can only come from the
-        documents."""
+        documents. A ``novel_alias`` share of the episodes names the looks by ordinary
+        colour x shape pairs instead (``alias_names``) and always has a distractor."""
         nv = self.novel
         i, look = nv.targets[int(rng.integers(len(nv.targets)))]
         words = rng.choice(len(NONCE_WORDS), size=2, replace=False)
@@ -264,29 +282,54 @@ class SequenceSource:
         first = same if same is not None else pick(nv.by_look[look])
         if first is None:
             raise ValueError(f"the novel split shows {look} only once")
-        docs = [(first, look, word)]
+        alias = self.novel_alias > 0 and rng.random() < self.novel_alias
+        docs = [(first, look)]
         r = rng.random()
         if r < 0.45:
             second = pick(nv.by_look[look])
             if second is not None:
-                docs.append((second, look, word))
-        elif r < 0.75 and len(nv.looks) > 1:
+                docs.append((second, look))
+        # An alias episode always has a distractor: its target's name must be matched
+        # against the documents' captions, or copying "whatever the documents show" would
+        # pay, and that habit copies wrong looks into ordinary prompts (measured: a
+        # fine-tune with single-look alias episodes took train-concept adherence with
+        # retrieval from 77.5% to 47.5%; without retrieval it stayed at 76%).
+        if (alias or 0.45 <= r < 0.75) and len(nv.looks) > 1:
             others = [lk for lk in nv.looks if lk != look]
             other = others[int(rng.integers(len(others)))]
-            docs.append((pick(nv.by_look[other]), other, other_word))
+            docs.append((pick(nv.by_look[other]), other))
+        names = {lk: (w, None) for lk, w in zip(dict.fromkeys(lk for _, lk in docs),
+                                                 (word, other_word))}
+        if alias:
+            names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names))
         order = rng.permutation(len(docs))
         ids, mask = [self.bos], [0]
         for k in order:
-            j, lk, w = docs[int(k)]
-            doc = [*self.tok.encode(nonce_caption(nv.recs[j]["text"], lk, w)),
+            j, lk = docs[int(k)]
+            doc = [*self.tok.encode(rename_look(nv.recs[j]["text"], lk, *names[lk])),
                    *self.novel_image(j)]
             ids += doc
             mask += [0] * len(doc)
         rec = nv.recs[i]
         texts = rec["captions"] + [rec["canonical"]]
-        caption = nonce_caption(texts[int(rng.integers(len(texts)))], look, word)
+        caption = rename_look(texts[int(rng.integers(len(texts)))], look, *names[look])
         body = [*self.tok.encode(caption), *self.novel_image(i)]
         return ids + body, mask + [1] * len(body)
+
+    def alias_names(self, rng: np.random.Generator, scenes: list[int],
+                    looks: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+        """Ordinary names for this episode's ``looks``: distinct train pairs ("a green
+        cross") that no object of the episode's novel ``scenes`` is, so each name means one
+        look here and that look is not the one its words mean everywhere else. This is
+        what a held-out prompt is at inference: familiar words whose look the weights do
+        not hold and only the documents show."""
+        shown = {(o["colour"], o["shape"]) for j in scenes
+                 for o in self.novel.recs[j]["scene"]["objects"]}
+        free = [p for p in TRAIN_PAIRS if p not in shown and p not in looks]
+        picks = rng.choice(len(free), size=len(looks), replace=False)
+        return {lk: (f"{free[int(k)][0]} {free[int(k)][1]}",
+                     f"{free[int(k)][0]} {SHAPE_PLURALS[free[int(k)][1]]}")
+                for lk, k in zip(looks, picks)}
 
     def build_edit(self, i: int, rng: np.random.Generator, p_uncond: float
                    ) -> tuple[list[int], list[int]]:
@@ -468,13 +511,15 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 
 
 # ---------------------------------------------------------------------- check
-def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0,
-             temperature: float = 1.0, top_k: int = 0, bank: Path | None = None,
-             k_docs: int = 2) -> dict:
+def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
+             cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
+             bank: Path | None = None, k_docs: int = 2) -> dict:
     """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
-    ``n`` of ``cm3rt eval``'s train-concept prompts (CFG, no retrieval) and held-out prompts
-    (CFG; with ``bank``, retrieval on, ``k_docs`` documents), one image each, scored by the
-    same ``adheres`` rule. ``score`` is their mean (what ``--select`` ranks by)."""
+    ``n`` of ``cm3rt eval``'s train-concept prompts and held-out prompts, one image each,
+    sampled with ``guidance`` (default CD-K, what ``package_default.py`` ships; ``cfg_scale``
+    applies to "cfg") and, with ``bank``, retrieval on for both sets (``k_docs`` documents),
+    as in the default row of ``cm3rt eval``; scored by the same ``adheres`` rule. ``score``
+    is their mean (what ``--select`` ranks by)."""
     from cm3rt.demo.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.engine import Engine, Request, SamplingParams
     from cm3rt.model import load_pretrained
@@ -486,15 +531,14 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0
         from cm3rt.retrieval.bank import open_cached
 
         mem = open_cached(bank)
-    out: dict = {"n": n, "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k,
-                 "retrieval_for_held_out": mem is not None}
+    out: dict = {"n": n, "guidance": guidance, "cfg_scale": cfg_scale,
+                 "temperature": temperature, "top_k": top_k, "retrieval": mem is not None}
     for name, prompts in (("train_concepts", train_prompts(n, seed)),
                           ("held_out", held_out_prompts(n, seed))):
-        use = mem if name == "held_out" else None
         reqs = [Request(prompt=[p.text], task="text_to_image",
-                        params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale, seed=k,
+                        params=SamplingParams(guidance=guidance, cfg_scale=cfg_scale, seed=k,
                                               temperature=temperature, top_k=top_k),
-                        bank=use, k_docs=k_docs if use is not None else 0)
+                        bank=mem, k_docs=k_docs if mem is not None else 0)
                 for k, p in enumerate(prompts)]
         results = engine.generate(reqs)
         out[name] = sum(bool(r.images) and adheres(p.text, r.images[0])
@@ -503,7 +547,8 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, cfg_scale: float = 3.0
     return out
 
 
-def select(out: Path, n: int, bank: Path | None, cfg_scale: float, keep: int = 4) -> dict:
+def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float,
+           keep: int = 4) -> dict:
     """Checkpoint selection by a quick eval, not by loss: scores the last ``keep`` exports
     under ``<out>/exports/`` (``evaluate``, ``n`` prompts a set, seed 1 so the selection
     prompts are not the first ones of ``cm3rt eval``'s sets) and copies the best to
@@ -513,7 +558,7 @@ def select(out: Path, n: int, bank: Path | None, cfg_scale: float, keep: int = 4
         raise FileNotFoundError(f"no exports under {out}/exports (train first)")
     scores = {}
     for step, d in steps[-keep:]:
-        r = evaluate(d, n, seed=1, cfg_scale=cfg_scale, bank=bank)
+        r = evaluate(d, n, seed=1, guidance=guidance, cfg_scale=cfg_scale, bank=bank)
         scores[step] = r
         print(json.dumps({"step": step, **r}), flush=True)
     best = max(scores, key=lambda k: (scores[k]["score"], k))
@@ -540,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DecoderOptions.steps)
     p.add_argument("--tokens-per-step", type=int, default=DecoderOptions.tokens_per_step)
     p.add_argument("--lr", type=float, default=DecoderOptions.lr)
+    p.add_argument("--novel-alias", type=float, default=DecoderOptions.novel_alias)
     p.add_argument("--ckpt-every", type=int, default=DecoderOptions.ckpt_every)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this call (with a checkpoint)")
@@ -547,11 +593,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="smoke run: tiny model, 40 records, 4 steps")
     p.add_argument("--eval", action="store_true", help="quick adherence check of <out>/model")
     p.add_argument("--eval-n", type=int, default=32)
+    p.add_argument("--eval-guidance", default="cdk", choices=("none", "cfg", "cdk"))
     p.add_argument("--eval-cfg-scale", type=float, default=3.0)
     p.add_argument("--eval-temperature", type=float, default=1.0)
     p.add_argument("--eval-top-k", type=int, default=0)
     p.add_argument("--eval-bank", type=Path, default=None,
-                   help="memory bank: held-out prompts of --eval / --select use retrieval")
+                   help="memory bank: the prompts of --eval / --select use retrieval")
     p.add_argument("--select", action="store_true",
                    help="score the last --select-keep exports by the quick eval; best -> "
                         "<out>/best")
@@ -561,9 +608,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, a.threads))
         timer = Timer("train_decoder --select" if a.select else "train_decoder --eval")
         if a.select:
-            select(a.out, a.eval_n, a.eval_bank, a.eval_cfg_scale, a.select_keep)
+            select(a.out, a.eval_n, a.eval_bank, a.eval_guidance, a.eval_cfg_scale,
+                   a.select_keep)
         else:
-            print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, cfg_scale=a.eval_cfg_scale,
+            print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, guidance=a.eval_guidance,
+                                      cfg_scale=a.eval_cfg_scale,
                                       temperature=a.eval_temperature, top_k=a.eval_top_k,
                                       bank=a.eval_bank)))
         timer.report()
@@ -571,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = DecoderOptions(data=a.data, codes=a.codes, retrieval=a.retrieval,
                           tokenizer=a.tokenizer, vqgan=a.vqgan, out=a.out, seed=a.seed,
                           threads=a.threads, steps=a.steps, tokens_per_step=a.tokens_per_step,
-                          lr=a.lr, ckpt_every=a.ckpt_every)
+                          lr=a.lr, ckpt_every=a.ckpt_every,
+                          novel_alias=a.novel_alias)
     if a.quick:
         opts = DecoderOptions(**{**asdict(opts), "steps": 4, "tokens_per_step": 1200,
                                  "hidden": 64, "layers": 2, "heads": 2, "kv_heads": 1,
