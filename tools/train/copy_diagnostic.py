@@ -77,7 +77,7 @@ def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 
 
 
 def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: int,
-        seed: int, cfg_scale: float, k_docs: int) -> dict:
+        seed: int, guidance: str, cfg_scale: float, k_docs: int) -> dict:
     from cm3rt.api import load_engine
     from cm3rt.demo.evaluation import adheres, held_out_prompts
     from cm3rt.demo.evaluation.metrics import wilson_interval
@@ -92,7 +92,8 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
     engine = load_engine(str(model_dir))
     prompts = held_out_prompts(n, seed)
     full = open_cached(bank_dir)
-    result: dict = {"n": n, "seed": seed, "cfg_scale": cfg_scale, "k_docs": k_docs}
+    result: dict = {"n": n, "seed": seed, "guidance": guidance, "cfg_scale": cfg_scale,
+                    "k_docs": k_docs}
     for column in ("none", "bank", "right", "wrong"):
         reqs = []
         for k, p in enumerate(prompts):
@@ -101,7 +102,7 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
             bank = {"none": None, "bank": full, "right": open_cached(banks[held]),
                     "wrong": open_cached(banks[wrong_of[held]])}[column]
             reqs.append(Request(prompt=p.text, task="text_to_image",
-                                params=SamplingParams(guidance="cfg", cfg_scale=cfg_scale,
+                                params=SamplingParams(guidance=guidance, cfg_scale=cfg_scale,
                                                       seed=k),
                                 bank=bank, k_docs=k_docs if bank is not None else 0))
         outs = engine.generate(reqs)
@@ -123,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("data/runs/copy"))
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--guidance", default="cdk", choices=("none", "cfg", "cdk"),
+                   help="sampler (default cdk, what the default model ships with)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="for --guidance cfg")
     p.add_argument("-k", "--k-docs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
     timer = Timer("copy_diagnostic")
-    run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out, a.prompts, a.seed, a.cfg_scale,
-        a.k_docs)
+    run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out,
+        a.prompts, a.seed, a.guidance, a.cfg_scale, a.k_docs)
     timer.report()
     return 0
 

@@ -548,7 +548,7 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
 
 
 def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float,
-           keep: int = 4) -> dict:
+           keep: int = 4, k_docs: int = 2) -> dict:
     """Checkpoint selection by a quick eval, not by loss: scores the last ``keep`` exports
     under ``<out>/exports/`` (``evaluate``, ``n`` prompts a set, seed 1 so the selection
     prompts are not the first ones of ``cm3rt eval``'s sets) and copies the best to
@@ -558,7 +558,8 @@ def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float
         raise FileNotFoundError(f"no exports under {out}/exports (train first)")
     scores = {}
     for step, d in steps[-keep:]:
-        r = evaluate(d, n, seed=1, guidance=guidance, cfg_scale=cfg_scale, bank=bank)
+        r = evaluate(d, n, seed=1, guidance=guidance, cfg_scale=cfg_scale, bank=bank,
+                     k_docs=k_docs)
         scores[step] = r
         print(json.dumps({"step": step, **r}), flush=True)
     best = max(scores, key=lambda k: (scores[k]["score"], k))
@@ -599,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-top-k", type=int, default=0)
     p.add_argument("--eval-bank", type=Path, default=None,
                    help="memory bank: the prompts of --eval / --select use retrieval")
+    p.add_argument("--eval-k-docs", type=int, default=2,
+                   help="documents retrieved per prompt with --eval-bank")
     p.add_argument("--select", action="store_true",
                    help="score the last --select-keep exports by the quick eval; best -> "
                         "<out>/best")
@@ -609,12 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer("train_decoder --select" if a.select else "train_decoder --eval")
         if a.select:
             select(a.out, a.eval_n, a.eval_bank, a.eval_guidance, a.eval_cfg_scale,
-                   a.select_keep)
+                   a.select_keep, a.eval_k_docs)
         else:
             print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, guidance=a.eval_guidance,
                                       cfg_scale=a.eval_cfg_scale,
                                       temperature=a.eval_temperature, top_k=a.eval_top_k,
-                                      bank=a.eval_bank)))
+                                      bank=a.eval_bank, k_docs=a.eval_k_docs)))
         timer.report()
         return 0
     opts = DecoderOptions(data=a.data, codes=a.codes, retrieval=a.retrieval,
