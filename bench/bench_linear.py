@@ -3,8 +3,13 @@
 Run: OMP_WAIT_POLICY=passive python -m pytest bench/bench_linear.py -q -s
 
 For M = 1 .. 64 rows and a 2816 x 1024 weight (the mid-size model's gate/up): microseconds
-per call of torch fp32 / bf16 and cm3rt fp32 / bf16 / int8, the weight GB/s each reaches,
-and the largest M where cm3rt's bf16 beats torch's (the model's KERNEL_ROWS crossover).
+per call of torch fp32 / bf16 and cm3rt fp32 / bf16 / int8, the share of the read
+bandwidth each cm3rt kernel reaches, the share of the CPU's fp32 multiply-add rate it
+reaches (measured in the same run as torch's square fp32 GEMM, MKL's near-peak case), and
+the largest M where cm3rt's bf16 beats torch's (the model's KERNEL_ROWS crossover). The
+two shares tell which wall a row count is against: every kernel widens to fp32 and
+multiplies there, so without AVX-512 BF16 / VNNI narrower weights cut the bytes but not
+the multiply-adds, and from a few rows up the multiply-adds are the floor.
 One thread: the decode step of the CPU engine runs its GEMMs on the threads it has.
 """
 
@@ -29,6 +34,9 @@ def test_linear_vs_torch():
     wb = w.bfloat16()
     q, s = ops.quantize_int8(w)
     bw = copy_bandwidth() / 2  # read bandwidth ~ half the copy's read + write
+    a, b = torch.randn(768, 768), torch.randn(768, 768)
+    mac_rate = 768 ** 3 / time_fn(lambda: torch.mm(a, b))  # fp32 multiply-adds per second
+    record(bench="linear", M="fp32 GEMM", torch_f32=f"{mac_rate / 1e9:.1f} G multiply-adds/s")
     best = 0
     for M in (1, 2, 4, 8, 12, 16, 32, 64):
         x = torch.randn(M, K)
@@ -43,5 +51,7 @@ def test_linear_vs_torch():
         nbytes = {"f32": 4 * N * K, "bf16": 2 * N * K, "int8": N * K}
         record(bench="linear", M=M, **{k: f"{v * 1e6:.0f}us" for k, v in t.items()},
                cm3rt_bf16_of_read_bw=f"{nbytes['bf16'] / t['cm3rt_bf16'] / bw:.2f}",
-               cm3rt_int8_of_read_bw=f"{nbytes['int8'] / t['cm3rt_int8'] / bw:.2f}")
+               cm3rt_int8_of_read_bw=f"{nbytes['int8'] / t['cm3rt_int8'] / bw:.2f}",
+               **{f"cm3rt_{d}_of_gemm_rate": f"{M * N * K / t[f'cm3rt_{d}'] / mac_rate:.2f}"
+                  for d in ("f32", "bf16", "int8")})
     record(bench="linear", M="crossover", cm3rt_bf16=f"cm3rt bf16 faster up to M={best}")
