@@ -31,13 +31,19 @@ def test_playground_draws_row_by_row_and_lists_documents(tmp_path):
             page = browser.new_page()
             page.goto(server.url + "/")
             page.fill("#prompt", "a red star above a blue circle")
-            sources: list[str] = []
-            page.expose_function("recordSource", lambda src: sources.append(src))
-            page.evaluate("""() => new MutationObserver(() =>
-                window.recordSource(document.getElementById('image').src))
-                .observe(document.getElementById('image'), {attributes: true})""")
+            # The sources are kept in the page: a function exposed to Python is called
+            # asynchronously, and its last call could still be in flight at "done".
+            page.evaluate("""() => { window.imageSources = [];
+                new MutationObserver(() =>
+                    window.imageSources.push(document.getElementById('image').src))
+                .observe(document.getElementById('image'), {attributes: true}); }""")
             page.click("#go")
             page.wait_for_selector("body[data-state=done]", timeout=240_000)
+            try:  # the observer's last callback runs after the change that set "done"
+                page.wait_for_function("window.imageSources.length >= 4", timeout=5_000)
+            except sync_api.TimeoutError:
+                pass  # fewer changes than drawn images: the assertion below reports them
+            sources = page.evaluate("window.imageSources")
             status = page.inner_text("#status")
             docs = page.locator("#docs li").all_inner_texts()
             page.screenshot(path=str(tmp_path / "playground.png"))
