@@ -55,9 +55,18 @@ def test_diagnostic_scores_four_columns(data, tmp_path):
     assert copy_diagnostic.main(["--model", str(DEFAULT), "--data", str(data), "--out",
                                  str(out), "--prompts", "4"]) == 0
     result = json.loads((out / "copy_diagnostic.json").read_text())
-    assert result["n"] == 4 and result["guidance"] == "cdk"
+    shipped = json.loads((DEFAULT / "defaults.json").read_text())["k_docs"]
+    assert result["n"] == 4 and result["guidance"] == "cdk" and result["k_docs"] == shipped
     for column in ("none", "bank", "right", "wrong"):
         cell = result[column]
         assert 0 <= cell["passed"] <= 4 and cell["rate"] == cell["passed"] / 4
         lo, hi = cell["ci95"]
         assert 0.0 <= lo <= cell["rate"] <= hi <= 1.0
+
+
+def test_diagnostic_needs_documents(tmp_path, capsys):
+    import copy_diagnostic
+
+    with pytest.raises(SystemExit):
+        copy_diagnostic.main(["--out", str(tmp_path), "-k", "0"])
+    assert "--k-docs must be >= 1" in capsys.readouterr().err

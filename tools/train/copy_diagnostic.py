@@ -127,13 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", default="cdk", choices=("none", "cfg", "cdk"),
                    help="sampler (default cdk, what the default model ships with)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="for --guidance cfg")
-    p.add_argument("-k", "--k-docs", type=int, default=2)
+    p.add_argument("-k", "--k-docs", type=int, default=None,
+                   help="documents per prompt (default: the model's defaults.json k_docs, "
+                        "as cm3rt eval uses; 2 for a model without one)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.k_docs is not None and a.k_docs < 1:
+        p.error(f"--k-docs must be >= 1 (the diagnostic compares documents), got {a.k_docs}")
     torch.set_num_threads(max(1, a.threads))
     timer = Timer("copy_diagnostic")
+    k_docs = a.k_docs
+    if k_docs is None:  # what cm3rt eval uses for this model
+        from cm3rt.api.defaults import DEFAULTS_FILE, load_defaults
+
+        k_docs = load_defaults(a.model).k_docs if (a.model / DEFAULTS_FILE).is_file() else 0
+        k_docs = k_docs or 2  # a model that retrieves nothing by default: the old default
     run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out,
-        a.prompts, a.seed, a.guidance, a.cfg_scale, a.k_docs)
+        a.prompts, a.seed, a.guidance, a.cfg_scale, k_docs)
     timer.report()
     return 0
 

@@ -190,7 +190,7 @@ procedural shapes world only, on a 2-core CPU machine. Every script is seeded.
 
 ## Commands
 
-    tools/train/run_all.sh data/runs13      # every step below, seeded, resumable, timed
+    tools/train/run_all.sh RUNS_DIR         # every step below, seeded, resumable, timed
 
 which runs `make_dataset.py` (30,000 train / 4,000 bank / 400 eval / 12,000 novel scenes),
 `train_tokenizer.py`, `train_vqgan.py` (+ `--eval`), `encode_images.py`, `train_clip.py`

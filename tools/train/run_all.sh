@@ -15,7 +15,8 @@ DATA=$RUNS/shapes
 THREADS=${THREADS:-2}
 DECODER_STEPS=${DECODER_STEPS:-7000}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
-# Documents retrieved per prompt, for selection, the shipped defaults and the diagnostic:
+# Documents retrieved per prompt, for selection and the shipped defaults (which eval and the
+# diagnostic read):
 # 1, chosen on the selection prompts (seed 1) over {1, 2}; see TRAINING.md.
 K_DOCS=${K_DOCS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -59,5 +60,5 @@ step package_default python $T/package_default.py --decoder "$RUNS/decoder/best"
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
     --json "$RUNS/eval.json"
 step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \
-    --out "$RUNS/copy" --prompts "$EVAL_PROMPTS" -k "$K_DOCS" --threads "$THREADS"
+    --out "$RUNS/copy" --prompts "$EVAL_PROMPTS" --threads "$THREADS"
 echo "done: $RUNS (wall times in $LOG)"

@@ -327,9 +327,8 @@ class SequenceSource:
                  for o in self.novel.recs[j]["scene"]["objects"]}
         free = [p for p in TRAIN_PAIRS if p not in shown and p not in looks]
         picks = rng.choice(len(free), size=len(looks), replace=False)
-        return {lk: (f"{free[int(k)][0]} {free[int(k)][1]}",
-                     f"{free[int(k)][0]} {SHAPE_PLURALS[free[int(k)][1]]}")
-                for lk, k in zip(looks, picks)}
+        pairs = [free[int(k)] for k in picks]
+        return {lk: (f"{c} {s}", f"{c} {SHAPE_PLURALS[s]}") for lk, (c, s) in zip(looks, pairs)}
 
     def build_edit(self, i: int, rng: np.random.Generator, p_uncond: float
                    ) -> tuple[list[int], list[int]]:
