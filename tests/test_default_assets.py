@@ -225,6 +225,39 @@ def test_cli_caption_no_flags(default_dir, tmp_path, capsys):
     assert greedy.samples[0].token_ids == out.samples[0].token_ids
 
 
+def test_caption_k_docs_retrieves_by_the_image(parts, monkeypatch, tmp_path, capsys):
+    """defaults.json's caption.k_docs: a caption with no flags retrieves that many documents
+    with the image as the query; k_docs=0 / -k 0 turns it off; text -> image keeps k_docs."""
+    from cm3rt.retrieval.bank import MemoryBank
+    from cm3rt.retrieval.clip import ClipEncoder
+
+    root = tmp_path / "default_captions"
+    package_default.package(options(parts, out=root, caption_k_docs=1))
+    d = json.loads((root / "defaults.json").read_text())
+    assert d["caption"]["k_docs"] == 1 and d["k_docs"] == K_DOCS
+    assert dflt.load_defaults(root).k_docs_for("image_to_text") == 1
+    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
+    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
+    png = tmp_path / "in.png"
+    random_image(np.random.default_rng(9), (16, 16)).save(png)
+    with Image.open(png) as im:
+        image = im.convert("RGB")
+    out = generate([image], seed=0, max_new_tokens=8)
+    with MemoryBank.open(root / "bank", encoder=ClipEncoder(f"local-dir:{root / 'clip'}")) as b:
+        chosen = b.search(image=[image], k=1)
+    assert [x.id for x in out.docs] == [x.id for x in chosen] and len(chosen) == 1
+    plain = generate([image], seed=0, max_new_tokens=8, k_docs=0)
+    assert plain.docs == [] and len(plain.prompt_token_ids) < len(out.prompt_token_ids)
+    capsys.readouterr()
+    assert cli.main(["caption", str(png), "--no-progress", "--max-new-tokens", "8",
+                     "-k", "0"]) == 0
+    assert capsys.readouterr().out.strip() == plain.samples[0].text.strip()
+    assert len(generate(PROMPT, seed=0).docs) == K_DOCS
+    with pytest.raises(ValueError, match="caption.k_docs must be an int >= 0"):
+        (root / "defaults.json").write_text(json.dumps({**d, "caption": {"k_docs": -2}}))
+        dflt.load_defaults(root)
+
+
 def test_missing_default_assets_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(dflt, "DEFAULT_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="default model is not installed.*"

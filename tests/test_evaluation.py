@@ -5,7 +5,7 @@ model with a tiny memory bank."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ from cm3rt.demo.evaluation import (
     train_prompts,
 )
 from cm3rt.demo.evaluation.prompts import edit_items, infill_items
-from cm3rt.demo.evaluation.quality import Row, Score, Setting
+from cm3rt.demo.evaluation.quality import Row, Score, Setting, format_report
 from cm3rt.demo.shapes import (
     COLOURS,
     HELD_OUT_PAIRS,
@@ -238,6 +238,33 @@ def test_perfect_generator_scores_one_and_wrong_generator_zero() -> None:
     assert wrong.captions.passed == 0 and wrong.infill.passed == 0
     assert wrong.edits.passed == 0
     assert {t.status for t in wrong.targets} == {"MISS"}
+
+
+def test_captions_with_retrieval_are_scored_with_and_without_documents() -> None:
+    """caption_k_docs > 0: every render is captioned twice, without documents and with
+    caption_k_docs retrieved by the image; the target reads the retrieval row, and each row
+    is split into renders with a held-out pair and the others."""
+    cfg = QualityConfig(prompts=2, captions=40, seed=3, best_of=0, infill=0, edits=0,
+                        caption_k_docs=1)
+    engine = FakeEngine(_fake_scenes(cfg))
+    report = run_quality(engine, bank="a-bank", config=cfg, progress=False)
+    caps = [r for r in engine.requests if r.task == "image_to_text"]
+    assert len(caps) == 80
+    assert sorted((r.k_docs, r.bank) for r in caps) == [(0, None)] * 40 + [(1, "a-bank")] * 40
+    assert set(report.caption_rows) == {"off", "on"}
+    assert report.captions is report.caption_rows["on"]["all"]
+    held = sum(any((o.colour, o.shape) in HELD_OUT_PAIRS for o in s.objects)
+               for s in caption_scenes(40, 3))
+    for split in report.caption_rows.values():
+        assert (split["held_out"].n, split["others"].n) == (held, 40 - held)
+        assert split["held_out"].passed + split["others"].passed == split["all"].passed == 40
+    assert "| on (1 docs) (default) |" in format_report(report)
+    off = run_quality(FakeEngine(_fake_scenes(cfg)), bank=None,
+                      config=QualityConfig(**{**asdict(cfg), "retrieval": False}),
+                      progress=False)
+    assert set(off.caption_rows) == {"off"} and off.captions is off.caption_rows["off"]["all"]
+    with pytest.raises(ValueError, match="caption_k_docs"):
+        QualityConfig(caption_k_docs=-1)
 
 
 def test_adheres_on_own_renders_and_failures() -> None:

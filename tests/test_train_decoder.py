@@ -305,3 +305,68 @@ def test_bad_options_are_named(runs, tmp_path):
     np.save(bad, np.zeros((3, 2), np.int32))
     with pytest.raises(ValueError, match="must cover"):
         train_decoder.SequenceSource(_options(runs, tmp_path, retrieval=bad))
+
+
+def test_novel_captioning_episodes_take_the_name_from_a_document(runs, tmp_path):
+    """A novel_i2t episode: documents, the target's image, then its canonical caption with
+    the look renamed; the name is in a document that shows the look, never the held-out
+    pair's own name, and the loss is on the caption alone."""
+    from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS, NONCE_WORDS
+
+    src = train_decoder.SequenceSource(_options(runs, tmp_path, novel_alias=0.5))
+    nv = src.novel
+    code_min = int(src.images.min())
+    held_names = [f"{c} {s}" for c, s in HELD_OUT_PAIRS]
+    for seed in range(30):
+        ids, mask = src.build("novel_i2t", 0, np.random.default_rng(seed), 0.0)
+        body = mask.index(1)
+        assert not any(mask[:body]) and all(mask[body:]) and ids[-1] == src.eos
+        prompt, caption_ids = ids[:body], ids[body:-1]
+        assert prompt[-1] == src.eoi and not any(t >= code_min for t in caption_ids)
+        # the image just before the caption is a novel scene; its look is renamed
+        image = prompt[len(prompt) - 1 - src.images.shape[1]: -1]
+        j = next(j for j in range(len(nv.recs)) if src.novel_images[j].tolist() == image)
+        caption = src.tok.decode(caption_ids)
+        assert caption != nv.recs[j]["canonical"]
+        assert not any(name in caption for name in held_names), caption
+        # the documents before that image show the same look under the name used
+        docs = prompt[1: len(prompt) - 2 - src.images.shape[1]]
+        doc_text = src.tok.decode([t for t in docs if t < code_min])
+        look = nv.key(j)[0]
+        name_words = set(caption.split()) - set(nv.recs[j]["canonical"].split())
+        assert name_words and all(w.rstrip("s") in doc_text for w in name_words), (caption,
+                                                                                   doc_text)
+        assert any(w in caption for w in NONCE_WORDS) or name_words <= {
+            w for c, s in train_decoder.TRAIN_PAIRS for w in (c, s)}
+        shown = [k for k in nv.by_look[look] if src.novel_images[k].tolist() in
+                 [docs[b + 1: b + 1 + src.images.shape[1]]
+                  for b, t in enumerate(docs) if t == src.boi]]
+        assert shown, "no document shows the target's look"
+
+
+def test_near_miss_documents_share_a_word_but_no_pair(runs, tmp_path):
+    src = train_decoder.SequenceSource(_options(runs, tmp_path, near_miss=1.0, i2t_docs=1.0))
+    checked = 0
+    for i in range(len(src)):
+        near = src.near_miss_docs(i, np.random.default_rng(i), 2)
+        want = src.pairs[i]
+        colours, shapes = {c for c, _ in want}, {s for _, s in want}
+        for j in near:
+            assert j != i and not src.pairs[j] & want
+            assert any(c in colours or s in shapes for c, s in src.pairs[j])
+            checked += 1
+    assert checked >= len(src)
+    # ra episodes with near misses and i2t episodes with documents: docs are context only
+    for kind in ("ra", "i2t"):
+        with_docs = 0
+        for seed in range(10):
+            ids, mask = src.build(kind, seed, np.random.default_rng(seed), 0.0)
+            body = mask.index(1)
+            assert not any(mask[:body]) and all(mask[body:])
+            images_in_context = ids[:body].count(src.boi) - (kind == "i2t")  # i2t: + its own
+            with_docs += images_in_context >= 1
+            if kind == "i2t":
+                assert ids[-1] == src.eos and ids[body - 1] == src.eoi
+        assert with_docs >= 9, kind
+    with pytest.raises(ValueError, match="near_miss"):
+        _options(runs, tmp_path, near_miss=2.0)

@@ -41,7 +41,8 @@ BUILTIN_SAMPLING: dict[str, dict[str, Any]] = {"text_to_image": {"guidance": "cf
 TASK_SAMPLING: dict[str, dict[str, Any]] = {"edit": {"guidance": "cfg3"}}
 # Documents retrieved for a text -> image request that names a bank but no k_docs.
 DEFAULT_K_DOCS = 2
-# Tasks that retrieve when k_docs is not given (an explicit k_docs applies to any task).
+# Tasks that retrieve when k_docs is not given and the model is not the embedded default
+# (whose defaults.json says, per task); an explicit k_docs applies to any task.
 RETRIEVAL_TASKS = ("text_to_image",)
 
 _ENGINES: dict[tuple, Engine] = {}
@@ -135,8 +136,12 @@ def _k_docs_and_bank(task: str, bank: Any, k_docs: Any, assets: DefaultAssets | 
                             f"{type(bank).__name__}")
     if k_docs is None:
         has_bank = bank is not None or (assets is not None and assets.bank is not None)
-        default_k = assets.k_docs if assets is not None else DEFAULT_K_DOCS
-        k_docs = default_k if task in RETRIEVAL_TASKS and has_bank else 0
+        if not has_bank:
+            k_docs = 0
+        elif assets is not None:  # the default model's defaults.json, by task
+            k_docs = assets.k_docs_for(task)
+        else:
+            k_docs = DEFAULT_K_DOCS if task in RETRIEVAL_TASKS else 0
     if k_docs == 0:
         return None, 0
     if bank is None:
@@ -222,9 +227,11 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
         task: "auto" or one of the request tasks (see :class:`Request`).
         suffix: infill only: the content after the masked span.
         bank, k_docs: retrieval memory bank (directory or MemoryBank) and the documents to
-            prepend. ``k_docs=None``: for text -> image, the default model's ``k_docs``
-            (its own bank unless ``bank`` is given), or :data:`DEFAULT_K_DOCS` when a bank
-            is given; otherwise 0. ``k_docs=0`` turns retrieval off.
+            prepend. ``k_docs=None``: with the default model, its defaults.json's documents
+            for the task (text -> image ``k_docs``, captioning ``caption.k_docs``; its own
+            bank unless ``bank`` is given); with another model, :data:`DEFAULT_K_DOCS` for
+            text -> image when a bank is given; otherwise 0. ``k_docs=0`` turns retrieval
+            off.
         device, dtype: where / how to load a model directory (default CUDA bf16 when
             available, else CPU float32).
         scorer: best-of-n ranking for this request, ``scorer(prompt_text, images) ->

@@ -3,7 +3,8 @@
 With no model given, every front door (``cm3rt.generate``, ``cm3rt generate`` /
 ``cm3rt caption``, the server) uses the default directory and its ``defaults.json``, through
 :func:`cm3rt.api.resolve_request`: text -> image requests get retrieval (the directory's
-bank, ``k_docs`` documents) and classifier-free guidance, unless the caller passed those
+bank, ``k_docs`` documents) and its guidance, captions get ``caption.k_docs`` documents
+retrieved by the image, unless the caller passed those
 settings explicitly (``k_docs=0`` / ``--k-docs 0``, ``guidance="none"``, or an explicit
 bank). With a model given nothing here applies.
 
@@ -12,10 +13,11 @@ bank). With a model given nothing here applies.
     {"format": "cm3rt-defaults", "version": 1,
      "guidance": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0,
      "k_docs": 2, "bank": "bank",
-     "caption": {"guidance": "none", "temperature": 0.0}}
+     "caption": {"guidance": "none", "temperature": 0.0, "k_docs": 1}}
 
 ``bank`` is relative to the directory (``null``: no default retrieval); ``caption`` holds
-the sampling defaults of image -> text requests.
+the sampling defaults of image -> text requests and, as ``k_docs``, the documents retrieved
+for a caption (the image is the query; absent: 0, no retrieval).
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ class DefaultAssets:
     root: Path
     sampling: dict[str, Any] = field(default_factory=dict)  # text -> image (and other tasks)
     caption: dict[str, Any] = field(default_factory=dict)  # image -> text
-    k_docs: int = 0
+    k_docs: int = 0  # text -> image
     bank: str | None = None
+    caption_k_docs: int = 0  # image -> text
 
     @property
     def bank_dir(self) -> Path | None:
         return None if self.bank is None else self.root / self.bank
+
+    def k_docs_for(self, task: str) -> int:
+        """Documents retrieved by default for ``task`` (text -> image and captioning)."""
+        return {"text_to_image": self.k_docs, "image_to_text": self.caption_k_docs}.get(task, 0)
 
     def sampling_for(self, task: str) -> dict[str, Any]:
         """Sampling defaults of ``task`` (captioning has its own)."""
@@ -90,17 +97,25 @@ def load_defaults(root: str | Path | None = None) -> DefaultAssets:
         raise ValueError(f"default model: {path} is not readable JSON: {e}") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"default model: {path} is not a {FORMAT} v{VERSION} file")
-    k_docs = d.get("k_docs", 0)
-    if isinstance(k_docs, bool) or not isinstance(k_docs, int) or k_docs < 0:
-        raise ValueError(f"default model: {path}: k_docs must be an int >= 0, got {k_docs!r}")
+    k_docs = _check_k_docs(d.get("k_docs", 0), f"{path}: k_docs")
     bank = d.get("bank")
     if bank is not None and (not isinstance(bank, str)
                              or not (root / bank / "manifest.json").is_file()):
         raise FileNotFoundError(f"default model: {path} names bank {bank!r}, but "
                                     f"{root / str(bank)} is not a memory bank")
     sampling = _check_sampling({k: d[k] for k in SAMPLING_KEYS if k in d}, str(path))
-    caption = _check_sampling(d.get("caption", {}), f"{path}: caption")
-    return DefaultAssets(root=root, sampling=sampling, caption=caption, k_docs=k_docs, bank=bank)
+    caption = dict(d.get("caption", {})) if isinstance(d.get("caption"), dict) else d.get("caption")
+    caption_k_docs = _check_k_docs(caption.pop("k_docs", 0) if isinstance(caption, dict) else 0,
+                                   f"{path}: caption.k_docs")
+    caption = _check_sampling(caption if caption is not None else {}, f"{path}: caption")
+    return DefaultAssets(root=root, sampling=sampling, caption=caption, k_docs=k_docs, bank=bank,
+                         caption_k_docs=caption_k_docs)
+
+
+def _check_k_docs(k: Any, where: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"default model: {where} must be an int >= 0, got {k!r}")
+    return k
 
 
 def open_default_bank(assets: DefaultAssets):

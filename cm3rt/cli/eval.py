@@ -78,6 +78,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-temperature", type=float, default=0.0,
                    help="captioning temperature (default 0 = greedy)")
     p.add_argument("--caption-max-tokens", type=int, default=48)
+    p.add_argument("--caption-k-docs", type=int, default=None, metavar="K",
+                   help="documents retrieved per caption, the image the query (default: the "
+                        "model's defaults.json caption.k_docs, else 0); with retrieval on "
+                        "and K > 0 captions are scored with and without them")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_N} prompts and {QUICK_N} captions unless given")
     p.add_argument("--json", default=None, metavar="OUT", help="write every number to OUT")
@@ -116,6 +120,7 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
                     if k in assets.sampling}
         if assets.k_docs > 0:
             defaults["k_docs"] = assets.k_docs
+        defaults["caption_k_docs"] = assets.caption_k_docs
         if assets.bank_dir is not None:
             default_bank = assets.bank_dir
     if not retrieval:
@@ -174,7 +179,8 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any]):
         top_k=pick(args.top_k, "top_k"), top_p=pick(args.top_p, "top_p"),
         cd_alpha=pick(args.cd_alpha, "cd_alpha", 0.1), cd_k=pick(args.cd_k, "cd_k", 1),
         caption_temperature=args.caption_temperature,
-        caption_max_tokens=args.caption_max_tokens)
+        caption_max_tokens=args.caption_max_tokens,
+        caption_k_docs=pick(args.caption_k_docs, "caption_k_docs", 0))
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -61,6 +61,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("image", help="the image file")
     c.add_argument("--prompt", default="", help="text after the image, e.g. a question")
     _common_args(c)
+    c.add_argument("--bank", default=None, metavar="DIR",
+                   help="retrieval memory bank, queried with the image (default: the "
+                        "embedded model's bank without --model, none with --model)")
+    c.add_argument("-k", "--k-docs", type=int, default=None,
+                   help="documents to retrieve, 0 = no retrieval (default: the embedded "
+                        "model's defaults.json caption.k_docs without --model, else 0)")
     c.set_defaults(handler=_caption)
 
 
@@ -198,7 +204,7 @@ def _caption(args: argparse.Namespace) -> int:
     image = open_image(args.image, "image")
     engine, request = resolve_request(
         [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
-        device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+        bank=args.bank, k_docs=args.k_docs, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
         **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     for s in out.samples:

@@ -64,6 +64,7 @@ class PackageOptions:
     top_k: int = 0
     k_docs: int = 2
     caption_temperature: float = 0.0
+    caption_k_docs: int = 0
     max_mb: float = MAX_MB
 
 
@@ -116,7 +117,8 @@ def write_defaults(opts: PackageOptions, dst: Path) -> dict:
     d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
          "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
          "k_docs": opts.k_docs, "bank": "bank",
-         "caption": {"guidance": "none", "temperature": opts.caption_temperature}}
+         "caption": {"guidance": "none", "temperature": opts.caption_temperature,
+                     "k_docs": opts.caption_k_docs}}
     (dst / dflt.DEFAULTS_FILE).write_text(json.dumps(d, indent=1) + "\n")
     return d
 
@@ -294,20 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--k-docs", type=int, default=2)
     p.add_argument("--caption-temperature", type=float, default=0.0)
+    p.add_argument("--caption-k-docs", type=int, default=0,
+                   help="documents retrieved per caption (the image is the query; 0: none)")
     p.add_argument("--max-mb", type=float, default=MAX_MB)
     p.add_argument("--eval-report", type=Path, default=None,
                    help="markdown report of `cm3rt eval` to put in TRAINING.md")
     a = p.parse_args(argv)
     if a.eval_report is not None and not a.eval_report.is_file():
         p.error(f"--eval-report: no such file: {a.eval_report}")
-    if a.k_docs < 0 or a.top_k < 0 or a.temperature < 0:
-        p.error("--k-docs, --top-k and --temperature must be >= 0")
+    if a.k_docs < 0 or a.caption_k_docs < 0 or a.top_k < 0 or a.temperature < 0:
+        p.error("--k-docs, --caption-k-docs, --top-k and --temperature must be >= 0")
     timer = Timer("package_default")
     info = package(PackageOptions(
         a.decoder, a.tokenizer, a.vqgan, a.clip, a.bank, out=a.out, runs=a.runs,
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
         temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
-        caption_temperature=a.caption_temperature, max_mb=a.max_mb,
+        caption_temperature=a.caption_temperature, caption_k_docs=a.caption_k_docs,
+        max_mb=a.max_mb,
         eval_report=a.eval_report))
     print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "
           f"parameters, bank {info['bank_docs']} documents", flush=True)

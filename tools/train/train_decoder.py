@@ -8,13 +8,18 @@ Reads the train split (captions), its image codes (``encode_images.py``: uint16 
 and its retrieval lists (``build_banks.py``: int32 [N, 2], -1 = none), and the tokenizer.
 Every step draws one kind of sequence (so a batch pads little), by the mixture
 
-    kind    share  sequence (ids; loss on every token but bos, pads and retrieved docs)
-    t2i     30%    <s> caption <racm3:break> 9 codes <eoss>     (caption -> <mask> 10%)
-    i2t     15%    <s> <racm3:break> codes <eoss> canonical caption </s>
-    infill   5%    <s> <racm3:break> codes <eoss> pre <mask> post <infill> span </s>
-    ra      15%    <s> doc [doc] caption <racm3:break> codes <eoss>, doc = caption <racm3:break> codes <eoss>
-    novel   25%    as ra, but the object's look is renamed to a nonce word (``build_novel``)
-    edit    10%    <s> <racm3:break> codes <eoss> "make the star blue" <racm3:break> edited codes <eoss>
+    kind       share  sequence (ids; loss on every token but bos, pads and retrieved docs)
+    t2i        22%    <s> caption <racm3:break> 9 codes <eoss>     (caption -> <mask> 10%)
+    i2t        11%    <s> [docs] <racm3:break> codes <eoss> canonical caption </s>
+                      (docs: ``--i2t-docs`` of them, the record's retrieved documents or
+                      near misses; with docs the loss is on the caption only)
+    infill      5%    <s> <racm3:break> codes <eoss> pre <mask> post <infill> span </s>
+    ra         17%    <s> doc [doc] caption <racm3:break> codes <eoss>, doc = caption
+                      <racm3:break> codes <eoss> (``--near-miss`` of them with near-miss
+                      documents: a shared colour or shape word, none of the target's pairs)
+    novel      25%    as ra, but the object's look is renamed (``novel_context``)
+    edit        8%    <s> <racm3:break> codes <eoss> "make the star blue" <racm3:break> edited codes <eoss>
+    novel_i2t  12%    <s> docs <racm3:break> codes <eoss> renamed canonical caption </s>
 
 after a first ``binding_steps`` (1,000) that draw only t2i 50%, i2t 40%, infill 10%. That
 curriculum is measured: with the full mixture from step 0, the decoder's code embeddings
@@ -78,7 +83,7 @@ from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
 EXPORT = "model"
 TRAIN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS)
-KINDS = ("t2i", "i2t", "infill", "ra", "novel", "edit")
+KINDS = ("t2i", "i2t", "infill", "ra", "novel", "edit", "novel_i2t")
 VQGAN_FILES = ("vqgan.safetensors", "vqgan_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -100,6 +105,14 @@ class DecoderOptions:
             unconditional and image-conditional prompts).
         novel_alias: share of novel episodes that name their looks by ordinary colour x
             shape pairs instead of nonce words (``SequenceSource.alias_names``).
+        novel_i2t_alias: the same share for the novel_i2t (captioning) episodes.
+        novel_shape_only: share of the other (nonce-named) novel episodes that rename the
+            shape only and keep the true colour word ("a red dax").
+        near_miss: share of ra episodes whose documents are near misses: scenes sharing a
+            colour or a shape word with the target but showing none of its colour x shape
+            pairs (``SequenceSource.near_miss_docs``).
+        i2t_docs: share of i2t episodes with the record's retrieved documents in front
+            (captioning with retrieval, as ``novel_i2t`` episodes need it).
         hidden, layers, heads, kv_heads, ffn: decoder size.
         ckpt_every: steps between checkpoints.  limit: first N train records only.
     """
@@ -115,11 +128,15 @@ class DecoderOptions:
     steps: int = 2400
     tokens_per_step: int = 4096
     lr: float = 2e-3
-    mixture: tuple[float, ...] = (0.30, 0.15, 0.05, 0.15, 0.25, 0.10)
+    mixture: tuple[float, ...] = (0.22, 0.11, 0.05, 0.17, 0.25, 0.08, 0.12)
     binding_steps: int = 1000
-    binding_mixture: tuple[float, ...] = (0.50, 0.40, 0.10, 0.0, 0.0, 0.0)
+    binding_mixture: tuple[float, ...] = (0.50, 0.40, 0.10, 0.0, 0.0, 0.0, 0.0)
     p_uncond: float = 0.10
     novel_alias: float = 0.0
+    novel_shape_only: float = 0.0
+    novel_i2t_alias: float = 0.8
+    near_miss: float = 0.0
+    i2t_docs: float = 0.0
     hidden: int = 192
     layers: int = 4
     heads: int = 6
@@ -139,8 +156,10 @@ class DecoderOptions:
         for name in ("steps", "tokens_per_step", "ckpt_every", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.novel_alias <= 1.0:
-            raise ValueError(f"novel_alias must be in [0, 1], got {self.novel_alias!r}")
+        for name in ("novel_alias", "novel_shape_only", "novel_i2t_alias", "near_miss",
+                     "i2t_docs"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
 
@@ -236,8 +255,9 @@ class SequenceSource:
                          for r in self.recs]
         self.doc_text = [t.encode(r["text"]) for r in self.recs]
         self.novel = None
-        self.novel_alias = opts.novel_alias
-        if opts.mixture[KINDS.index("novel")] > 0:
+        self.novel_alias, self.novel_shape_only = opts.novel_alias, opts.novel_shape_only
+        self.novel_i2t_alias = opts.novel_i2t_alias
+        if opts.mixture[KINDS.index("novel")] > 0 or opts.mixture[KINDS.index("novel_i2t")] > 0:
             # every novel record that has codes (``limit`` applies to the train split)
             ncodes = np.load(opts.codes / "novel_codes.npy", allow_pickle=False)
             nrecs = split_records(opts.data, "novel")[:ncodes.shape[0]]
@@ -248,9 +268,20 @@ class SequenceSource:
             self.novel = NovelLooks(nrecs)
             self.novel_images = table[ncodes.astype(np.int64)]
         self.canonical_words = [r["canonical"].split(" ") for r in self.recs]
+        # near-miss documents (``near_miss_docs``): train records by colour and by shape
+        self.near_miss, self.i2t_docs = opts.near_miss, opts.i2t_docs
+        self.pairs = [{(o["colour"], o["shape"]) for o in r["scene"]["objects"]}
+                      for r in self.recs]
+        self.by_colour: dict[str, list[int]] = {}
+        self.by_shape: dict[str, list[int]] = {}
+        for j, pairs in enumerate(self.pairs):
+            for c, sh in pairs:
+                self.by_colour.setdefault(c, []).append(j)
+                self.by_shape.setdefault(sh, []).append(j)
         ntok = self.images.shape[1]
         self.typical = {"t2i": ntok + 20, "i2t": ntok + 25, "infill": ntok + 30,
-                        "ra": 3 * ntok + 60, "novel": 3 * ntok + 60, "edit": 2 * ntok + 12}
+                        "ra": 3 * ntok + 60, "novel": 3 * ntok + 60, "edit": 2 * ntok + 12,
+                        "novel_i2t": 3 * ntok + 60}
 
     def __len__(self) -> int:
         return len(self.recs)
@@ -258,17 +289,26 @@ class SequenceSource:
     def image(self, i: int) -> list[int]:
         return [self.boi, *self.images[i].tolist(), self.eoi]
 
+    def documents(self, rows: list[int]) -> list[int]:
+        """Train records ``rows`` laid out as retrieved documents (``caption <boi> codes
+        <eoi>`` each, as ``Processor.document_ids`` does at inference)."""
+        return [t for d in rows for t in (*self.doc_text[d], *self.image(d))]
+
     def novel_image(self, j: int) -> list[int]:
         return [self.boi, *self.novel_images[j].tolist(), self.eoi]
 
-    def build_novel(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
-        """A novel-concept episode: a look (any colour x shape, held-out pairs included)
-        is renamed to a nonce word drawn for this sequence; 1-2 documents show it under
-        that word (the first matches the target's size and background 60% of the time),
-        sometimes next to a distractor document (another look, another nonce word), and
-        the target names it only by the nonce word, so its codes can only come from the
-        documents. A ``novel_alias`` share of the episodes names the looks by ordinary
-        colour x shape pairs instead (``alias_names``) and always has a distractor."""
+    def novel_context(self, rng: np.random.Generator, alias_share: float | None = None
+                      ) -> tuple[list[int], int, tuple[str, str], dict]:
+        """The documents of a novel-concept episode: a look (any colour x shape, held-out
+        pairs included) is renamed to a nonce word drawn for this sequence; 1-2 documents
+        show it under that word (the first matches the target's size and background 60% of
+        the time), sometimes next to a distractor document (another look, another nonce
+        word). A ``novel_alias`` share of the episodes names the looks by ordinary colour x
+        shape pairs instead (``alias_names``) and always has a distractor; ``alias_share``
+        overrides that share.
+
+        Returns (document ids, after <s>; the target scene's row in the novel split; its
+        look; the names: look -> (name, plural or None))."""
         nv = self.novel
         i, look = nv.targets[int(rng.integers(len(nv.targets)))]
         words = rng.choice(len(NONCE_WORDS), size=2, replace=False)
@@ -282,7 +322,8 @@ class SequenceSource:
         first = same if same is not None else pick(nv.by_look[look])
         if first is None:
             raise ValueError(f"the novel split shows {look} only once")
-        alias = self.novel_alias > 0 and rng.random() < self.novel_alias
+        share = self.novel_alias if alias_share is None else alias_share
+        alias = share > 0 and rng.random() < share
         docs = [(first, look)]
         r = rng.random()
         if r < 0.45:
@@ -300,21 +341,64 @@ class SequenceSource:
             docs.append((pick(nv.by_look[other]), other))
         names = {lk: (w, None) for lk, w in zip(dict.fromkeys(lk for _, lk in docs),
                                                  (word, other_word))}
+        if not alias and rng.random() < self.novel_shape_only:
+            # Keep the true colour and rename the shape only ("a red dax"): the name to copy
+            # then follows a real colour word, as "diamond" follows "red" in a held-out
+            # caption, a pair of words no training text has.
+            names = {lk: (f"{lk[0]} {w}", f"{lk[0]} {w}s") for lk, (w, _) in names.items()}
         if alias:
             names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names))
-        order = rng.permutation(len(docs))
-        ids, mask = [self.bos], [0]
-        for k in order:
+        ids: list[int] = []
+        for k in rng.permutation(len(docs)):
             j, lk = docs[int(k)]
-            doc = [*self.tok.encode(rename_look(nv.recs[j]["text"], lk, *names[lk])),
-                   *self.novel_image(j)]
-            ids += doc
-            mask += [0] * len(doc)
-        rec = nv.recs[i]
+            ids += [*self.tok.encode(rename_look(nv.recs[j]["text"], lk, *names[lk])),
+                    *self.novel_image(j)]
+        return ids, i, look, names
+
+    def build_novel(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A novel-concept text -> image episode (``novel_context``): the target names its
+        look only by the episode's name for it, so its codes can only come from the
+        documents."""
+        docs, i, look, names = self.novel_context(rng)
+        rec = self.novel.recs[i]
         texts = rec["captions"] + [rec["canonical"]]
         caption = rename_look(texts[int(rng.integers(len(texts)))], look, *names[look])
         body = [*self.tok.encode(caption), *self.novel_image(i)]
-        return ids + body, mask + [1] * len(body)
+        return [self.bos, *docs, *body], [0] * (1 + len(docs)) + [1] * len(body)
+
+    def build_novel_i2t(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A novel-concept captioning episode: the documents of ``novel_context``, then the
+        target's image and its canonical caption with the look renamed. The look's name can
+        only come from the document that shows it, which is how a held-out pair gets its
+        words at inference (``cm3rt caption`` with retrieval). Loss on the caption only:
+        the image is the prompt. A ``novel_i2t_alias`` share uses ordinary names: a 600-step
+        probe learnt to copy nonce names (exact captions 15/40) but not ordinary ones, and a
+        held-out caption needs ordinary words the weights would not say for that image."""
+        docs, i, look, names = self.novel_context(rng, self.novel_i2t_alias)
+        prompt = [self.bos, *docs, *self.novel_image(i)]
+        caption = rename_look(self.novel.recs[i]["canonical"], look, *names[look])
+        body = [*self.tok.encode(caption), self.eos]
+        return prompt + body, [0] * len(prompt) + [1] * len(body)
+
+    def near_miss_docs(self, i: int, rng: np.random.Generator, n: int) -> list[int]:
+        """Up to ``n`` train records that share a colour or a shape word with an object of
+        record ``i`` but show none of its colour x shape pairs ("a cyan triangle" for "a
+        cyan star"): the documents of an ordinary prompt are often like that at inference,
+        and copying them is then wrong (seen-concept adherence fell from 95% to 79.5% with
+        retrieval on, the decoder drawing the document's shape or colour)."""
+        objs = self.recs[i]["scene"]["objects"]
+        wanted = {(o["colour"], o["shape"]) for o in objs}
+        out: list[int] = []
+        for _ in range(8 * n):
+            if len(out) == n:
+                break
+            o = objs[int(rng.integers(len(objs)))]
+            pool = (self.by_colour[o["colour"]] if rng.random() < 0.5
+                    else self.by_shape[o["shape"]])
+            j = pool[int(rng.integers(len(pool)))]
+            if j != i and j not in out and not self.pairs[j] & wanted:
+                out.append(j)
+        return out
 
     def alias_names(self, rng: np.random.Generator, scenes: list[int],
                     looks: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -326,8 +410,13 @@ class SequenceSource:
         shown = {(o["colour"], o["shape"]) for j in scenes
                  for o in self.novel.recs[j]["scene"]["objects"]}
         free = [p for p in TRAIN_PAIRS if p not in shown and p not in looks]
-        picks = rng.choice(len(free), size=len(looks), replace=False)
-        pairs = [free[int(k)] for k in picks]
+        pairs = [free.pop(int(rng.integers(len(free))))]
+        for _ in looks[1:]:
+            # Half the time a distractor's name shares a word with the target's ("green
+            # star" next to "green cross"): the whole name must match, not one word.
+            near = [k for k, p in enumerate(free) if p[0] == pairs[0][0] or p[1] == pairs[0][1]]
+            pool = near if near and rng.random() < 0.5 else range(len(free))
+            pairs.append(free.pop(int(list(pool)[int(rng.integers(len(pool)))])))
         return {lk: (f"{c} {s}", f"{c} {SHAPE_PLURALS[s]}") for lk, (c, s) in zip(looks, pairs)}
 
     def build_edit(self, i: int, rng: np.random.Generator, p_uncond: float
@@ -360,6 +449,8 @@ class SequenceSource:
         episode draws its own scenes from the novel split)."""
         if kind == "novel":
             return self.build_novel(rng)
+        if kind == "novel_i2t":
+            return self.build_novel_i2t(rng)
         if kind == "edit":
             return self.build_edit(i, rng, p_uncond)
         caption = self.captions[i][rng.integers(len(self.captions[i]))]
@@ -368,7 +459,15 @@ class SequenceSource:
             ids = [self.bos, *text, *self.image(i)]
             return ids, [0] + [1] * (len(ids) - 1)
         if kind == "i2t":
-            ids = [self.bos, *self.image(i), *self.captions[i][-1], self.eos]
+            body = [*self.captions[i][-1], self.eos]
+            if rng.random() < self.i2t_docs:
+                # captioning with retrieval: the documents and the image are the prompt
+                # (near misses where the record's retrieval list is empty)
+                docs = [int(d) for d in self.retrieval[i] if d >= 0]
+                docs = docs[:int(rng.integers(1, 3))] or self.near_miss_docs(i, rng, 1)
+                prompt = [self.bos, *self.documents(docs), *self.image(i)]
+                return prompt + body, [0] * len(prompt) + [1] * len(body)
+            ids = [self.bos, *self.image(i), *body]
             return ids, [0] + [1] * (len(ids) - 1)
         if kind == "infill":
             words = self.canonical_words[i]
@@ -385,13 +484,14 @@ class SequenceSource:
             docs = [int(d) for d in self.retrieval[i] if d >= 0]
             if len(docs) > 1 and rng.random() < 0.5:
                 docs = docs[:1]  # 1 or 2 docs, as k_docs 1 or 2 at inference
-            ids, mask = [self.bos], [0]
-            for d in docs:
-                doc = [*self.doc_text[d], *self.image(d)]
-                ids += doc
-                mask += [0] * len(doc)  # context, not a target
+            if rng.random() < self.near_miss:
+                near = self.near_miss_docs(i, rng, max(1, len(docs)))
+                # all near misses, or one next to a retrieved document, in either order
+                docs = near if rng.random() < 0.5 or not docs else [docs[0], *near[:1]]
+                docs = [docs[int(k)] for k in rng.permutation(len(docs))]
+            context = [self.bos, *self.documents(docs)]  # context, not a target
             body = [*caption, *self.image(i)]
-            return ids + body, mask + [1] * len(body)
+            return context + body, [0] * len(context) + [1] * len(body)
         raise ValueError(f"unknown sequence kind {kind!r}")
 
     def batch(self, rng: np.random.Generator, opts: DecoderOptions, step: int
@@ -586,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=DecoderOptions.tokens_per_step)
     p.add_argument("--lr", type=float, default=DecoderOptions.lr)
     p.add_argument("--novel-alias", type=float, default=DecoderOptions.novel_alias)
+    p.add_argument("--novel-shape-only", type=float, default=DecoderOptions.novel_shape_only)
+    p.add_argument("--novel-i2t-alias", type=float, default=DecoderOptions.novel_i2t_alias)
+    p.add_argument("--near-miss", type=float, default=DecoderOptions.near_miss)
+    p.add_argument("--i2t-docs", type=float, default=DecoderOptions.i2t_docs)
     p.add_argument("--ckpt-every", type=int, default=DecoderOptions.ckpt_every)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this call (with a checkpoint)")
@@ -623,7 +727,9 @@ def main(argv: list[str] | None = None) -> int:
                           tokenizer=a.tokenizer, vqgan=a.vqgan, out=a.out, seed=a.seed,
                           threads=a.threads, steps=a.steps, tokens_per_step=a.tokens_per_step,
                           lr=a.lr, ckpt_every=a.ckpt_every,
-                          novel_alias=a.novel_alias)
+                          novel_alias=a.novel_alias, novel_shape_only=a.novel_shape_only,
+                          near_miss=a.near_miss, i2t_docs=a.i2t_docs,
+                          novel_i2t_alias=a.novel_i2t_alias)
     if a.quick:
         opts = DecoderOptions(**{**asdict(opts), "steps": 4, "tokens_per_step": 1200,
                                  "hidden": 64, "layers": 2, "heads": 2, "kv_heads": 1,

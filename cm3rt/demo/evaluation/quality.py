@@ -96,6 +96,9 @@ class QualityConfig:
         cd_alpha, cd_k: CD-K parameters.
         caption_temperature: captioning temperature (0 = greedy).
         caption_max_tokens: most tokens a caption may take.
+        caption_k_docs: documents retrieved per caption (the image is the query) in the
+            model's own captioning setting; with retrieval on and > 0, captions are scored
+            with and without them, and the caption target reads the retrieval row.
     """
 
     prompts: int = 200
@@ -118,10 +121,11 @@ class QualityConfig:
     cd_k: int = 1
     caption_temperature: float = 0.0
     caption_max_tokens: int = 48
+    caption_k_docs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("prompts", "captions", "seed", "k_docs", "caption_max_tokens", "best_of",
-                     "infill", "edits"):
+                     "infill", "edits", "caption_k_docs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"QualityConfig.{name} must be an int >= 0, got {v!r}")
@@ -158,6 +162,11 @@ class QualityConfig:
         r = self.retrieval if retrieval is None else retrieval
         scale = float(self.default_cfg_scale) if self.default_guidance == "cfg" else None
         return Setting(self.default_guidance, r, scale)
+
+    @property
+    def caption_retrieval(self) -> bool:
+        """Whether captions are also scored with retrieved documents (the default then)."""
+        return self.retrieval and self.caption_k_docs > 0
 
     @property
     def n_train(self) -> int:
@@ -229,7 +238,7 @@ class QualityReport:
 
     config: QualityConfig
     rows: list[Row]
-    captions: Score | None
+    captions: Score | None  # the model's captioning setting (with documents when it has)
     caption_examples: list[dict[str, Any]]
     best_of: dict[int, Score]
     infill: Score | None
@@ -242,6 +251,9 @@ class QualityReport:
     phase_s: dict[str, float]
     images: int
     info: dict[str, Any] = field(default_factory=dict)
+    # Captions by retrieval ("off", and "on" with config.caption_k_docs documents), each
+    # split into all scenes / scenes showing a held-out pair ("held_out") / the others.
+    caption_rows: dict[str, dict[str, Score]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         rows = []
@@ -259,6 +271,8 @@ class QualityReport:
             "config": asdict(self.config), "info": self.info, "rows": rows,
             "captions": self.captions.to_dict() if self.captions else None,
             "caption_examples": self.caption_examples,
+            "caption_rows": {mode: {k: v.to_dict() for k, v in split.items()}
+                             for mode, split in self.caption_rows.items()},
             "best_of": {str(k): v.to_dict() for k, v in self.best_of.items()},
             "infill": self.infill.to_dict() if self.infill else None,
             "edits": self.edits.to_dict() if self.edits else None,
@@ -362,8 +376,10 @@ def _text_of(out) -> str:
     return out.text.strip() if out.error is None else ""
 
 
-def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig,
-                bar) -> tuple[Score, list[dict[str, Any]]]:
+def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig, bar, bank: Any = None,
+                k_docs: int = 0) -> tuple[dict[str, Score], list[dict[str, Any]]]:
+    """Caption ``scenes`` (with ``k_docs`` documents from ``bank``, the image the query):
+    scores over all scenes, those showing a held-out pair, and the others."""
     from cm3rt.engine.params import SamplingParams
     from cm3rt.engine.request import Request
 
@@ -372,14 +388,24 @@ def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig,
                     params=SamplingParams(guidance="none", temperature=cfg.caption_temperature,
                                           max_new_tokens=cfg.caption_max_tokens,
                                           seed=_seed(cfg.seed, _CAPTION_TAG, i)),
-                    request_id=f"eval-caption-{i}")
+                    bank=bank if k_docs else None, k_docs=k_docs,
+                    request_id=f"eval-caption-{k_docs}-{i}")
             for i, scene in enumerate(scenes)]
+    results: list[bool] = []
 
     def judge(scene: Scene, out) -> tuple[bool, dict[str, Any]]:
         text = _text_of(out)
-        return caption_correct(text, scene), {"caption": text, "scene": scene.describe()}
+        results.append(caption_correct(text, scene))
+        return results[-1], {"caption": text, "scene": scene.describe(),
+                             "docs": [getattr(d, "caption", None) for d in out.docs]}
 
-    return _judge(engine, scenes, reqs, bar, judge, keep=20)
+    score, examples = _judge(engine, scenes, reqs, bar, judge, keep=20)
+    held = [any((o.colour, o.shape) in HELD_OUT_PAIRS for o in s.objects) for s in scenes]
+    split = {"all": score,
+             "held_out": Score(sum(held), sum(ok for ok, h in zip(results, held) if h)),
+             "others": Score(len(held) - sum(held),
+                             sum(ok for ok, h in zip(results, held) if not h))}
+    return split, examples
 
 
 def _image_of(sample) -> Any:
@@ -493,7 +519,8 @@ def run_quality(engine: Any, bank: Any = None, config: QualityConfig | None = No
     rows = [Row(s) for s in cfg.settings()]
     n_train_rows = {"best": 4 if cfg.retrieval else 2, "all": len(rows), "none": 0}
     total = (len(rows) * len(held) + n_train_rows[cfg.train_settings] * len(train)
-             + len(scenes) + (len(train) if best_n else 0) + len(infills) + len(edits))
+             + len(scenes) * (2 if cfg.caption_retrieval else 1)
+             + (len(train) if best_n else 0) + len(infills) + len(edits))
     bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     phase: dict[str, float] = {}
@@ -538,10 +565,15 @@ def run_quality(engine: Any, bank: Any = None, config: QualityConfig | None = No
         phase["best_of"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        captions, examples = None, []
+        captions, examples, caption_rows = None, [], {}
         if scenes:
             bar.set_description("captions")
-            captions, examples = _captioning(engine, scenes, cfg, bar)
+            caption_rows["off"], examples = _captioning(engine, scenes, cfg, bar)
+            if cfg.caption_retrieval:
+                bar.set_description("captions r+")
+                caption_rows["on"], examples = _captioning(engine, scenes, cfg, bar, bank,
+                                                           cfg.caption_k_docs)
+            captions = caption_rows["on" if cfg.caption_retrieval else "off"]["all"]
         phase["captions"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -561,6 +593,7 @@ def run_quality(engine: Any, bank: Any = None, config: QualityConfig | None = No
         bar.close()
     return QualityReport(
         config=cfg, rows=rows, captions=captions, caption_examples=examples,
+        caption_rows=caption_rows,
         best_of=best_of, infill=infill, edits=edit, task_examples=task_examples,
         targets=evaluate_targets(rows, captions, best_of, cfg.default_setting()),
         held_out_prompts=[p.text for p in held], train_prompts=[p.text for p in train],
@@ -699,10 +732,17 @@ def format_report(report: QualityReport) -> str:
                    "reranked by the model's CLIP)"), "", "| kept | adherence |", "| --- | --- |"]
         lines += [f"| best of {k} | {_cell(v)} |" for k, v in sorted(report.best_of.items())]
         lines.append("")
-    if report.captions is not None:
+    if report.caption_rows:
         lines += [(f"## Captioning ({report.captions.n} fresh renders, image -> text, "
-                  f"temperature {c.caption_temperature:g})"), "",
-                  f"caption accuracy: {_cell(report.captions)}", ""]
+                   f"temperature {c.caption_temperature:g}; documents retrieved by the image)"),
+                  "", ("| retrieval | all renders | renders showing a held-out pair "
+                       "| the other renders |"), "| --- | --- | --- | --- |"]
+        for mode, split in report.caption_rows.items():
+            name = "off" if mode == "off" else f"on ({c.caption_k_docs} docs)"
+            mark = " (default)" if (mode == "on") == c.caption_retrieval else ""
+            lines.append(f"| {name}{mark} | {_cell(split['all'])} | "
+                         f"{_cell(split['held_out'])} | {_cell(split['others'])} |")
+        lines += ["", f"caption accuracy: {_cell(report.captions)} (the default row)", ""]
     if report.infill is not None or report.edits is not None:
         lines += ["## Other tasks", "", "| task | correct |", "| --- | --- |"]
         if report.infill is not None:
