@@ -11,7 +11,7 @@ from PIL import Image
 from retrieval_fixtures import make_tiny_clip, random_image
 
 from cm3rt.api import generate
-from cm3rt.engine import Engine
+from cm3rt.engine import Engine, Request, SamplingParams
 from cm3rt.model import load_pretrained
 from cm3rt.retrieval.bank import MemoryBank
 from cm3rt.retrieval.clip import ClipEncoder
@@ -75,6 +75,38 @@ def test_generate_puts_exactly_the_chosen_docs_in_context(setup, k_docs) -> None
     assert plain.prompt_token_ids == [text_tok.bos_id, *text_tok.encode(PROMPT),
                                       text_tok.boi_id]
     assert plain.docs == []
+
+
+def test_uncond_docs_puts_the_documents_in_the_unconditional_stream(setup) -> None:
+    """uncond_docs: the unconditional stream is <s> docs <mask> <boi> (the conditional one
+    unchanged), so guidance contrasts the prompt against the documents; the tokens differ
+    from guidance without it, and the default keeps the documents out."""
+    from cm3rt.engine.sequence import build_prompt
+
+    _, bank_dir, _src, encoder, eng = setup
+    t = eng.processor.text
+    bank = MemoryBank.open(bank_dir, encoder=encoder)
+    try:
+        streams = {}
+        for flag in (False, True):
+            req = Request(prompt=[PROMPT], task="text_to_image", bank=bank, k_docs=2,
+                          params=SamplingParams(guidance="cfg", uncond_docs=flag))
+            streams[flag] = build_prompt(req, eng.vocab, eng.processor, 4096)
+        cond = streams[True].spec.cond
+        assert cond == streams[False].spec.cond
+        body = [*t.encode(PROMPT), t.boi_id]
+        prefix = cond[1:len(cond) - len(body)]
+        assert len(prefix) > 0 and cond[-len(body):] == body
+        assert streams[False].spec.uncond == [t.bos_id, t.mask_id, t.boi_id]
+        assert streams[True].spec.uncond == [t.bos_id, *prefix, t.mask_id, t.boi_id]
+        outs = [generate(PROMPT, model=eng, bank=bank, k_docs=2, guidance="cfg",
+                         cfg_scale=4.0, uncond_docs=flag, seed=3) for flag in (False, True)]
+        assert outs[0].prompt_token_ids == outs[1].prompt_token_ids
+        assert outs[0].samples[0].token_ids != outs[1].samples[0].token_ids
+    finally:
+        bank.close()
+    with pytest.raises(TypeError, match="uncond_docs must be a bool"):
+        SamplingParams(uncond_docs=1)
 
 
 def test_small_context_places_whole_docs_only(setup) -> None:

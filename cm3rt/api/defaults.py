@@ -35,7 +35,8 @@ CLIP_DIR = "clip"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
 
 # SamplingParams fields a defaults.json may set.
-SAMPLING_KEYS = ("guidance", "cfg_scale", "temperature", "top_k", "top_p", "max_new_tokens")
+SAMPLING_KEYS = ("guidance", "cfg_scale", "temperature", "top_k", "top_p", "max_new_tokens",
+                 "uncond_docs")
 
 
 def default_model_dir() -> Path:

@@ -78,6 +78,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-temperature", type=float, default=0.0,
                    help="captioning temperature (default 0 = greedy)")
     p.add_argument("--caption-max-tokens", type=int, default=48)
+    p.add_argument("--uncond-docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="retrieval-on rows: documents in the unconditional stream too "
+                        "(default: the model's defaults.json, else no)")
     p.add_argument("--caption-k-docs", type=int, default=None, metavar="K",
                    help="documents retrieved per caption, the image the query (default: the "
                         "model's defaults.json caption.k_docs, else 0); with retrieval on "
@@ -116,7 +119,7 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
     if (model_dir / "defaults.json").is_file():
         assets = load_defaults(model_dir)
         defaults = {k: assets.sampling[k] for k in ("temperature", "top_k", "top_p",
-                                                      "guidance", "cfg_scale")
+                                                      "guidance", "cfg_scale", "uncond_docs")
                     if k in assets.sampling}
         if assets.k_docs > 0:
             defaults["k_docs"] = assets.k_docs
@@ -178,6 +181,7 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any]):
         temperature=pick(args.temperature, "temperature"),
         top_k=pick(args.top_k, "top_k"), top_p=pick(args.top_p, "top_p"),
         cd_alpha=pick(args.cd_alpha, "cd_alpha", 0.1), cd_k=pick(args.cd_k, "cd_k", 1),
+        uncond_docs=pick(args.uncond_docs, "uncond_docs", False),
         caption_temperature=args.caption_temperature,
         caption_max_tokens=args.caption_max_tokens,
         caption_k_docs=pick(args.caption_k_docs, "caption_k_docs", 0))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # Flags whose values are SamplingParams fields (dest -> field): passed only when given.
-SAMPLING_FLAGS = ("guidance", "cfg_scale", "cfg_image_scale", "cd_alpha", "cd_k",
+SAMPLING_FLAGS = ("guidance", "cfg_scale", "cfg_image_scale", "cd_alpha", "cd_k", "uncond_docs",
                   "temperature", "top_k", "top_p", "n", "seed", "max_new_tokens")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -94,6 +94,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
             ("--seed", "seed", int, "sampling seed")):
         p.add_argument(flag, type=kind, default=None,
                        help=f"{what} (default {default[dest]}, or defaults.json's)")
+    p.add_argument("--uncond-docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="with retrieval, retrieved documents in the unconditional guidance "
+                        f"stream too (default {default['uncond_docs']}, or defaults.json's)")
     p.add_argument("-n", "--num-samples", type=int, default=None, dest="n",
                    help=f"samples to draw (default {default['n']}; best-of-n with --rerank)")
     p.add_argument("--max-new-tokens", type=int, default=None,

@@ -48,6 +48,10 @@ class SamplingParams:
         cfg_image_scale: image guidance scale of cfg3 (s_img).
         cd_alpha: CD-K plausibility threshold alpha in [0, 1].
         cd_k: CD-K keeps tokens with p >= alpha * (k-th largest p); k >= 1.
+        uncond_docs: with retrieval, put the retrieved documents in the unconditional stream
+            too, so guidance amplifies what the prompt adds to the documents rather than
+            prompt and documents together (False: documents in the conditional streams only;
+            cfg3's image-conditional stream always has them).
         n: number of independent samples of the prompt (they share the prompt's KV blocks).
         seed: base seed; sample i uses ``group_seed(seed, i)``. Same seed -> same tokens.
         max_new_tokens: generated-token limit; None = the task's default (one image plus its
@@ -62,6 +66,7 @@ class SamplingParams:
     cfg_image_scale: float = 1.5
     cd_alpha: float = 0.1
     cd_k: int = 1
+    uncond_docs: bool = False
     n: int = 1
     seed: int = 0
     max_new_tokens: int | None = None
@@ -71,6 +76,9 @@ class SamplingParams:
             _check_number(name, getattr(self, name))
         for name in ("top_k", "cd_k", "n", "seed"):
             _check_number(name, getattr(self, name), integer=True)
+        if not isinstance(self.uncond_docs, bool):
+            raise TypeError(f"SamplingParams.uncond_docs must be a bool, got "
+                            f"{type(self.uncond_docs).__name__} {self.uncond_docs!r}")
         if not isinstance(self.guidance, str):
             raise TypeError(
                 f"SamplingParams.guidance must be a str, one of {GUIDANCE_MODES}, "

@@ -2,6 +2,8 @@
 format"): cond, [image-cond,] uncond, plus the output grammar of the task.
 
 * text -> image:  cond ``[bos] text [boi]``, uncond ``[bos] [<mask>] [boi]``.
+  Retrieved documents go after ``bos`` in cond (and image-cond); in uncond too with
+  ``SamplingParams.uncond_docs``.
 * edit (cfg3):    cond ``[bos] image text [boi]``, image-cond ``[bos] image [<mask>] [boi]``,
   uncond ``[bos] [<mask>] [boi]``.
 * image -> text:  ``[bos] image text`` (text output only, one stream: guidance applies
@@ -176,9 +178,12 @@ def build_prompt(request: Request, vocab: VocabInfo, processor: Processor | None
     uncond = image_cond = None
     multi = guidance != "none" and task != "image_to_text"
     if multi:
-        uncond = [bos] + mask + tail
+        # uncond_docs: the documents stand in every stream, so the guidance contrasts the
+        # prompt against the documents alone (measured on the default model: TRAINING.md).
+        docs_prefix = prefix if request.params.uncond_docs else []
+        uncond = [bos] + docs_prefix + mask + tail
         if task == "infill":
-            uncond = [bos] + mask + [vocab.infill_id]
+            uncond = [bos] + docs_prefix + mask + [vocab.infill_id]
     if multi and guidance == "cfg3":
         img_keys: list = []
         img_ids = processor.encode(images, add_bos=False, image_ids=image_ids,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Sampling fields a request may set, beyond OpenAI's own: SamplingParams names.
 SAMPLING_EXTENSIONS = ("seed", "guidance", "cfg_scale", "cfg_image_scale", "cd_alpha", "cd_k",
-                       "temperature", "top_k", "top_p")
+                       "uncond_docs", "temperature", "top_k", "top_p")
 MAX_PROMPT_CHARS = 32_000  # as OpenAI's image prompts
 
 
@@ -59,6 +59,7 @@ class Sampling(_Strict):
     cfg_image_scale: float | None = None
     cd_alpha: float | None = None
     cd_k: int | None = None
+    uncond_docs: bool | None = None
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None

@@ -65,6 +65,7 @@ class PackageOptions:
     k_docs: int = 2
     caption_temperature: float = 0.0
     caption_k_docs: int = 0
+    uncond_docs: bool = False
     max_mb: float = MAX_MB
 
 
@@ -116,7 +117,7 @@ def write_defaults(opts: PackageOptions, dst: Path) -> dict:
     """defaults.json (read by cm3rt.api.defaults)."""
     d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
          "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
-         "k_docs": opts.k_docs, "bank": "bank",
+         "uncond_docs": opts.uncond_docs, "k_docs": opts.k_docs, "bank": "bank",
          "caption": {"guidance": "none", "temperature": opts.caption_temperature,
                      "k_docs": opts.caption_k_docs}}
     (dst / dflt.DEFAULTS_FILE).write_text(json.dumps(d, indent=1) + "\n")
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-temperature", type=float, default=0.0)
     p.add_argument("--caption-k-docs", type=int, default=0,
                    help="documents retrieved per caption (the image is the query; 0: none)")
+    p.add_argument("--uncond-docs", action="store_true",
+                   help="retrieved documents in the unconditional guidance stream too")
     p.add_argument("--max-mb", type=float, default=MAX_MB)
     p.add_argument("--eval-report", type=Path, default=None,
                    help="markdown report of `cm3rt eval` to put in TRAINING.md")
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
         temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
         caption_temperature=a.caption_temperature, caption_k_docs=a.caption_k_docs,
-        max_mb=a.max_mb,
+        uncond_docs=a.uncond_docs, max_mb=a.max_mb,
         eval_report=a.eval_report))
     print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "
           f"parameters, bank {info['bank_docs']} documents", flush=True)

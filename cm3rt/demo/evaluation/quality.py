@@ -94,6 +94,8 @@ class QualityConfig:
         infill, edits: items of the infill and edit rows (0: skip).
         temperature, top_k, top_p: image sampling (applied after the guidance combine).
         cd_alpha, cd_k: CD-K parameters.
+        uncond_docs: retrieval-on rows put the documents in the unconditional stream too
+            (``SamplingParams.uncond_docs``).
         caption_temperature: captioning temperature (0 = greedy).
         caption_max_tokens: most tokens a caption may take.
         caption_k_docs: documents retrieved per caption (the image is the query) in the
@@ -119,6 +121,7 @@ class QualityConfig:
     top_p: float = 1.0
     cd_alpha: float = 0.1
     cd_k: int = 1
+    uncond_docs: bool = False
     caption_temperature: float = 0.0
     caption_max_tokens: int = 48
     caption_k_docs: int = 0
@@ -188,7 +191,8 @@ class QualityConfig:
 
         return SamplingParams(
             guidance=setting.guidance, cfg_scale=setting.cfg_scale or 1.0,
-            cd_alpha=self.cd_alpha, cd_k=self.cd_k, temperature=self.temperature,
+            cd_alpha=self.cd_alpha, cd_k=self.cd_k, uncond_docs=self.uncond_docs,
+            temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, seed=seed, n=n)
 
 
@@ -724,7 +728,8 @@ def format_report(report: QualityReport) -> str:
                      f"{_cell(r.held_out)} | {_cell(r.train)} | {_cell(r.train_two)} | {hit} |")
     lines += ["", ("Cells: share (passed/n; 95% Wilson interval in %). "
               f"Sampling: temperature {c.temperature:g}, top-k {c.top_k}, top-p {c.top_p:g}, "
-              f"CD-K alpha {c.cd_alpha:g} k {c.cd_k}, k_docs {c.k_docs}, seed {c.seed}."), ""]
+              f"CD-K alpha {c.cd_alpha:g} k {c.cd_k}, k_docs {c.k_docs}, documents in the "
+              f"unconditional stream: {'yes' if c.uncond_docs else 'no'}, seed {c.seed}."), ""]
     if report.best_of:
         n = max(report.best_of)
         lines += [(f"## Best-of-n ({c.n_train} train-concept prompts, {n} samples each, "
