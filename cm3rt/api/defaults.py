@@ -105,10 +105,12 @@ def load_defaults(root: str | Path | None = None) -> DefaultAssets:
         raise FileNotFoundError(f"default model: {path} names bank {bank!r}, but "
                                     f"{root / str(bank)} is not a memory bank")
     sampling = _check_sampling({k: d[k] for k in SAMPLING_KEYS if k in d}, str(path))
-    caption = dict(d.get("caption", {})) if isinstance(d.get("caption"), dict) else d.get("caption")
-    caption_k_docs = _check_k_docs(caption.pop("k_docs", 0) if isinstance(caption, dict) else 0,
-                                   f"{path}: caption.k_docs")
-    caption = _check_sampling(caption if caption is not None else {}, f"{path}: caption")
+    caption = d.get("caption", {})
+    caption_k_docs = 0
+    if isinstance(caption, dict):  # k_docs is retrieval, the rest sampling settings
+        caption = dict(caption)
+        caption_k_docs = _check_k_docs(caption.pop("k_docs", 0), f"{path}: caption.k_docs")
+    caption = _check_sampling(caption, f"{path}: caption")
     return DefaultAssets(root=root, sampling=sampling, caption=caption, k_docs=k_docs, bank=bank,
                          caption_k_docs=caption_k_docs)
 

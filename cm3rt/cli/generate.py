@@ -43,12 +43,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--suffix", default=None, help="infill: the text after the masked span")
     g.add_argument("--all", action="store_true", help="save every sample, not just the best")
     _common_args(g)
-    g.add_argument("--bank", default=None, metavar="DIR",
-                   help="retrieval memory bank: prepend retrieved documents (default: the "
-                        "embedded model's bank without --model, none with --model)")
-    g.add_argument("-k", "--k-docs", type=int, default=None,
-                   help="documents to retrieve, 0 = no retrieval (default: the embedded "
-                        "model's defaults.json without --model, 2 with --bank)")
+    _retrieval_args(g, "the prompt", "k_docs", "2 with --bank")
     g.add_argument("--rerank", default=None, metavar="ARCH",
                    help="best-of-n: rank the n samples with this CLIP encoder (open_clip "
                         "architecture, config .json, local-dir:DIR or 'embedded')")
@@ -61,13 +56,20 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("image", help="the image file")
     c.add_argument("--prompt", default="", help="text after the image, e.g. a question")
     _common_args(c)
-    c.add_argument("--bank", default=None, metavar="DIR",
-                   help="retrieval memory bank, queried with the image (default: the "
-                        "embedded model's bank without --model, none with --model)")
-    c.add_argument("-k", "--k-docs", type=int, default=None,
-                   help="documents to retrieve, 0 = no retrieval (default: the embedded "
-                        "model's defaults.json caption.k_docs without --model, else 0)")
+    _retrieval_args(c, "the image", "caption.k_docs", "else 0")
     c.set_defaults(handler=_caption)
+
+
+def _retrieval_args(p: argparse.ArgumentParser, query: str, default_key: str,
+                    with_model: str) -> None:
+    """--bank and -k / --k-docs; ``default_key`` names the defaults.json setting."""
+    p.add_argument("--bank", default=None, metavar="DIR",
+                   help=f"retrieval memory bank, queried with {query}: prepend retrieved "
+                        "documents (default: the embedded model's bank without --model, "
+                        "none with --model)")
+    p.add_argument("-k", "--k-docs", type=int, default=None,
+                   help=f"documents to retrieve, 0 = no retrieval (default: the embedded "
+                        f"model's defaults.json {default_key} without --model, {with_model})")
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -207,7 +209,8 @@ def _caption(args: argparse.Namespace) -> int:
     image = open_image(args.image, "image")
     engine, request = resolve_request(
         [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
-        bank=args.bank, k_docs=args.k_docs, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+        bank=args.bank, k_docs=args.k_docs, device=args.device, dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     for s in out.samples:

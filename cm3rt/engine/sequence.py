@@ -181,9 +181,7 @@ def build_prompt(request: Request, vocab: VocabInfo, processor: Processor | None
         # uncond_docs: the documents stand in every stream, so the guidance contrasts the
         # prompt against the documents alone (measured on the default model: TRAINING.md).
         docs_prefix = prefix if request.params.uncond_docs else []
-        uncond = [bos] + docs_prefix + mask + tail
-        if task == "infill":
-            uncond = [bos] + docs_prefix + mask + [vocab.infill_id]
+        uncond = [bos] + docs_prefix + mask + ([vocab.infill_id] if task == "infill" else tail)
     if multi and guidance == "cfg3":
         img_keys: list = []
         img_ids = processor.encode(images, add_bos=False, image_ids=image_ids,
