@@ -1,4 +1,5 @@
-// CPU weight-streaming linear (see linear.h). OpenMP over blocks of 4 output channels; each
+// CPU weight-streaming linear (see linear.h): the portable 8-lane kernel, used when the
+// build has no AVX-512 (linear_cpu_avx512.cpp). OpenMP over blocks of 4 output channels; each
 // block streams its 4 weight rows through L1 in chunks of kChunk elements while every row of
 // x is multiplied against them (8 fp32 accumulators: 4 channels x 2 rows), so each weight
 // byte is read from memory once per call. Partial sums of a chunk land in a per-thread
@@ -11,6 +12,7 @@
 
 #include "cpu/vec.h"
 #include "linear/linear.h"
+#include "linear/linear_cpu_avx512.h"
 
 namespace cm3rt {
 
@@ -107,6 +109,7 @@ void dispatch_weights(const LinearParams& p) {
 
 void linear_cpu(const LinearParams& p) {
   if (p.M == 0 || p.N == 0) return;
+  if (linear_cpu_avx512(p)) return;
   if (p.x_dtype == DType::kFloat32) return dispatch_weights<float>(p);
   if (p.x_dtype == DType::kBFloat16) return dispatch_weights<bf16_t>(p);
   throw std::invalid_argument("linear_cpu: unsupported activation dtype");
