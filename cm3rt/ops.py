@@ -29,6 +29,8 @@ __all__ = [
     "emulated",
     "kv_append",
     "linear",
+    "linear_cpu_kernel",
+    "linear_cpu_kernels",
     "pack_allowed_bits",
     "paged_attention",
     "paged_attention_workspace",
@@ -40,12 +42,14 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What the extension was built with: CUDA yes/no, architectures, CPU SIMD level."""
+    """What the extension was built with: CUDA yes/no, architectures, CPU SIMD level, and
+    the CPU linear kernels this machine can run (:func:`linear_cpu_kernels`)."""
     return {
         "cuda": _C.built_with_cuda(),
         "cuda_archs": _C.cuda_archs(),
         "cuda_devices": _C.cuda_device_count(),
         "simd": _C.simd_level(),
+        "linear_cpu_kernels": list(_C.linear_cpu_kernels()),
         "summary": _C.build_info(),
     }
 
@@ -472,6 +476,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _C.linear(_dl(x), _dl(weight), _dl_opt(scales), _dl(out), _stream(x))
     return out
+
+
+def linear_cpu_kernels() -> list[str]:
+    """The CPU kernels :func:`linear` can run on this machine, best first: ``"amx"`` (bf16
+    and int8 weights; AMX tiles), ``"avx512"``, ``"portable"`` (always)."""
+    return list(_C.linear_cpu_kernels())
+
+
+@contextlib.contextmanager
+def linear_cpu_kernel(name: str) -> Iterator[None]:
+    """Within the block, CPU :func:`linear` uses at most kernel ``name`` (one of
+    :func:`linear_cpu_kernels`; a better one is skipped), so tests and benchmarks can run
+    each kernel on one machine. Process-wide; not for concurrent use."""
+    _C.set_linear_cpu_kernel(name)
+    try:
+        yield
+    finally:
+        _C.set_linear_cpu_kernel("")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 // Bindings of csrc/linear: the weight-streaming linear layer.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
@@ -76,6 +77,10 @@ void bind_linear(py::module_& m) {
         py::arg("stream") = 0,
         "out[M, N] = x[M, K] @ weight[N, K]^T (* scales[N] for int8 weights), fp32 "
         "accumulation; weights float32 / bfloat16 / int8, activations float32 / bfloat16.");
+  m.def("linear_cpu_kernels", &linear_cpu_kernels,
+        "The CPU linear kernels this build and machine have, best first.");
+  m.def("set_linear_cpu_kernel", &set_linear_cpu_kernel, py::arg("name"),
+        "Use at most this CPU linear kernel ('' restores the best).");
 }
 
 }  // namespace cm3rt::py_binding

@@ -18,10 +18,7 @@ def _reference(x, w, scales=None):
     return x.double() @ wd.T
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("M,N,K", SHAPES)
-def test_linear_matches_float64(device, M, N, K, x_dtype, w_dtype):
+def _check_against_float64(device, M, N, K, x_dtype, w_dtype):
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
     x = torch.randn(M, K, generator=g).to(x_dtype).to(device)
     w = torch.randn(N, K, generator=g)
@@ -36,6 +33,39 @@ def test_linear_matches_float64(device, M, N, K, x_dtype, w_dtype):
     err = (out.cpu().double() - ref).abs().max().item()
     scale = ref.abs().max().item() + 1.0
     assert err <= TOL[x_dtype] * scale * (K ** 0.5), (err, scale)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_matches_float64(device, M, N, K, x_dtype, w_dtype):
+    _check_against_float64(device, M, N, K, x_dtype, w_dtype)
+
+
+# Every CPU kernel the machine has (the best one serves the test above): odd shapes, plus
+# whole AMX tiles (16 channels) with an odd tile count, and more than 16 rows.
+@pytest.mark.parametrize("kernel", ["amx", "avx512", "portable"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M,N,K", SHAPES + [(8, 48, 1024), (17, 64, 64), (3, 16, 2816)])
+def test_each_cpu_kernel_matches_float64(kernel, M, N, K, x_dtype, w_dtype):
+    if kernel not in ops.linear_cpu_kernels():
+        pytest.skip(f"this machine's CPU linear kernels are {ops.linear_cpu_kernels()}")
+    with ops.linear_cpu_kernel(kernel):
+        _check_against_float64("cpu", M, N, K, x_dtype, w_dtype)
+
+
+def test_linear_cpu_kernel_names():
+    kernels = ops.linear_cpu_kernels()
+    assert kernels[-1] == "portable" and set(kernels) <= {"amx", "avx512", "portable"}
+    assert ops.build_info()["linear_cpu_kernels"] == kernels
+    with pytest.raises(ValueError, match="no CPU kernel 'avx9000'.*portable"):
+        with ops.linear_cpu_kernel("avx9000"):
+            pass
+    x, w = torch.randn(2, 40), torch.randn(3, 40)
+    with ops.linear_cpu_kernel("portable"):
+        got = ops.linear(x, w)
+    torch.testing.assert_close(got, ops.linear(x, w))  # the best kernel is back
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "common/dtype.h"
 
@@ -29,6 +31,13 @@ struct LinearParams {
 };
 
 void linear_cpu(const LinearParams& p);
+
+// The CPU kernels this build and machine have, best first: "amx" (bf16 and int8 weights),
+// "avx512", "portable" (8-lane vectors; always there). linear_cpu uses the best one that
+// takes the dtypes, at most the one set_linear_cpu_kernel chose (tests and benchmarks
+// compare them; "" restores the best). Throws std::invalid_argument for another name.
+std::vector<std::string> linear_cpu_kernels();
+void set_linear_cpu_kernel(const std::string& name);
 void linear_cuda(const LinearParams& p, void* stream);
 
 }  // namespace cm3rt

@@ -7,11 +7,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <vector>
 
 #include "cpu/vec.h"
 #include "linear/linear.h"
+#include "linear/linear_cpu_amx.h"
 #include "linear/linear_cpu_avx512.h"
 
 namespace cm3rt {
@@ -105,11 +107,38 @@ void dispatch_weights(const LinearParams& p) {
   throw std::invalid_argument("linear_cpu: unsupported weight dtype");
 }
 
+enum Kernel : int { kAmx = 0, kAvx512 = 1, kPortable = 2 };
+std::atomic<int> g_best_allowed{kAmx};
+
 }  // namespace
+
+std::vector<std::string> linear_cpu_kernels() {
+  std::vector<std::string> names;
+  if (linear_cpu_amx_available()) names.push_back("amx");
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  names.push_back("avx512");
+#endif
+  names.push_back("portable");
+  return names;
+}
+
+void set_linear_cpu_kernel(const std::string& name) {
+  if (name.empty()) { g_best_allowed = kAmx; return; }
+  const auto names = linear_cpu_kernels();
+  if (std::find(names.begin(), names.end(), name) == names.end()) {
+    std::string have;
+    for (const auto& n : names) have += (have.empty() ? "" : ", ") + n;
+    throw std::invalid_argument("set_linear_cpu_kernel: no CPU kernel '" + name +
+                                "' here (this machine has: " + have + ")");
+  }
+  g_best_allowed = name == "amx" ? kAmx : name == "avx512" ? kAvx512 : kPortable;
+}
 
 void linear_cpu(const LinearParams& p) {
   if (p.M == 0 || p.N == 0) return;
-  if (linear_cpu_avx512(p)) return;
+  const int best = g_best_allowed;
+  if (best <= kAmx && linear_cpu_amx(p)) return;
+  if (best <= kAvx512 && linear_cpu_avx512(p)) return;
   if (p.x_dtype == DType::kFloat32) return dispatch_weights<float>(p);
   if (p.x_dtype == DType::kBFloat16) return dispatch_weights<bf16_t>(p);
   throw std::invalid_argument("linear_cpu: unsupported activation dtype");

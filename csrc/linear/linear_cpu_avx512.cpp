@@ -29,11 +29,6 @@
 namespace cm3rt {
 
 namespace {
-// Software prefetch distance into each weight row: the hardware prefetcher alone leaves a
-// decode step's weight stream (2-8 rows read at once, 2 KB - 11 KB each) latency-bound.
-// Measured on 48 matrices of 2816 x 1024 (past the L3), M = 8, one thread: bf16 1245 ->
-// 708 us, int8 785 -> 505 us, fp32 unchanged; 1-8 KB ahead were alike, 2 KB is used.
-constexpr int kPrefetchBytes = 2048;
 
 // 16 elements at p (mask: the lanes to read; the others are 0) widened to fp32.
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -57,10 +52,36 @@ inline __m512 load16(const int8_t* p) {
 inline void store_out(float* p, float v) { *p = v; }
 inline void store_out(bf16_t* p, float v) { *p = from_float<bf16_t>(v); }
 
+// Lane i of the result = the sum of the 16 lanes of v[i]: a tree of 15 shuffle + add pairs
+// instead of 16 separate reductions (those cost more than the FMAs when K is small, e.g. the
+// image-span lm_head of a small model).
+inline __m512 reduce16(const __m512* v) {
+  __m512 r[8], s[4], t[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: lanes 0-7 from v[2i], 8-15 from v[2i + 1]
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // 128-bit quarter q from v[4i + q]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // in quarter q: 2 lanes from v[8i + q], 2 from v[8i + 4 + q]
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane 4q + j holds the sum of v[q + 4j]; put v[i]'s sum in lane i
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i lane_of = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(lane_of, u);
+}
+
 // Dot products of R rows of x (row r at x + r * xs) with C weight rows w[c] over all of K,
-// by widening to fp32 and FMA: dots[r * C + c].
+// by widening to fp32 and FMA: dots[r * C + c]. Each weight line is read with a prefetch of
+// the line `ahead` elements on (the next block's rows): the hardware prefetcher alone left
+// the weight stream latency-bound. Measured on 48 matrices of 2816 x 1024 (past the L3),
+// M = 8, one thread: bf16 1386 -> 746 us, int8 805 -> 486 us, fp32 1203 -> 967 us; 2 KB
+// ahead in the same rows or into L2 only were slower.
 template <int R, int C, typename TX, typename TW>
-void tile_fma(const TX* x, int64_t xs, const TW* const* w, int K, float* dots) {
+void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K, float* dots) {
+  static_assert(R * C <= 16, "the tile's dots are reduced as one 16-lane vector");
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -69,7 +90,7 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int K, float* dots) {
     __m512 wv[C];
     for (int c = 0; c < C; ++c) {
       if ((k * int(sizeof(TW))) % 64 == 0)  // once per cache line
-        _mm_prefetch(reinterpret_cast<const char*>(w[c] + k) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w[c] + k + ahead), _MM_HINT_T0);
       wv[c] = load16(w[c] + k);
     }
     for (int r = 0; r < R; ++r) {
@@ -86,30 +107,33 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int K, float* dots) {
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) dots[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = i < R * C ? acc[i / C][i % C] : _mm512_setzero_ps();
+  _mm512_storeu_ps(dots, reduce16(v));
 }
 
 
-// Tile shapes: R x C accumulators + C weights + 1 x must fit the 32 zmm registers, and
-// R x C >= 8 independent FMA chains hide the FMA latency (4 cycles, 2 per cycle). Up to 8
-// rows per tile, C = 2 from 8 rows (widening each weight vector once for 8 rows: 15% faster
-// than 4 x 4 at M = 8 in fp32), C = 4 from 4 rows, C = 8 below.
-constexpr int kTileRows = 8;
+// Tile shapes: R x C = 16 accumulators + C weights + 1 x fit the 32 zmm registers and are
+// enough independent FMA chains to hide the FMA latency (4 cycles, 2 per cycle). C = 2
+// channels x 8 rows from 8 rows (each weight vector widened once for 8 rows: 15% faster
+// than 4 x 4 at M = 8 in fp32), 4 x 4 from 4 rows, 8 channels x 2 rows below; smaller
+// tiles for the last rows.
 
 template <typename TW, int R, int C>
-void tile_dispatch(const float* x, int64_t xs, const TW* const* w, int K, int nr, float* dots) {
+void tile_dispatch(const float* x, int64_t xs, const TW* const* w, int64_t ahead, int K, int nr,
+                   float* dots) {
   // nr (< R for the last rows of x) picks a smaller instance, so no lane is wasted on rows
   // that do not exist.
   if constexpr (R > 1) {
-    if (nr < R) return tile_dispatch<TW, R / 2, C>(x, xs, w, K, nr, dots);
+    if (nr < R) return tile_dispatch<TW, R / 2, C>(x, xs, w, ahead, K, nr, dots);
   }
-  tile_fma<R, C>(x, xs, w, K, dots);
+  tile_fma<R, C>(x, xs, w, ahead, K, dots);
 }
 
 // out rows [0, M) of one block of fp32 rows x (stride xs), C output channels per block.
 template <typename TW, int C, typename TO>
 void linear_rows(const float* x, int64_t xs, int M, const LinearParams& p, TO* out) {
+  constexpr int kRows = 16 / C;  // rows per tile: R x C = 16 accumulators
   const TW* w = static_cast<const TW*>(p.w);
   const int blocks = (p.N + C - 1) / C;
 #pragma omp parallel for schedule(static)
@@ -118,11 +142,12 @@ void linear_rows(const float* x, int64_t xs, int M, const LinearParams& p, TO* o
     const TW* rows[C];
     // Past the last channel the tile repeats the last row; those dots are dropped.
     for (int c = 0; c < C; ++c) rows[c] = w + int64_t(n0 + std::min(c, nc - 1)) * p.w_stride;
-    float dots[kTileRows * C];
+    alignas(64) float dots[16];  // R x C <= 16
     for (int m0 = 0; m0 < M;) {
-      int nr = kTileRows;  // the largest power-of-two tile the remaining rows fill
+      int nr = kRows;  // the largest power-of-two tile the remaining rows fill
       while (nr > M - m0) nr /= 2;
-      tile_dispatch<TW, kTileRows, C>(x + int64_t(m0) * xs, xs, rows, p.K, nr, dots);
+      tile_dispatch<TW, kRows, C>(x + int64_t(m0) * xs, xs, rows, C * p.w_stride, p.K, nr,
+                                  dots);
       for (int r = 0; r < nr; ++r)
         for (int c = 0; c < nc; ++c) {
           const float s = p.scales ? p.scales[n0 + c] : 1.0f;

@@ -1,0 +1,350 @@
+// AMX linear for bf16 and int8 weights (see linear.h), compiled when the build CPU has
+// AMX-TILE / AMX-BF16 / AMX-INT8 (-march=native) and used when the OS grants the tile state.
+//
+// One tile instruction multiplies a 16 x 64-byte tile A by a 64-byte-row tile B into 16 x 16
+// sums (TDPBF16PS: 32 bf16 pairs per row, fp32 sums; TDPBSSD: 64 int8 quads, exact int32
+// sums), far above the rate the weights can be read at, so a decode step is left with
+// reading the weights. The weights are A, read as they lie ([N, K]: 16 channels x 64 bytes of
+// K per tile, straight from memory with the row stride); x is B, packed once per call into
+// the pair (bf16) or quad (int8) layout, 16 rows of x per tile (unused columns are zero: a
+// tile op costs the same for 1 row as for 16). Result tiles hold [channel][row of x].
+//
+// * bf16 weights with bf16 x: exact products, fp32 sums.
+// * int8 weights (fp32 or bf16 x): x is written as two int8 digits per row,
+//   x ~= s (q1 + q2 / 254) with s = max|x_row| / 127 and q2 the rounded remainder of q1
+//   (error <= s / 508: 1.6e-5 of the row's largest element). Each digit is an exact int32
+//   dot product with the raw int8 weights, and the two are combined in fp32 with the row
+//   and channel scales, so int8 weights are never widened. The digits' error in the output
+//   is about 1% of the int8 weights' own (measured: max error against float64 below the
+//   AVX-512 FMA kernel's). A third digit would need tiles the double buffering uses.
+// Each thread takes blocks of channels (two channel tiles per x tile for bf16, one for
+// int8); the channels past the last multiple of 16 go to the AVX-512 kernel. No software
+// prefetch: 16 prefetches per block of K (the next tile's rows) were slower or level
+// (measured, int8: K = 1024 12% faster, K = 2816 10% slower).
+#include "linear/linear_cpu_amx.h"
+
+#include "linear/linear_cpu_avx512.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && \
+    defined(__AVX512BW__) && defined(__AVX512VL__)
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_* values.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace cm3rt {
+
+namespace {
+
+constexpr int kTile = 16;        // tile rows: channels of A, K groups of B, rows of C
+constexpr int kTileBytes = 64;   // bytes per tile row
+constexpr int kDigits = 2;       // int8 digits per element of x (int8 weights)
+
+// Tile registers are not renamed: a load into a tile waits for the last instruction that
+// read it. So the weight tiles alternate between two sets from one block of K to the next,
+// and the next block's weights load (from memory) while this block's products run.
+// Tile numbers are literals, since the tile intrinsics paste them into the instruction.
+// bf16: sums C0, C1 of two channel tiles; weights A0, A1 (even blocks of K) or A2, A3
+//       (odd); x in B0 (even) or B1 (odd).
+// int8: the two digits' sums C0, C1 of one channel tile; weights A0 (even) or A1 (odd);
+//       the digits of x in B0, B1 (even) or B2, B3 (odd).
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads the configuration every kernel here uses: all 8 tiles 16 rows x 64 bytes.
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTile;
+    cfg.colsb[t] = kTileBytes;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool bf16 = (d >> 22) & 1u, tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
+    if (!tile || !bf16 || !int8) return false;
+    // Linux hands out the 8 KB tile state only on request (once per process).
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// 16 rows of A at column byte offset `col` (of `row_bytes` per row): straight from memory,
+// or through the zero-padded buf for the last block of K (no read past a row's end).
+template <typename T>
+inline const void* a_rows(const T* w, int64_t ws, int col, int row_bytes, uint8_t* buf) {
+  const char* base = reinterpret_cast<const char*>(w) + col;
+  if (col + kTileBytes <= row_bytes) return base;
+  const int n = row_bytes - col;
+  for (int r = 0; r < kTile; ++r) {
+    std::memset(buf + r * kTileBytes, 0, kTileBytes);
+    std::memcpy(buf + r * kTileBytes, base + r * ws * int64_t(sizeof(T)), n);
+  }
+  return buf;
+}
+
+inline void store_out(float* p, float v) { *p = v; }
+inline void store_out(bf16_t* p, float v) { *p = from_float<bf16_t>(v); }
+
+// ---- bf16 weights, bf16 x ----------------------------------------------------------------
+
+// B tiles of x rows [0, rows) (at most 16): b[kb][r][m][j] = x[m][32 kb + 2r + j], zero past
+// the rows or K. Each 32 elements of a row are 16 pairs (dwords) scattered down a column.
+void pack_x_bf16(const bf16_t* x, int64_t xs, int rows, int K, uint16_t* b) {
+  const int kb_count = (K + 31) / 32;
+  std::memset(b, 0, size_t(kb_count) * kTile * kTileBytes);
+  const __m512i down = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                           5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(kTile));
+  for (int m = 0; m < rows; ++m) {
+    const bf16_t* row = x + int64_t(m) * xs;
+    const __m512i at = _mm512_add_epi32(down, _mm512_set1_epi32(m));  // dword (r, m)
+    for (int kb = 0; kb < kb_count; ++kb) {
+      const int n = std::min(32, K - kb * 32);
+      const __mmask32 mask = n == 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1);
+      const __m512i pairs = _mm512_maskz_loadu_epi16(mask, row + kb * 32);
+      _mm512_i32scatter_epi32(b + size_t(kb) * kTile * 32, at, pairs, 4);
+    }
+  }
+}
+
+void linear_bf16(const LinearParams& p, int n_tiles) {
+  const bf16_t* x = static_cast<const bf16_t*>(p.x);
+  const bf16_t* w = static_cast<const bf16_t*>(p.w);
+  bf16_t* out = static_cast<bf16_t*>(p.out);
+  const int kb_count = (p.K + 31) / 32, groups = (p.M + kTile - 1) / kTile;
+  const size_t tile_elems = kTile * 32;
+  std::vector<uint16_t> b(size_t(groups) * kb_count * tile_elems);
+  for (int g = 0; g < groups; ++g)
+    pack_x_bf16(x + int64_t(g) * kTile * p.x_stride, p.x_stride, std::min(kTile, p.M - g * kTile),
+                p.K, b.data() + size_t(g) * kb_count * tile_elems);
+  const int64_t ws_bytes = p.w_stride * 2;
+  const int row_bytes = p.K * 2, blocks = (n_tiles + 1) / 2;
+#pragma omp parallel
+  {
+    configure_tiles();
+    alignas(64) uint8_t abuf[2][kTile * kTileBytes];
+    alignas(64) float cbuf[kTile * kTile];
+#pragma omp for schedule(static)
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int n0 = blk * 2 * kTile;
+      const bool two = 2 * blk + 1 < n_tiles;
+      const bf16_t* w0 = w + int64_t(n0) * p.w_stride;
+      const bf16_t* w1 = w0 + int64_t(kTile) * p.w_stride;
+      for (int g = 0; g < groups; ++g) {
+        const uint16_t* bg = b.data() + size_t(g) * kb_count * tile_elems;
+        _tile_zero(0);
+        _tile_zero(1);
+        // One block of K: x into tile B, channel tiles into A / A2 (A2 only with `two`).
+#define CM3RT_BF16_BLOCK(kb, B, A, A2)                                              \
+  do {                                                                              \
+    const int col = (kb) * kTileBytes;                                              \
+    _tile_loadd(B, bg + (kb) * tile_elems, kTileBytes);                             \
+    const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);               \
+    _tile_loadd(A, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);                      \
+    _tile_dpbf16ps(0, A, B);                                                        \
+    if (two) {                                                                      \
+      const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);             \
+      _tile_loadd(A2, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);                   \
+      _tile_dpbf16ps(1, A2, B);                                                     \
+    }                                                                               \
+  } while (0)
+        int kb = 0;
+        for (; kb + 2 <= kb_count; kb += 2) {
+          CM3RT_BF16_BLOCK(kb, 6, 2, 3);
+          CM3RT_BF16_BLOCK(kb + 1, 7, 4, 5);
+        }
+        if (kb < kb_count) CM3RT_BF16_BLOCK(kb, 6, 2, 3);
+#undef CM3RT_BF16_BLOCK
+        const int rows = std::min(kTile, p.M - g * kTile);
+        for (int half = 0; half < (two ? 2 : 1); ++half) {
+          if (half == 0) _tile_stored(0, cbuf, kTile * 4);
+          else _tile_stored(1, cbuf, kTile * 4);
+          const int c0 = n0 + half * kTile;
+          for (int m = 0; m < rows; ++m) {
+            bf16_t* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
+            for (int c = 0; c < kTile; ++c) store_out(o + c, cbuf[c * kTile + m]);
+          }
+        }
+      }
+    }
+    _tile_release();
+  }
+}
+
+// ---- int8 weights, fp32 / bf16 x -------------------------------------------------------
+
+inline __m512 load16f(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16f(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// The digit tiles of x rows [0, rows): d[digit][kb][r][m][j] = digit of x[m][64 kb + 4r + j]
+// (zero past the rows or K), and each row's scale s[m] (x ~= s (q1 + q2 / 254)).
+// Each 16 elements of a row give 4 quads (dwords) per digit, scattered down a column.
+template <typename TX>
+void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s) {
+  const int kb_count = (K + 63) / 64;
+  const size_t digit_bytes = size_t(kb_count) * kTile * kTileBytes;
+  std::memset(d, 0, kDigits * digit_bytes);
+  for (int m = 0; m < kTile; ++m) s[m] = 0.0f;
+  const __m128i down = _mm_set_epi32(3 * kTile, 2 * kTile, kTile, 0);
+  for (int m = 0; m < rows; ++m) {
+    const TX* row = x + int64_t(m) * xs;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16f(row + k, mask)));
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    s[m] = scale;
+    const __m512 inv = _mm512_set1_ps(1.0f / scale), radix = _mm512_set1_ps(254.0f);
+    for (int k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      // quads r0 .. r0 + 3 of block k / 64, column m
+      const __m128i at = _mm_add_epi32(down, _mm_set1_epi32(((k % 64) / 4) * kTile + m));
+      int8_t* base = d + size_t(k / 64) * kTile * kTileBytes;
+      __m512 rest = _mm512_mul_ps(load16f(row + k, mask), inv);  // in [-127, 127]
+      for (int j = 0; j < kDigits; ++j) {
+        const __m512 q = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_i32scatter_epi32(base + j * digit_bytes, at, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)), 4);
+        rest = _mm512_mul_ps(_mm512_sub_ps(rest, q), radix);  // |rest - q| <= 1/2
+      }
+    }
+  }
+}
+
+template <typename TX>
+void linear_int8(const LinearParams& p, int n_tiles) {
+  const TX* x = static_cast<const TX*>(p.x);
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  TX* out = static_cast<TX*>(p.out);
+  const int kb_count = (p.K + 63) / 64, groups = (p.M + kTile - 1) / kTile;
+  const size_t digit_bytes = size_t(kb_count) * kTile * kTileBytes;
+  std::vector<int8_t> digits(size_t(groups) * kDigits * digit_bytes);
+  std::vector<float> row_scales(size_t(groups) * kTile);
+  for (int g = 0; g < groups; ++g)
+    pack_x_digits(x + int64_t(g) * kTile * p.x_stride, p.x_stride,
+                  std::min(kTile, p.M - g * kTile), p.K,
+                  digits.data() + size_t(g) * kDigits * digit_bytes, row_scales.data() + g * kTile);
+  const int64_t ws_bytes = p.w_stride;
+  const int row_bytes = p.K;
+#pragma omp parallel
+  {
+    configure_tiles();
+    alignas(64) uint8_t abuf[2][kTile * kTileBytes];
+    alignas(64) int32_t cbuf[kDigits][kTile * kTile];
+#pragma omp for schedule(static)
+    for (int t = 0; t < n_tiles; ++t) {
+      const int n0 = t * kTile;
+      const int8_t* w0 = w + int64_t(n0) * p.w_stride;
+      for (int g = 0; g < groups; ++g) {
+        const int8_t* dg = digits.data() + size_t(g) * kDigits * digit_bytes;
+        _tile_zero(0);
+        _tile_zero(1);
+        // One block of K: the channel tile into A, the digits into B0, B1 (A's buffer for
+        // the K tail is its own, so the other A's is never overwritten while it loads).
+#define CM3RT_INT8_BLOCK(kb, A, B0, B1)                                             \
+  do {                                                                              \
+    const int col = (kb) * kTileBytes;                                              \
+    const void* a = a_rows(w0, p.w_stride, col, row_bytes, abuf[(kb) & 1]);         \
+    _tile_loadd(A, a, a == abuf[(kb) & 1] ? kTileBytes : ws_bytes);                 \
+    const int8_t* bk = dg + size_t(kb) * kTile * kTileBytes;                        \
+    _tile_loadd(B0, bk, kTileBytes);                                                \
+    _tile_loadd(B1, bk + digit_bytes, kTileBytes);                                  \
+    _tile_dpbssd(0, A, B0);                                                         \
+    _tile_dpbssd(1, A, B1);                                                         \
+  } while (0)
+        int kb = 0;
+        for (; kb + 2 <= kb_count; kb += 2) {
+          CM3RT_INT8_BLOCK(kb, 2, 4, 5);
+          CM3RT_INT8_BLOCK(kb + 1, 3, 6, 7);
+        }
+        if (kb < kb_count) CM3RT_INT8_BLOCK(kb, 2, 4, 5);
+#undef CM3RT_INT8_BLOCK
+        _tile_stored(0, cbuf[0], kTile * 4);
+        _tile_stored(1, cbuf[1], kTile * 4);
+        const int rows = std::min(kTile, p.M - g * kTile);
+        const float* sx = row_scales.data() + g * kTile;
+        for (int m = 0; m < rows; ++m) {
+          TX* o = out + int64_t(g * kTile + m) * p.out_stride + n0;
+          for (int c = 0; c < kTile; ++c) {
+            const int i = c * kTile + m;
+            const float dot = float(cbuf[0][i]) + float(cbuf[1][i]) * (1.0f / 254.0f);
+            store_out(o + c, dot * sx[m] * p.scales[n0 + c]);
+          }
+        }
+      }
+    }
+    _tile_release();
+  }
+}
+
+// The AMX kernel over the channels that fill whole tiles, the AVX-512 kernel over the rest.
+template <typename Run>
+void with_channel_tail(const LinearParams& p, int elem_out, Run run) {
+  const int n_tiles = p.N / kTile;
+  if (n_tiles > 0) run(n_tiles);
+  const int done = n_tiles * kTile;
+  if (done == p.N) return;
+  LinearParams tail = p;  // the last N % 16 channels
+  tail.w = static_cast<const char*>(p.w) + int64_t(done) * p.w_stride * dtype_size(p.w_dtype);
+  tail.scales = p.scales ? p.scales + done : nullptr;
+  tail.out = static_cast<char*>(p.out) + int64_t(done) * elem_out;
+  tail.N = p.N - done;
+  linear_cpu_avx512(tail);
+}
+
+}  // namespace
+
+bool linear_cpu_amx_available() { return amx_usable(); }
+
+bool linear_cpu_amx(const LinearParams& p) {
+  if (!amx_usable()) return false;
+  if (p.w_dtype == DType::kInt8 && p.x_dtype == DType::kFloat32) {
+    with_channel_tail(p, 4, [&](int n_tiles) { linear_int8<float>(p, n_tiles); });
+    return true;
+  }
+  if (p.w_dtype == DType::kInt8 && p.x_dtype == DType::kBFloat16) {
+    with_channel_tail(p, 2, [&](int n_tiles) { linear_int8<bf16_t>(p, n_tiles); });
+    return true;
+  }
+  if (p.w_dtype == DType::kBFloat16 && p.x_dtype == DType::kBFloat16) {
+    with_channel_tail(p, 2, [&](int n_tiles) { linear_bf16(p, n_tiles); });
+    return true;
+  }
+  return false;
+}
+
+}  // namespace cm3rt
+
+#else  // no AMX at build time
+
+namespace cm3rt {
+bool linear_cpu_amx_available() { return false; }
+bool linear_cpu_amx(const LinearParams&) { return false; }
+}  // namespace cm3rt
+
+#endif
