@@ -34,8 +34,11 @@ __all__ = [
     "pack_allowed_bits",
     "paged_attention",
     "paged_attention_workspace",
+    "qk_norm_rope",
     "quantize_int8",
+    "rms_norm",
     "sample_logits",
+    "swiglu",
     "vq_embed",
     "vq_nearest",
 ]
@@ -452,6 +455,44 @@ def vq_embed(
         out = torch.empty(*idx.shape, codebook.shape[1], dtype=codebook.dtype,
                           device=codebook.device)
     _C.vq_embed(_dl(idx.contiguous()), _dl(codebook), _dl(out), bool(validate), _stream(codebook))
+    return out
+
+
+# ---- fused layer ops (CPU) --------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight * x / rms(x)`` per row of ``x [T, H]`` (fp32 statistics, rounded as
+    :func:`cm3rt.model.layers.rms_norm`). With ``residual [T, H]``: first ``residual += x``
+    in place (HF's residual add), and the norm is of that sum. CPU only."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _C.rms_norm(_dl(x), _dl(weight), _dl_opt(residual), _dl(out), float(eps))
+    return out
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor,
+                 k_weight: torch.Tensor, k_bias: torch.Tensor, positions: torch.Tensor,
+                 inv_freq: torch.Tensor, eps: float) -> torch.Tensor:
+    """In place on the fused projection ``qkv [T, (Hq + 2 Hkv) * D]`` (q heads, k heads, v
+    heads): per-head LayerNorm with the ``[H, D]`` affine, then RoPE at ``positions [T]``
+    (int64) with ``inv_freq [D/2]`` (float32), on the q and k heads; v is untouched. Same
+    rounding as :func:`cm3rt.model.layers.qk_layer_norm` + :func:`apply_rope`. CPU only;
+    returns ``qkv``."""
+    _C.qk_norm_rope(_dl(qkv), _dl(q_weight), _dl(q_bias), _dl(k_weight), _dl(k_bias),
+                    _dl(positions), _dl(inv_freq), float(eps))
+    return qkv
+
+
+def swiglu(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up [T, 2I]`` (gate first) -> ``[T, I]``, rounded as
+    :func:`cm3rt.model.layers.swiglu`. CPU only."""
+    if out is None:
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype,
+                          device=gate_up.device)
+    _C.swiglu(_dl(gate_up), _dl(out))
     return out
 
 

@@ -9,6 +9,7 @@ void bind_attention(pybind11::module_& m);  // kv_append, paged_attention
 void bind_sampling(pybind11::module_& m);   // sample_logits
 void bind_vq(pybind11::module_& m);         // vq_nearest, vq_embed
 void bind_linear(pybind11::module_& m);     // linear (weight-streaming, few rows)
+void bind_layer(pybind11::module_& m);      // rms_norm, qk_norm_rope, swiglu (CPU)
 #if defined(CM3RT_EMU)
 void bind_emulator(pybind11::module_& m);   // cm3rt._emu only: tools/cuda_emu/bind_emu.cpp
 #endif

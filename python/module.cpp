@@ -25,6 +25,7 @@ PYBIND11_MODULE(CM3RT_MODULE_NAME, m) {
   cm3rt::py_binding::bind_sampling(m);
   cm3rt::py_binding::bind_vq(m);
   cm3rt::py_binding::bind_linear(m);
+  cm3rt::py_binding::bind_layer(m);
 #if defined(CM3RT_EMU)
   cm3rt::py_binding::bind_emulator(m);
 #else

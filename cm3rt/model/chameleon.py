@@ -133,11 +133,32 @@ class ChameleonDecoderLayer(nn.Module):
         qkv = self._proj("qkv_proj", h)
         q = qkv[:, : nq * d].view(t, nq, d)
         k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
-        v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # strided view: the kernels take it
         q = apply_rope(qk_layer_norm(q, self.q_norm_weight, self.q_norm_bias, cfg.qk_norm_eps),
                        cos, sin)
         k = apply_rope(qk_layer_norm(k, self.k_norm_weight, self.k_norm_bias, cfg.qk_norm_eps),
                        cos, sin)
+        return self._attend(q, k, qkv, kv_cache, meta, cfg, workspace)
+
+    def attention_cpu(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      kv_cache: tuple[torch.Tensor, torch.Tensor], meta: StepMetadata,
+                      cfg: ChameleonConfig) -> torch.Tensor:
+        """:meth:`attention` with the qk norms and RoPE as one fused CPU op, in place."""
+        t = h.shape[0]
+        d, nq, nkv = cfg.head_dim, self.num_heads, self.num_kv_heads
+        qkv = ops.qk_norm_rope(self._proj("qkv_proj", h), self.q_norm_weight, self.q_norm_bias,
+                               self.k_norm_weight, self.k_norm_bias, positions, inv_freq,
+                               cfg.qk_norm_eps)
+        q = qkv[:, : nq * d].view(t, nq, d)
+        k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
+        return self._attend(q, k, qkv, kv_cache, meta, cfg, None)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, qkv: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: StepMetadata,
+                cfg: ChameleonConfig, workspace: torch.Tensor | None) -> torch.Tensor:
+        """Cache this step's k and v (v read from ``qkv``), attend, project out."""
+        t = q.shape[0]
+        d, nq, nkv = cfg.head_dim, self.num_heads, self.num_kv_heads
+        v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # strided view: the kernels take it
         k_cache, v_cache = kv_cache
         ops.kv_append(k, v, k_cache, v_cache, meta.slots)
         o = ops.paged_attention(
@@ -149,7 +170,8 @@ class ChameleonDecoderLayer(nn.Module):
         return self.tp.all_reduce(self._proj("o_proj", o.view(t, nq * d)))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self._proj("down_proj", swiglu(self._proj("gate_up_proj", h))))
+        act = swiglu if h.is_cuda else ops.swiglu  # the fused CPU op rounds as swiglu does
+        return self.tp.all_reduce(self._proj("down_proj", act(self._proj("gate_up_proj", h))))
 
     def forward(
         self,
@@ -169,6 +191,36 @@ class ChameleonDecoderLayer(nn.Module):
         x = x + self.attention(rms_norm(x, self.input_layernorm, eps), cos, sin, kv_cache,
                                meta, cfg, workspace)
         return x + self.mlp(rms_norm(x, self.post_attention_layernorm, eps))
+
+    def forward_cpu(
+        self,
+        delta: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: StepMetadata,
+        cfg: ChameleonConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` on the fused CPU ops, the same math and rounding. The hidden state
+        travels as ``residual + delta`` (the last sublayer's output not added yet; the first
+        layer gets the embeddings as ``delta`` and None), so each residual add happens
+        inside the next RMSNorm; returns the new ``(delta, residual)``. With ``swin_norm``
+        the state is whole: ``(x, None)``."""
+        eps = cfg.rms_norm_eps
+        if cfg.swin_norm:
+            x = delta if residual is None else residual + delta
+            a = self.attention_cpu(x, positions, inv_freq, kv_cache, meta, cfg)
+            x = x + ops.rms_norm(a, self.input_layernorm, eps)
+            return x + ops.rms_norm(self.mlp(x), self.post_attention_layernorm, eps), None
+        if residual is None:
+            residual = delta
+            h = ops.rms_norm(delta, self.input_layernorm, eps)
+        else:
+            h = ops.rms_norm(delta, self.input_layernorm, eps, residual=residual)
+        a = self.attention_cpu(h, positions, inv_freq, kv_cache, meta, cfg)
+        h = ops.rms_norm(a, self.post_attention_layernorm, eps, residual=residual)
+        return self.mlp(h), residual
 
 
 class ChameleonModel(nn.Module):
@@ -326,11 +378,20 @@ class ChameleonModel(nn.Module):
             validate = not input_ids.is_cuda
         if validate:
             self.check_token_ids(input_ids)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
         x = self._embed(input_ids)
+        if x.is_cuda:
+            cos, sin = rope_cos_sin(positions, self.inv_freq)
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(x, cos, sin, kv_cache, meta, self.config, workspace)
+            return x
+        # CPU: the fused layer ops (a decode step is ~10 calls a layer instead of ~50 torch
+        # ops); the embeddings become the residual stream, updated in place.
+        positions = positions.to(torch.int64).contiguous()
+        delta, residual = x, None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, self.config, workspace)
-        return x
+            delta, residual = layer.forward_cpu(delta, residual, positions, self.inv_freq,
+                                                kv_cache, meta, self.config)
+        return delta if residual is None else residual + delta
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:
@@ -364,7 +425,8 @@ class ChameleonModel(nn.Module):
         if hidden.dim() != 2 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"argument 'hidden' must be [N, {self.config.hidden_size}], got "
                              f"{tuple(hidden.shape)}")
-        h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        norm = rms_norm if hidden.is_cuda else ops.rms_norm
+        h = norm(hidden, self.norm, self.config.rms_norm_eps)
         if head is None:
             logits = self.tp.all_gather_columns(project(h, self.lm_head).float())
             return logits[:, :self.config.vocab_size] if self.tp.enabled else logits

@@ -118,6 +118,52 @@ inline v8f exp8_nonpositive(v8f x) {
   return underflow ? splat8(0.0f) : out;
 }
 
+// 8 fp32 lanes rounded to T and back (round to nearest even; NaN stays NaN), as
+// to_float(from_float<T>(v)) lane by lane: the rounding points of a half-precision op.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+inline v8u bf16_bits8(v8f v) {  // the bf16 bits of each lane, in the low 16 bits
+  v8u u;
+  std::memcpy(&u, &v, sizeof(u));
+  const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return ((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded;
+}
+template <typename T> inline v8f round8(v8f v);
+template <> inline v8f round8<float>(v8f v) { return v; }
+template <> inline v8f round8<bf16_t>(v8f v) {
+  const v8u b = bf16_bits8(v) << 16;
+  v8f f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+template <> inline v8f round8<half_t>(v8f v) {
+#if defined(__F16C__)
+  __m256 x;
+  std::memcpy(&x, &v, sizeof(x));
+  const __m256 r = _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  v8f f;
+  std::memcpy(&f, &r, sizeof(f));
+  return f;
+#else
+  for (int i = 0; i < 8; ++i) v[i] = to_float(from_float<half_t>(v[i]));
+  return v;
+#endif
+}
+
+// Stores 8 fp32 lanes as T, rounded as from_float<T>.
+inline void store8(bf16_t* p, v8f v) {
+  const v8u16 h = __builtin_convertvector(bf16_bits8(v), v8u16);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store8(half_t* p, v8f v) {
+#if defined(__F16C__)
+  __m256 x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < 8; ++i) p[i] = from_float<half_t>(v[i]);
+#endif
+}
+
 // Element conversion of a contiguous run of n (multiple of 8) elements to fp32.
 inline void to_float_n(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 inline void to_float_n(const bf16_t* src, float* dst, int n) {
