@@ -250,50 +250,58 @@ void linear_int8(const LinearParams& p, int n_tiles) {
                   std::min(kTile, p.M - g * kTile), p.K,
                   digits.data() + size_t(g) * kDigits * digit_bytes, row_scales.data() + g * kTile);
   const int64_t ws_bytes = p.w_stride;
-  const int row_bytes = p.K;
+  const int row_bytes = p.K, blocks = (n_tiles + 1) / 2;
 #pragma omp parallel
   {
     configure_tiles();
     alignas(64) uint8_t abuf[2][kTile * kTileBytes];
     alignas(64) int32_t cbuf[kDigits][kTile * kTile];
 #pragma omp for schedule(static)
-    for (int t = 0; t < n_tiles; ++t) {
-      const int n0 = t * kTile;
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int n0 = blk * 2 * kTile;
+      const bool two = 2 * blk + 1 < n_tiles;
       const int8_t* w0 = w + int64_t(n0) * p.w_stride;
+      const int8_t* w1 = w0 + int64_t(kTile) * p.w_stride;
       for (int g = 0; g < groups; ++g) {
         const int8_t* dg = digits.data() + size_t(g) * kDigits * digit_bytes;
         _tile_zero(0);
         _tile_zero(1);
-        // One block of K: the channel tile into A, the digits into B0, B1 (A's buffer for
-        // the K tail is its own, so the other A's is never overwritten while it loads).
-#define CM3RT_INT8_BLOCK(kb, A, B0, B1)                                             \
-  do {                                                                              \
-    const int col = (kb) * kTileBytes;                                              \
-    const void* a = a_rows(w0, p.w_stride, col, row_bytes, abuf[(kb) & 1]);         \
-    _tile_loadd(A, a, a == abuf[(kb) & 1] ? kTileBytes : ws_bytes);                 \
-    const int8_t* bk = dg + size_t(kb) * kTile * kTileBytes;                        \
-    _tile_loadd(B0, bk, kTileBytes);                                                \
-    _tile_loadd(B1, bk + digit_bytes, kTileBytes);                                  \
-    _tile_dpbssd(0, A, B0);                                                         \
-    _tile_dpbssd(1, A, B1);                                                         \
-  } while (0)
-        int kb = 0;
-        for (; kb + 2 <= kb_count; kb += 2) {
-          CM3RT_INT8_BLOCK(kb, 2, 4, 5);
-          CM3RT_INT8_BLOCK(kb + 1, 3, 6, 7);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int kb = 0; kb < kb_count; ++kb) {
+          const int col = kb * kTileBytes;
+          const int8_t* bk = dg + size_t(kb) * kTile * kTileBytes;
+          _tile_loadd(6, bk, kTileBytes);
+          _tile_loadd(7, bk + digit_bytes, kTileBytes);
+          const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);
+          _tile_loadd(4, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          if (two) {
+            const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);
+            _tile_loadd(5, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
         }
-        if (kb < kb_count) CM3RT_INT8_BLOCK(kb, 2, 4, 5);
-#undef CM3RT_INT8_BLOCK
-        _tile_stored(0, cbuf[0], kTile * 4);
-        _tile_stored(1, cbuf[1], kTile * 4);
         const int rows = std::min(kTile, p.M - g * kTile);
         const float* sx = row_scales.data() + g * kTile;
-        for (int m = 0; m < rows; ++m) {
-          TX* o = out + int64_t(g * kTile + m) * p.out_stride + n0;
-          for (int c = 0; c < kTile; ++c) {
-            const int i = c * kTile + m;
-            const float dot = float(cbuf[0][i]) + float(cbuf[1][i]) * (1.0f / 254.0f);
-            store_out(o + c, dot * sx[m] * p.scales[n0 + c]);
+        for (int half = 0; half < (two ? 2 : 1); ++half) {
+          if (half == 0) {
+            _tile_stored(0, cbuf[0], kTile * 4);
+            _tile_stored(1, cbuf[1], kTile * 4);
+          } else {
+            _tile_stored(2, cbuf[0], kTile * 4);
+            _tile_stored(3, cbuf[1], kTile * 4);
+          }
+          const int c0 = n0 + half * kTile;
+          for (int m = 0; m < rows; ++m) {
+            TX* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
+            for (int c = 0; c < kTile; ++c) {
+              const int i = c * kTile + m;
+              const float dot = float(cbuf[0][i]) + float(cbuf[1][i]) * (1.0f / 254.0f);
+              store_out(o + c, dot * sx[m] * p.scales[c0 + c]);
+            }
           }
         }
       }
