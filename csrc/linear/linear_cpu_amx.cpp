@@ -17,8 +17,8 @@
 //   and channel scales, so int8 weights are never widened. The digits' error in the output
 //   is about 1% of the int8 weights' own (measured: max error against float64 below the
 //   AVX-512 FMA kernel's). A third digit would need tiles the double buffering uses.
-// Each thread takes blocks of channels (two channel tiles per x tile for bf16, one for
-// int8); the channels past the last multiple of 16 go to the AVX-512 kernel. No software
+// Each thread takes blocks of two channel tiles (32 channels) sharing each x tile; the
+// channels past the last multiple of 16 go to the AVX-512 kernel. No software
 // prefetch: 16 prefetches per block of K (the next tile's rows) were slower or level
 // (measured, int8: K = 1024 12% faster, K = 2816 10% slower).
 #include "linear/linear_cpu_amx.h"
@@ -56,8 +56,7 @@ constexpr int kDigits = 2;       // int8 digits per element of x (int8 weights)
 // Tile numbers are literals, since the tile intrinsics paste them into the instruction.
 // bf16: sums C0, C1 of two channel tiles; weights A0, A1 (even blocks of K) or A2, A3
 //       (odd); x in B0 (even) or B1 (odd).
-// int8: the two digits' sums C0, C1 of one channel tile; weights A0 (even) or A1 (odd);
-//       the digits of x in B0, B1 (even) or B2, B3 (odd).
+// int8: the same, with both digits of 8 rows of x in each B.
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -200,15 +199,19 @@ inline __m512 load16f(const bf16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// The digit tiles of x rows [0, rows): d[digit][kb][r][m][j] = digit of x[m][64 kb + 4r + j]
-// (zero past the rows or K), and each row's scale s[m] (x ~= s (q1 + q2 / 254)).
-// Each 16 elements of a row give 4 quads (dwords) per digit, scattered down a column.
+// Rows of x per int8 B tile: its 16 columns hold both digits of 8 rows, so one tile
+// instruction gives both digits' sums (digit j of row m in column 8 j + m).
+constexpr int kRowsPerDigitTile = kTile / kDigits;
+
+// The B tiles of x rows [0, rows) (at most 8): d[kb][r][8 j + m][i] = digit j of
+// x[m][64 kb + 4 r + i] (zero past the rows or K), and each row's scale s[m]
+// (x ~= s (q1 + q2 / 254)). Each 16 elements of a row give 4 quads (dwords) per digit,
+// scattered down a column.
 template <typename TX>
 void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s) {
   const int kb_count = (K + 63) / 64;
-  const size_t digit_bytes = size_t(kb_count) * kTile * kTileBytes;
-  std::memset(d, 0, kDigits * digit_bytes);
-  for (int m = 0; m < kTile; ++m) s[m] = 0.0f;
+  std::memset(d, 0, size_t(kb_count) * kTile * kTileBytes);
+  for (int m = 0; m < kRowsPerDigitTile; ++m) s[m] = 0.0f;
   const __m128i down = _mm_set_epi32(3 * kTile, 2 * kTile, kTile, 0);
   for (int m = 0; m < rows; ++m) {
     const TX* row = x + int64_t(m) * xs;
@@ -223,13 +226,14 @@ void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s
     const __m512 inv = _mm512_set1_ps(1.0f / scale), radix = _mm512_set1_ps(254.0f);
     for (int k = 0; k < K; k += 16) {
       const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
-      // quads r0 .. r0 + 3 of block k / 64, column m
+      // quads r0 .. r0 + 3 of block k / 64, in row m's column of each digit
       const __m128i at = _mm_add_epi32(down, _mm_set1_epi32(((k % 64) / 4) * kTile + m));
       int8_t* base = d + size_t(k / 64) * kTile * kTileBytes;
       __m512 rest = _mm512_mul_ps(load16f(row + k, mask), inv);  // in [-127, 127]
       for (int j = 0; j < kDigits; ++j) {
         const __m512 q = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_i32scatter_epi32(base + j * digit_bytes, at, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)), 4);
+        _mm_i32scatter_epi32(base + 4 * j * kRowsPerDigitTile, at,
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)), 4);
         rest = _mm512_mul_ps(_mm512_sub_ps(rest, q), radix);  // |rest - q| <= 1/2
       }
     }
@@ -241,21 +245,21 @@ void linear_int8(const LinearParams& p, int n_tiles) {
   const TX* x = static_cast<const TX*>(p.x);
   const int8_t* w = static_cast<const int8_t*>(p.w);
   TX* out = static_cast<TX*>(p.out);
-  const int kb_count = (p.K + 63) / 64, groups = (p.M + kTile - 1) / kTile;
-  const size_t digit_bytes = size_t(kb_count) * kTile * kTileBytes;
-  std::vector<int8_t> digits(size_t(groups) * kDigits * digit_bytes);
-  std::vector<float> row_scales(size_t(groups) * kTile);
+  constexpr int R = kRowsPerDigitTile;
+  const int kb_count = (p.K + 63) / 64, groups = (p.M + R - 1) / R;
+  const size_t group_bytes = size_t(kb_count) * kTile * kTileBytes;
+  std::vector<int8_t> digits(size_t(groups) * group_bytes);
+  std::vector<float> row_scales(size_t(groups) * R);
   for (int g = 0; g < groups; ++g)
-    pack_x_digits(x + int64_t(g) * kTile * p.x_stride, p.x_stride,
-                  std::min(kTile, p.M - g * kTile), p.K,
-                  digits.data() + size_t(g) * kDigits * digit_bytes, row_scales.data() + g * kTile);
+    pack_x_digits(x + int64_t(g) * R * p.x_stride, p.x_stride, std::min(R, p.M - g * R), p.K,
+                  digits.data() + size_t(g) * group_bytes, row_scales.data() + g * R);
   const int64_t ws_bytes = p.w_stride;
   const int row_bytes = p.K, blocks = (n_tiles + 1) / 2;
 #pragma omp parallel
   {
     configure_tiles();
     alignas(64) uint8_t abuf[2][kTile * kTileBytes];
-    alignas(64) int32_t cbuf[kDigits][kTile * kTile];
+    alignas(64) int32_t cbuf[kTile * kTile];
 #pragma omp for schedule(static)
     for (int blk = 0; blk < blocks; ++blk) {
       const int n0 = blk * 2 * kTile;
@@ -263,43 +267,42 @@ void linear_int8(const LinearParams& p, int n_tiles) {
       const int8_t* w0 = w + int64_t(n0) * p.w_stride;
       const int8_t* w1 = w0 + int64_t(kTile) * p.w_stride;
       for (int g = 0; g < groups; ++g) {
-        const int8_t* dg = digits.data() + size_t(g) * kDigits * digit_bytes;
+        const int8_t* dg = digits.data() + size_t(g) * group_bytes;
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int kb = 0; kb < kb_count; ++kb) {
-          const int col = kb * kTileBytes;
-          const int8_t* bk = dg + size_t(kb) * kTile * kTileBytes;
-          _tile_loadd(6, bk, kTileBytes);
-          _tile_loadd(7, bk + digit_bytes, kTileBytes);
-          const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);
-          _tile_loadd(4, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          if (two) {
-            const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);
-            _tile_loadd(5, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
+        // One block of K: the digits into tile B, the channel tiles into A / A2 (A2 only
+        // with `two`); the same double buffering as the bf16 path.
+#define CM3RT_INT8_BLOCK(kb, B, A, A2)                                              \
+  do {                                                                              \
+    const int col = (kb) * kTileBytes;                                              \
+    _tile_loadd(B, dg + size_t(kb) * kTile * kTileBytes, kTileBytes);               \
+    const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);               \
+    _tile_loadd(A, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);                      \
+    _tile_dpbssd(0, A, B);                                                          \
+    if (two) {                                                                      \
+      const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);             \
+      _tile_loadd(A2, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);                   \
+      _tile_dpbssd(1, A2, B);                                                       \
+    }                                                                               \
+  } while (0)
+        int kb = 0;
+        for (; kb + 2 <= kb_count; kb += 2) {
+          CM3RT_INT8_BLOCK(kb, 6, 2, 3);
+          CM3RT_INT8_BLOCK(kb + 1, 7, 4, 5);
         }
-        const int rows = std::min(kTile, p.M - g * kTile);
-        const float* sx = row_scales.data() + g * kTile;
+        if (kb < kb_count) CM3RT_INT8_BLOCK(kb, 6, 2, 3);
+#undef CM3RT_INT8_BLOCK
+        const int rows = std::min(R, p.M - g * R);
+        const float* sx = row_scales.data() + g * R;
         for (int half = 0; half < (two ? 2 : 1); ++half) {
-          if (half == 0) {
-            _tile_stored(0, cbuf[0], kTile * 4);
-            _tile_stored(1, cbuf[1], kTile * 4);
-          } else {
-            _tile_stored(2, cbuf[0], kTile * 4);
-            _tile_stored(3, cbuf[1], kTile * 4);
-          }
+          if (half == 0) _tile_stored(0, cbuf, kTile * 4);
+          else _tile_stored(1, cbuf, kTile * 4);
           const int c0 = n0 + half * kTile;
           for (int m = 0; m < rows; ++m) {
-            TX* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
+            TX* o = out + int64_t(g * R + m) * p.out_stride + c0;
             for (int c = 0; c < kTile; ++c) {
-              const int i = c * kTile + m;
-              const float dot = float(cbuf[0][i]) + float(cbuf[1][i]) * (1.0f / 254.0f);
+              const int32_t* sums = cbuf + c * kTile;
+              const float dot = float(sums[m]) + float(sums[R + m]) * (1.0f / 254.0f);
               store_out(o + c, dot * sx[m] * p.scales[c0 + c]);
             }
           }
