@@ -12,6 +12,11 @@ sublayers, HF ``ChameleonSwinDecoderLayer``):
              return o @ Wo^T
     mlp(h):  (silu(g) * u) @ Wdown^T with [g; u] = h @ Wgate_up^T (one GEMM)
 
+On CUDA the layer runs as the torch ops of :mod:`.layers` (captured in the decode CUDA graph);
+on the CPU as the fused ops ``ops.rms_norm`` / ``qk_norm_rope`` / ``swiglu`` with the same
+rounding points (:meth:`ChameleonDecoderLayer.forward_cpu`), since a few-row CPU step pays for
+every op's dispatch.
+
 Weights are plain tensors in the model dtype (float32 / bfloat16 / float16), never trained
 here: every parameter has ``requires_grad=False`` and the forward runs under
 ``torch.inference_mode()``.

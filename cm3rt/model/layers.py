@@ -1,4 +1,6 @@
-"""The per-token math of a Chameleon layer on packed ``[T, ...]`` activations.
+"""The per-token math of a Chameleon layer on packed ``[T, ...]`` activations, as torch ops:
+the CUDA forward, and the reference of the fused CPU ops (``cm3rt.ops.rms_norm`` /
+``qk_norm_rope`` / ``swiglu``, tested against these).
 
 Each function mirrors the rounding points of HF transformers' Chameleon, so float32 matches
 it to a few ulps and half precision stays within that dtype's tolerance:
