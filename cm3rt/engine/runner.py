@@ -37,7 +37,11 @@ def forward_logits(model, cache: PagedKVCache, copies: list[tuple[int, int]], x:
     cache.copy_blocks(copies)
     # Every layer reuses one attention scratch, planned for this step's shape.
     workspace = model.attention_workspace(x.meta.num_tokens, x.meta)
-    hidden = model.forward_step(x.ids, x.pos, x.meta, cache.layers, workspace=workspace)
+    # No range check of the ids: a request's prompt ids are checked when it is added
+    # (engine/sequence.py) and sampled ids come from the vocabulary; on the CPU the check
+    # would be two reductions a step.
+    hidden = model.forward_step(x.ids, x.pos, x.meta, cache.layers, validate=False,
+                                workspace=workspace)
     if not has_samples:
         return None  # chunks that stop short of the end sample nothing
     return model.compute_logits(hidden.index_select(0, x.rows), head)
