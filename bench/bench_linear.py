@@ -7,9 +7,11 @@ per call of torch fp32 / bf16 and cm3rt fp32 / bf16 / int8, the share of the rea
 bandwidth each cm3rt kernel reaches, the share of the CPU's fp32 multiply-add rate it
 reaches (measured in the same run as torch's square fp32 GEMM, MKL's near-peak case), and
 the largest M where cm3rt's bf16 beats torch's (the model's KERNEL_ROWS crossover). The
-two shares tell which wall a row count is against: every kernel widens to fp32 and
-multiplies there, so without AVX-512 BF16 / VNNI narrower weights cut the bytes but not
-the multiply-adds, and from a few rows up the multiply-adds are the floor.
+two shares tell which wall a row count is against. cm3rt runs the best CPU kernel the
+machine has (ops.linear_cpu_kernels(), printed first): the AVX-512 and portable kernels
+widen to fp32 and multiply there, so narrower weights cut the bytes but not the
+multiply-adds and from a few rows up the multiply-adds are the floor; the AMX kernel
+(bf16 and int8 weights) multiplies in tiles far above the read rate.
 One thread: the decode step of the CPU engine runs its GEMMs on the threads it has.
 """
 
@@ -36,6 +38,7 @@ def test_linear_vs_torch():
     bw = copy_bandwidth() / 2  # read bandwidth ~ half the copy's read + write
     a, b = torch.randn(768, 768), torch.randn(768, 768)
     mac_rate = 768 ** 3 / time_fn(lambda: torch.mm(a, b))  # fp32 multiply-adds per second
+    record(bench="linear", M="kernels", torch_f32=" > ".join(ops.linear_cpu_kernels()))
     record(bench="linear", M="fp32 GEMM", torch_f32=f"{mac_rate / 1e9:.1f} G multiply-adds/s")
     best = 0
     for M in (1, 2, 4, 8, 12, 16, 32, 64):
