@@ -21,6 +21,16 @@ void check_cpu(const std::string& op, const TensorArg& t) {
                        "; this op has a CPU kernel only (on CUDA the model runs the torch ops)");
 }
 
+// A [T, N] activation matrix: CPU, an activation dtype, last dim contiguous, int32 dims.
+void check_rows(const std::string& op, const TensorArg& t, const char* layout) {
+  check_cpu(op, t);
+  check_dtype(op, t, kActivationDtypes);
+  check_rank(op, t, 2, layout);
+  check_last_dim_contiguous(op, t);
+  checked_int(op, t, 0);
+  checked_int(op, t, 1);
+}
+
 void check_param(const std::string& op, const TensorArg& x, const TensorArg& t,
                  std::vector<int64_t> shape, const char* layout) {
   check_cpu(op, t);
@@ -35,13 +45,8 @@ void rms_norm(py::handle x_obj, py::handle w_obj, py::handle res_obj, py::handle
   TensorArg x = import_tensor(x_obj, "x"), w = import_tensor(w_obj, "weight");
   TensorArg out = import_tensor(out_obj, "out"), res;
   const bool has_res = import_optional(res_obj, "residual", res);
-  check_cpu(op, x);
-  check_dtype(op, x, kActivationDtypes);
-  check_rank(op, x, 2, "[T, H]");
-  check_last_dim_contiguous(op, x);
+  check_rows(op, x, "[T, H]");
   const int64_t T = x.dim(0), H = x.dim(1);
-  checked_int(op, x, 0);
-  checked_int(op, x, 1);
   check_param(op, x, w, {H}, "[H]");
   check_param(op, x, out, {T, H}, "[T, H]");
   check_writable(op, out);
@@ -70,15 +75,11 @@ void qk_norm_rope(py::handle qkv_obj, py::handle qw_obj, py::handle qb_obj, py::
   TensorArg qw = import_tensor(qw_obj, "q_weight"), qb = import_tensor(qb_obj, "q_bias");
   TensorArg kw = import_tensor(kw_obj, "k_weight"), kb = import_tensor(kb_obj, "k_bias");
   TensorArg pos = import_tensor(pos_obj, "positions"), freq = import_tensor(freq_obj, "inv_freq");
-  check_cpu(op, qkv);
-  check_dtype(op, qkv, kActivationDtypes);
-  check_rank(op, qkv, 2, "[T, (Hq + 2 Hkv) * D]");
-  check_last_dim_contiguous(op, qkv);
+  check_rows(op, qkv, "[T, (Hq + 2 Hkv) * D]");
   check_writable(op, qkv);
   check_rank(op, qw, 2, "[Hq, D]");
   check_rank(op, kw, 2, "[Hkv, D]");
   const int64_t T = qkv.dim(0), Hq = qw.dim(0), D = qw.dim(1), Hkv = kw.dim(0);
-  checked_int(op, qkv, 0);
   if (D < 2 || D % 2 != 0) fail_value(op, "head_dim (q_weight's last dim) must be even, got " +
                                           std::to_string(D));
   if (qkv.dim(1) != (Hq + 2 * Hkv) * D)
@@ -120,13 +121,8 @@ void qk_norm_rope(py::handle qkv_obj, py::handle qw_obj, py::handle qb_obj, py::
 void swiglu(py::handle gu_obj, py::handle out_obj) {
   const std::string op = "swiglu";
   TensorArg gu = import_tensor(gu_obj, "gate_up"), out = import_tensor(out_obj, "out");
-  check_cpu(op, gu);
-  check_dtype(op, gu, kActivationDtypes);
-  check_rank(op, gu, 2, "[T, 2I]");
-  check_last_dim_contiguous(op, gu);
+  check_rows(op, gu, "[T, 2I]");
   const int64_t T = gu.dim(0), I2 = gu.dim(1);
-  checked_int(op, gu, 0);
-  checked_int(op, gu, 1);
   if (I2 % 2 != 0) fail_value(op, "argument 'gate_up' must be [T, 2I] (even last dim), got " +
                                   gu.shape_str());
   check_param(op, gu, out, {T, I2 / 2}, "[T, I]");

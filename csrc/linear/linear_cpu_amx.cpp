@@ -128,68 +128,91 @@ void pack_x_bf16(const bf16_t* x, int64_t xs, int rows, int K, uint16_t* b) {
   }
 }
 
-void linear_bf16(const LinearParams& p, int n_tiles) {
-  const bf16_t* x = static_cast<const bf16_t*>(p.x);
-  const bf16_t* w = static_cast<const bf16_t*>(p.w);
-  bf16_t* out = static_cast<bf16_t*>(p.out);
-  const int kb_count = (p.K + 31) / 32, groups = (p.M + kTile - 1) / kTile;
-  const size_t tile_elems = kTile * 32;
-  std::vector<uint16_t> b(size_t(groups) * kb_count * tile_elems);
-  for (int g = 0; g < groups; ++g)
-    pack_x_bf16(x + int64_t(g) * kTile * p.x_stride, p.x_stride, std::min(kTile, p.M - g * kTile),
-                p.K, b.data() + size_t(g) * kb_count * tile_elems);
-  const int64_t ws_bytes = p.w_stride * 2;
-  const int row_bytes = p.K * 2, blocks = (n_tiles + 1) / 2;
+// The tile loop of both paths. Each thread takes blocks of two channel tiles (32 channels);
+// per group of x rows (the packed B tiles at x_tiles + g * group_bytes, 1 KB per block of
+// K) it zeroes C0, C1, runs the blocks of K alternating the tile sets (x in B = 6 / 7,
+// weights in A = 2, 3 / 4, 5: a tile load waits for the last instruction that read the
+// tile), stores C and calls emit(channel0, group, c) with c = the 16 x 16 sums
+// ([channel][column]; fp32 for bf16, int32 for int8).
+template <typename TW, typename Emit>
+void run_tiles(const LinearParams& p, int n_tiles, int groups, const uint8_t* x_tiles,
+               size_t group_bytes, Emit emit) {
+  constexpr bool kInt8 = std::is_same_v<TW, int8_t>;
+  const TW* w = static_cast<const TW*>(p.w);
+  const int64_t ws_bytes = p.w_stride * int64_t(sizeof(TW));
+  const int row_bytes = p.K * int(sizeof(TW));
+  const int kb_count = (row_bytes + kTileBytes - 1) / kTileBytes, blocks = (n_tiles + 1) / 2;
 #pragma omp parallel
   {
     configure_tiles();
     alignas(64) uint8_t abuf[2][kTile * kTileBytes];
-    alignas(64) float cbuf[kTile * kTile];
+    alignas(64) uint8_t cbuf[kTile * kTileBytes];
 #pragma omp for schedule(static)
     for (int blk = 0; blk < blocks; ++blk) {
       const int n0 = blk * 2 * kTile;
       const bool two = 2 * blk + 1 < n_tiles;
-      const bf16_t* w0 = w + int64_t(n0) * p.w_stride;
-      const bf16_t* w1 = w0 + int64_t(kTile) * p.w_stride;
+      const TW* w0 = w + int64_t(n0) * p.w_stride;
+      const TW* w1 = w0 + int64_t(kTile) * p.w_stride;
       for (int g = 0; g < groups; ++g) {
-        const uint16_t* bg = b.data() + size_t(g) * kb_count * tile_elems;
+        const uint8_t* bg = x_tiles + size_t(g) * group_bytes;
         _tile_zero(0);
         _tile_zero(1);
         // One block of K: x into tile B, channel tiles into A / A2 (A2 only with `two`).
-#define CM3RT_BF16_BLOCK(kb, B, A, A2)                                              \
+#define CM3RT_TILE_PRODUCT(C, A, B)            \
+  do {                                         \
+    if constexpr (kInt8) _tile_dpbssd(C, A, B); \
+    else _tile_dpbf16ps(C, A, B);              \
+  } while (0)
+#define CM3RT_K_BLOCK(kb, B, A, A2)                                                 \
   do {                                                                              \
     const int col = (kb) * kTileBytes;                                              \
-    _tile_loadd(B, bg + (kb) * tile_elems, kTileBytes);                             \
+    _tile_loadd(B, bg + size_t(kb) * kTile * kTileBytes, kTileBytes);               \
     const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);               \
     _tile_loadd(A, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);                      \
-    _tile_dpbf16ps(0, A, B);                                                        \
+    CM3RT_TILE_PRODUCT(0, A, B);                                                    \
     if (two) {                                                                      \
       const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);             \
       _tile_loadd(A2, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);                   \
-      _tile_dpbf16ps(1, A2, B);                                                     \
+      CM3RT_TILE_PRODUCT(1, A2, B);                                                 \
     }                                                                               \
   } while (0)
         int kb = 0;
         for (; kb + 2 <= kb_count; kb += 2) {
-          CM3RT_BF16_BLOCK(kb, 6, 2, 3);
-          CM3RT_BF16_BLOCK(kb + 1, 7, 4, 5);
+          CM3RT_K_BLOCK(kb, 6, 2, 3);
+          CM3RT_K_BLOCK(kb + 1, 7, 4, 5);
         }
-        if (kb < kb_count) CM3RT_BF16_BLOCK(kb, 6, 2, 3);
-#undef CM3RT_BF16_BLOCK
-        const int rows = std::min(kTile, p.M - g * kTile);
-        for (int half = 0; half < (two ? 2 : 1); ++half) {
-          if (half == 0) _tile_stored(0, cbuf, kTile * 4);
-          else _tile_stored(1, cbuf, kTile * 4);
-          const int c0 = n0 + half * kTile;
-          for (int m = 0; m < rows; ++m) {
-            bf16_t* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
-            for (int c = 0; c < kTile; ++c) store_out(o + c, cbuf[c * kTile + m]);
-          }
+        if (kb < kb_count) CM3RT_K_BLOCK(kb, 6, 2, 3);
+#undef CM3RT_K_BLOCK
+#undef CM3RT_TILE_PRODUCT
+        _tile_stored(0, cbuf, kTileBytes);
+        emit(n0, g, cbuf);
+        if (two) {
+          _tile_stored(1, cbuf, kTileBytes);
+          emit(n0 + kTile, g, cbuf);
         }
       }
     }
     _tile_release();
   }
+}
+
+void linear_bf16(const LinearParams& p, int n_tiles) {
+  const bf16_t* x = static_cast<const bf16_t*>(p.x);
+  bf16_t* out = static_cast<bf16_t*>(p.out);
+  const int kb_count = (p.K + 31) / 32, groups = (p.M + kTile - 1) / kTile;
+  const size_t group_elems = size_t(kb_count) * kTile * 32;
+  std::vector<uint16_t> b(size_t(groups) * group_elems);
+  for (int g = 0; g < groups; ++g)
+    pack_x_bf16(x + int64_t(g) * kTile * p.x_stride, p.x_stride, std::min(kTile, p.M - g * kTile),
+                p.K, b.data() + size_t(g) * group_elems);
+  run_tiles<bf16_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(b.data()),
+                    group_elems * 2, [&](int c0, int g, const uint8_t* c) {
+    const float* sums = reinterpret_cast<const float*>(c);
+    for (int m = 0; m < std::min(kTile, p.M - g * kTile); ++m) {
+      bf16_t* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
+      for (int ch = 0; ch < kTile; ++ch) store_out(o + ch, sums[ch * kTile + m]);
+    }
+  });
 }
 
 // ---- int8 weights, fp32 / bf16 x -------------------------------------------------------
@@ -243,7 +266,6 @@ void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s
 template <typename TX>
 void linear_int8(const LinearParams& p, int n_tiles) {
   const TX* x = static_cast<const TX*>(p.x);
-  const int8_t* w = static_cast<const int8_t*>(p.w);
   TX* out = static_cast<TX*>(p.out);
   constexpr int R = kRowsPerDigitTile;
   const int kb_count = (p.K + 63) / 64, groups = (p.M + R - 1) / R;
@@ -253,64 +275,19 @@ void linear_int8(const LinearParams& p, int n_tiles) {
   for (int g = 0; g < groups; ++g)
     pack_x_digits(x + int64_t(g) * R * p.x_stride, p.x_stride, std::min(R, p.M - g * R), p.K,
                   digits.data() + size_t(g) * group_bytes, row_scales.data() + g * R);
-  const int64_t ws_bytes = p.w_stride;
-  const int row_bytes = p.K, blocks = (n_tiles + 1) / 2;
-#pragma omp parallel
-  {
-    configure_tiles();
-    alignas(64) uint8_t abuf[2][kTile * kTileBytes];
-    alignas(64) int32_t cbuf[kTile * kTile];
-#pragma omp for schedule(static)
-    for (int blk = 0; blk < blocks; ++blk) {
-      const int n0 = blk * 2 * kTile;
-      const bool two = 2 * blk + 1 < n_tiles;
-      const int8_t* w0 = w + int64_t(n0) * p.w_stride;
-      const int8_t* w1 = w0 + int64_t(kTile) * p.w_stride;
-      for (int g = 0; g < groups; ++g) {
-        const int8_t* dg = digits.data() + size_t(g) * group_bytes;
-        _tile_zero(0);
-        _tile_zero(1);
-        // One block of K: the digits into tile B, the channel tiles into A / A2 (A2 only
-        // with `two`); the same double buffering as the bf16 path.
-#define CM3RT_INT8_BLOCK(kb, B, A, A2)                                              \
-  do {                                                                              \
-    const int col = (kb) * kTileBytes;                                              \
-    _tile_loadd(B, dg + size_t(kb) * kTile * kTileBytes, kTileBytes);               \
-    const void* a0 = a_rows(w0, p.w_stride, col, row_bytes, abuf[0]);               \
-    _tile_loadd(A, a0, a0 == abuf[0] ? kTileBytes : ws_bytes);                      \
-    _tile_dpbssd(0, A, B);                                                          \
-    if (two) {                                                                      \
-      const void* a1 = a_rows(w1, p.w_stride, col, row_bytes, abuf[1]);             \
-      _tile_loadd(A2, a1, a1 == abuf[1] ? kTileBytes : ws_bytes);                   \
-      _tile_dpbssd(1, A2, B);                                                       \
-    }                                                                               \
-  } while (0)
-        int kb = 0;
-        for (; kb + 2 <= kb_count; kb += 2) {
-          CM3RT_INT8_BLOCK(kb, 6, 2, 3);
-          CM3RT_INT8_BLOCK(kb + 1, 7, 4, 5);
-        }
-        if (kb < kb_count) CM3RT_INT8_BLOCK(kb, 6, 2, 3);
-#undef CM3RT_INT8_BLOCK
-        const int rows = std::min(R, p.M - g * R);
-        const float* sx = row_scales.data() + g * R;
-        for (int half = 0; half < (two ? 2 : 1); ++half) {
-          if (half == 0) _tile_stored(0, cbuf, kTile * 4);
-          else _tile_stored(1, cbuf, kTile * 4);
-          const int c0 = n0 + half * kTile;
-          for (int m = 0; m < rows; ++m) {
-            TX* o = out + int64_t(g * R + m) * p.out_stride + c0;
-            for (int c = 0; c < kTile; ++c) {
-              const int32_t* sums = cbuf + c * kTile;
-              const float dot = float(sums[m]) + float(sums[R + m]) * (1.0f / 254.0f);
-              store_out(o + c, dot * sx[m] * p.scales[c0 + c]);
-            }
-          }
-        }
+  run_tiles<int8_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(digits.data()),
+                    group_bytes, [&](int c0, int g, const uint8_t* c) {
+    const int32_t* sums = reinterpret_cast<const int32_t*>(c);
+    const float* sx = row_scales.data() + g * R;
+    for (int m = 0; m < std::min(R, p.M - g * R); ++m) {
+      TX* o = out + int64_t(g * R + m) * p.out_stride + c0;
+      for (int ch = 0; ch < kTile; ++ch) {
+        const int32_t* row = sums + ch * kTile;  // both digits of every row of x
+        const float dot = float(row[m]) + float(row[R + m]) * (1.0f / 254.0f);
+        store_out(o + ch, dot * sx[m] * p.scales[c0 + ch]);
       }
     }
-    _tile_release();
-  }
+  });
 }
 
 // The AMX kernel over the channels that fill whole tiles, the AVX-512 kernel over the rest.
