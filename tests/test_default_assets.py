@@ -283,6 +283,32 @@ def test_malformed_defaults_rejected(packaged, tmp_path):
     (root / "defaults.json").write_text(json.dumps({**d, "caption": {"beam": 3}}))
     with pytest.raises(ValueError, match="unknown sampling settings"):
         dflt.load_defaults(root)  # ... but not unknown sampling settings
+    (root / "defaults.json").write_text(json.dumps({**d, "max_doc_score": "off"}))
+    with pytest.raises(ValueError, match=r"defaults\.json: argument 'max_doc_score'"):
+        dflt.load_defaults(root)
+
+
+def test_max_doc_score_from_defaults(parts, monkeypatch, tmp_path):
+    """defaults.json's max_doc_score (package_default --max-doc-score): null turns the
+    retrieval rule off for requests that do not set it; absent means RA-CM3's 0.9; an
+    explicit max_doc_score (API or CLI flag) wins."""
+    from cm3rt.api import resolve_request
+    from cm3rt.cli.generate import score_or_none
+
+    root = tmp_path / "default_max_score"
+    package_default.package(options(parts, out=root, max_doc_score=None))
+    d = json.loads((root / "defaults.json").read_text())
+    assert "max_doc_score" in d and d["max_doc_score"] is None
+    assert dflt.load_defaults(root).max_doc_score is None
+    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
+    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
+    assert resolve_request(PROMPT)[1].max_doc_score is None
+    assert resolve_request(PROMPT, max_doc_score=0.8)[1].max_doc_score == 0.8
+    assert score_or_none("none") is None and score_or_none("0.95") == 0.95
+    assert score_or_none("defaults") == "defaults"  # the CLI's default: this file's value
+    del d["max_doc_score"]
+    (root / "defaults.json").write_text(json.dumps(d))
+    assert dflt.load_defaults(root).max_doc_score == 0.9
 
 
 # ---------------------------------------------------------------------- the real assets

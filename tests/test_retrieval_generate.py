@@ -141,3 +141,29 @@ def test_best_of_n_ranked_by_clip(setup) -> None:
     scores = encoder.score(PROMPT, out.images)
     assert len(scores) == 3
     assert scores == sorted(scores, reverse=True)
+
+
+def test_max_doc_score_keeps_or_drops_the_closest_document(setup) -> None:
+    """Request.max_doc_score is the retrieval rule against documents too close to the query:
+    a cut just below the closest document's score drops it, None keeps it, and no setting
+    means RA-CM3's 0.9, through generate() as through the bank."""
+    _, bank_dir, _, encoder, eng = setup
+    query = "a red circle on white"  # a stored caption
+    with MemoryBank.open(bank_dir, encoder=encoder) as bank:
+        closest = bank.search(text=query, k=1, max_score=None)[0]
+        cut = closest.score - 1e-3
+        below = bank.search(text=query, k=1, max_score=cut)[0]
+        default = bank.search(text=query, k=1)[0]
+    assert closest.caption == query and below.id != closest.id
+
+    def docs(**kw):
+        out = generate(query, model=eng, bank=bank_dir, k_docs=1, guidance="cfg", seed=0,
+                       max_new_tokens=4, **kw)
+        return [d.id for d in out.docs]
+
+    assert docs(max_doc_score=None) == [closest.id]
+    assert docs(max_doc_score=cut) == [below.id]
+    assert docs() == [default.id]  # a given model: RA-CM3's rule
+    for bad in (1.5, "high", True):
+        with pytest.raises(ValueError, match="max_doc_score"):
+            Request(prompt=query, bank=bank_dir, k_docs=1, max_doc_score=bad)

@@ -27,6 +27,7 @@ from cm3rt.api.defaults import DefaultAssets, load_defaults, open_default_bank
 from cm3rt.devices import resolve_device, resolve_weight_dtype
 from cm3rt.engine import Engine, Request, RequestOutput, SamplingParams, TokenEvent
 from cm3rt.engine.request import TASKS, check_k_docs
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 from cm3rt.tokenizer.processor import check_image, prompt_items
 
 __all__ = ["BUILTIN_SAMPLING", "DEFAULT_K_DOCS", "generate", "load_engine", "pick_task",
@@ -44,6 +45,8 @@ DEFAULT_K_DOCS = 2
 # Tasks that retrieve when k_docs is not given and the model is not the embedded default
 # (whose defaults.json says, per task); an explicit k_docs applies to any task.
 RETRIEVAL_TASKS = ("text_to_image",)
+# max_doc_score not given: the embedded model's defaults.json, else RA-CM3's rule.
+FROM_DEFAULTS = "defaults"
 
 _ENGINES: dict[tuple, Engine] = {}
 _LOCK = threading.Lock()
@@ -159,10 +162,10 @@ def _k_docs_and_bank(task: str, bank: Any, k_docs: Any, assets: DefaultAssets | 
 def resolve_request(prompt: str | list[Any], model: Any = None,
                     images: list[Any] | None = None, *, task: str = "auto",
                     suffix: str | list[Any] | None = None, bank: Any = None,
-                    k_docs: int | None = None, device: str | None = None,
-                    dtype: torch.dtype | str | None = None, processor: Any = None,
-                    scorer: Callable | None = None, request_id: str | None = None,
-                    tensor_parallel_size: int = 1,
+                    k_docs: int | None = None, max_doc_score: float | None | str = FROM_DEFAULTS,
+                    device: str | None = None, dtype: torch.dtype | str | None = None,
+                    processor: Any = None, scorer: Callable | None = None,
+                    request_id: str | None = None, tensor_parallel_size: int = 1,
                     **sampling: Any) -> tuple[Engine, Request]:
     """Resolve a call's arguments into the engine that serves it and its Request.
 
@@ -189,8 +192,11 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     params = SamplingParams.from_kwargs(**{**base, **TASK_SAMPLING.get(task, {}), **sampling})
     engine = _engine_for(model, processor, device, dtype, tensor_parallel_size)
     bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
+    if isinstance(max_doc_score, str) and max_doc_score == FROM_DEFAULTS:
+        max_doc_score = assets.max_doc_score if assets is not None else DEFAULT_MAX_SCORE
     request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,
-                      k_docs=k_docs, scorer=scorer, request_id=request_id)
+                      k_docs=k_docs, max_doc_score=max_doc_score, scorer=scorer,
+                      request_id=request_id)
     return engine, request
 
 
@@ -209,9 +215,9 @@ def run_request(engine: Engine, request: Request,
 
 def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | None = None, *,
              task: str = "auto", suffix: str | list[Any] | None = None, bank: Any = None,
-             k_docs: int | None = None, device: str | None = None,
-             dtype: torch.dtype | str | None = None, processor: Any = None,
-             scorer: Callable | None = None,
+             k_docs: int | None = None, max_doc_score: float | None | str = FROM_DEFAULTS,
+             device: str | None = None, dtype: torch.dtype | str | None = None,
+             processor: Any = None, scorer: Callable | None = None,
              on_event: Callable[[TokenEvent], None] | None = None,
              tensor_parallel_size: int = 1,
              **sampling: Any) -> RequestOutput:
@@ -232,6 +238,9 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
             bank unless ``bank`` is given); with another model, :data:`DEFAULT_K_DOCS` for
             text -> image when a bank is given; otherwise 0. ``k_docs=0`` turns retrieval
             off.
+        max_doc_score: drop retrieved documents more similar to the query than this
+            (cosine); None turns the rule off. Default: the default model's defaults.json
+            ``max_doc_score``, else RA-CM3's 0.9 (against training-set copies).
         device, dtype: where / how to load a model directory (default CUDA bf16 when
             available, else CPU float32).
         scorer: best-of-n ranking for this request, ``scorer(prompt_text, images) ->
@@ -251,6 +260,6 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     """
     engine, request = resolve_request(
         prompt, model, images, task=task, suffix=suffix, bank=bank, k_docs=k_docs,
-        device=device, dtype=dtype, processor=processor, scorer=scorer,
+        max_doc_score=max_doc_score, device=device, dtype=dtype, processor=processor, scorer=scorer,
         tensor_parallel_size=tensor_parallel_size, **sampling)
     return run_request(engine, request, on_event)

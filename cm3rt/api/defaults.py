@@ -12,10 +12,12 @@ bank). With a model given nothing here applies.
 
     {"format": "cm3rt-defaults", "version": 1,
      "guidance": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0,
-     "k_docs": 2, "bank": "bank",
+     "k_docs": 2, "bank": "bank", "max_doc_score": null,
      "caption": {"guidance": "none", "temperature": 0.0, "k_docs": 1}}
 
-``bank`` is relative to the directory (``null``: no default retrieval); ``caption`` holds
+``bank`` is relative to the directory (``null``: no default retrieval); ``max_doc_score``
+(absent: RA-CM3's 0.9) is the retrieval rule dropping documents more similar to the query
+than it, ``null`` turning it off (for every task); ``caption`` holds
 the sampling defaults of image -> text requests and, as ``k_docs``, the documents retrieved
 for a caption (the image is the query; absent: 0, no retrieval).
 """
@@ -26,6 +28,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cm3rt.engine.request import check_max_doc_score
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
 DEFAULTS_FILE = "defaults.json"
 FORMAT = "cm3rt-defaults"
@@ -54,6 +59,7 @@ class DefaultAssets:
     k_docs: int = 0  # text -> image
     bank: str | None = None
     caption_k_docs: int = 0  # image -> text
+    max_doc_score: float | None = DEFAULT_MAX_SCORE  # retrieval rule, every task
 
     @property
     def bank_dir(self) -> Path | None:
@@ -111,8 +117,12 @@ def load_defaults(root: str | Path | None = None) -> DefaultAssets:
         caption = dict(caption)
         caption_k_docs = _check_k_docs(caption.pop("k_docs", 0), f"{path}: caption.k_docs")
     caption = _check_sampling(caption, f"{path}: caption")
+    try:
+        max_doc_score = check_max_doc_score(d.get("max_doc_score", DEFAULT_MAX_SCORE))
+    except ValueError as e:
+        raise ValueError(f"default model: {path}: {e}") from None
     return DefaultAssets(root=root, sampling=sampling, caption=caption, k_docs=k_docs, bank=bank,
-                         caption_k_docs=caption_k_docs)
+                         caption_k_docs=caption_k_docs, max_doc_score=max_doc_score)
 
 
 def _check_k_docs(k: Any, where: str) -> int:

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cm3rt.cli.generate import score_or_none
+
 QUICK_N = 4
 _DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: weight-only, quantised at load
 # Built-in sampler settings, for a model directory without defaults.json (flags win, then
@@ -81,6 +83,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--uncond-docs", action=argparse.BooleanOptionalAction, default=None,
                    help="retrieval-on rows: documents in the unconditional stream too "
                         "(default: the model's defaults.json, else no)")
+    p.add_argument("--max-doc-score", type=score_or_none, default="defaults", metavar="S",
+                   help="retrieval: drop documents more similar to the query than S (cosine), "
+                        "'none' = keep them (default: the model's defaults.json "
+                        "max_doc_score, else 0.9)")
     p.add_argument("--caption-k-docs", type=int, default=None, metavar="K",
                    help="documents retrieved per caption, the image the query (default: the "
                         "model's defaults.json caption.k_docs, else 0); with retrieval on "
@@ -124,6 +130,7 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
         if assets.k_docs > 0:
             defaults["k_docs"] = assets.k_docs
         defaults["caption_k_docs"] = assets.caption_k_docs
+        defaults["max_doc_score"] = assets.max_doc_score
         if assets.bank_dir is not None:
             default_bank = assets.bank_dir
     if not retrieval:
@@ -182,6 +189,8 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any]):
         top_k=pick(args.top_k, "top_k"), top_p=pick(args.top_p, "top_p"),
         cd_alpha=pick(args.cd_alpha, "cd_alpha", 0.1), cd_k=pick(args.cd_k, "cd_k", 1),
         uncond_docs=pick(args.uncond_docs, "uncond_docs", False),
+        max_doc_score=(defaults.get("max_doc_score", quality.DEFAULT_MAX_SCORE)
+                       if args.max_doc_score == "defaults" else args.max_doc_score),
         caption_temperature=args.caption_temperature,
         caption_max_tokens=args.caption_max_tokens,
         caption_k_docs=pick(args.caption_k_docs, "caption_k_docs", 0))

@@ -70,6 +70,24 @@ def _retrieval_args(p: argparse.ArgumentParser, query: str, default_key: str,
     p.add_argument("-k", "--k-docs", type=int, default=None,
                    help=f"documents to retrieve, 0 = no retrieval (default: the embedded "
                         f"model's defaults.json {default_key} without --model, {with_model})")
+    p.add_argument("--max-doc-score", type=score_or_none, default="defaults", metavar="S",
+                   help="drop retrieved documents more similar to the query than S (cosine), "
+                        "'none' = keep them (default: the embedded model's defaults.json "
+                        "max_doc_score without --model, else 0.9)")
+
+
+def score_or_none(text: str) -> float | str | None:
+    """argparse type of --max-doc-score: a number, 'none' (the rule off) or 'defaults' (the
+    embedded model's defaults.json, else 0.9)."""
+    if text.lower() == "none":
+        return None
+    if text.lower() == "defaults":
+        return "defaults"  # cm3rt.api.FROM_DEFAULTS
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'none' or 'defaults', got "
+                                         f"{text!r}") from None
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -182,7 +200,7 @@ def _generate(args: argparse.Namespace) -> int:
         scorer = ClipEncoder(args.rerank, args.rerank_weights).score
     engine, request = resolve_request(
         args.prompt, args.model, images, task=args.task, suffix=args.suffix, bank=args.bank,
-        k_docs=args.k_docs, device=args.device, dtype=args.dtype, scorer=scorer,
+        k_docs=args.k_docs, max_doc_score=args.max_doc_score, device=args.device, dtype=args.dtype, scorer=scorer,
         tensor_parallel_size=args.tensor_parallel_size, **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     saved = _save(out, args.out, args.all)
@@ -209,8 +227,8 @@ def _caption(args: argparse.Namespace) -> int:
     image = open_image(args.image, "image")
     engine, request = resolve_request(
         [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
-        bank=args.bank, k_docs=args.k_docs, device=args.device, dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
+        bank=args.bank, k_docs=args.k_docs, max_doc_score=args.max_doc_score,
+        device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
         **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     for s in out.samples:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cm3rt.engine.params import SamplingParams
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
 TASKS = ("text_to_image", "image_to_text", "infill", "interleaved", "edit")
 
@@ -36,6 +37,15 @@ class TokenPrompt:
     content_keys: dict[str, list[tuple[int, int, bytes]]] = field(default_factory=dict)
 
 
+def check_max_doc_score(score: object) -> float | None:
+    """``score`` if it is None or a number in [-1, 1] (a cosine similarity), else ValueError."""
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                              or not -1.0 <= score <= 1.0):
+        raise ValueError(f"argument 'max_doc_score' must be None or a cosine similarity in "
+                         f"[-1, 1], got {score!r}")
+    return score
+
+
 def check_k_docs(k_docs: object) -> int:
     """``k_docs`` if it is an int >= 0 (documents to retrieve), else ValueError."""
     if isinstance(k_docs, bool) or not isinstance(k_docs, int) or k_docs < 0:
@@ -60,6 +70,8 @@ class Request:
         bank: optional retrieval memory bank; with ``k_docs > 0`` retrieved documents are
             prepended to the conditional streams.
         k_docs: retrieved documents to prepend.
+        max_doc_score: the retrieval rule dropping documents more similar to the query than
+            this (RA-CM3's 0.9 against training-set copies); None turns it off.
         request_id: caller's id (default: assigned by the engine).
         scorer: best-of-n ranking of this request's samples, ``scorer(prompt_text, images)
             -> scores`` (default: the engine's scorer).
@@ -71,6 +83,7 @@ class Request:
     suffix: str | Sequence[Any] | None = None
     bank: Any = None
     k_docs: int = 0
+    max_doc_score: float | None = DEFAULT_MAX_SCORE
     request_id: str | None = None
     scorer: Callable[[str, list[Any]], Sequence[float]] | None = None
 
@@ -97,6 +110,7 @@ class Request:
             raise TypeError(f"argument 'scorer' must be callable, got "
                             f"{type(self.scorer).__name__}")
         check_k_docs(self.k_docs)
+        check_max_doc_score(self.max_doc_score)
 
 
 @dataclass

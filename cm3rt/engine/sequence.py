@@ -92,7 +92,8 @@ def _retrieve(request: Request, text: str, images: list, processor: Processor, b
     from cm3rt.retrieval.augment import retrieve_prefix
 
     prefix, docs = retrieve_prefix(request.bank, text or None, images or None,
-                                   request.k_docs, budget, processor)
+                                   request.k_docs, budget, processor,
+                                   max_score=request.max_doc_score)
     return [int(t) for t in prefix], list(docs)
 
 

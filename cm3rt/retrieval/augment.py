@@ -17,11 +17,12 @@ from cm3rt.tokenizer.processor import Processor
 
 from .bank import Document, MemoryBank, open_cached
 from .manifest import TokenizerIdentity
+from .select import DEFAULT_MAX_SCORE
 
 
 def retrieve_prefix(bank: MemoryBank | str | Path, text: str | None,
                     images: Sequence[Image.Image] | None, k: int, max_tokens: int,
-                    processor: Processor, *, max_score: float | None = 0.9,
+                    processor: Processor, *, max_score: float | None = DEFAULT_MAX_SCORE,
                     dedupe: float | None = 0.95, prefer_multimodal: bool = True,
                     candidates: int | None = None) -> tuple[list[int], list[Document]]:
     """Search ``bank`` for the prompt and lay the chosen documents out as token ids.

@@ -27,7 +27,7 @@ from PIL import Image
 from . import faiss_index as fi
 from .clip import ClipEncoder, EncoderIdentity
 from .manifest import DATABASE, INDEX, MANIFEST, Manifest, TokenizerIdentity
-from .select import MULTIMODAL, SelectionParams, select_documents
+from .select import DEFAULT_MAX_SCORE, MULTIMODAL, SelectionParams, select_documents
 from .sources import SourceDoc, check_image, load_image, read_source
 from .store import DocStore
 
@@ -370,7 +370,7 @@ class MemoryBank:
 
     def search(self, text: str | None = None,
                image: Image.Image | Sequence[Image.Image] | None = None, k: int = 2,
-               candidates: int | None = None, max_score: float | None = 0.9,
+               candidates: int | None = None, max_score: float | None = DEFAULT_MAX_SCORE,
                dedupe: float | None = 0.95, prefer_multimodal: bool = True,
                embedding: np.ndarray | torch.Tensor | None = None,
                nprobe: int | None = None) -> list[Document]:
@@ -396,7 +396,7 @@ class MemoryBank:
                                       nprobe=nprobe)[0]
 
     def search_embeddings(self, queries: np.ndarray | torch.Tensor, k: int = 2,
-                          candidates: int | None = None, max_score: float | None = 0.9,
+                          candidates: int | None = None, max_score: float | None = DEFAULT_MAX_SCORE,
                           dedupe: float | None = 0.95, prefer_multimodal: bool = True,
                           nprobe: int | None = None) -> list[list[Document]]:
         """Batched :meth:`search` on query embeddings [Q, E] (normalised here)."""

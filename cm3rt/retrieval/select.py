@@ -2,7 +2,8 @@
 
 From the top-M candidates of a dense search:
   1. drop candidates scoring above ``max_score`` (too close to the query: training-set
-     copies of the prompt teach the model to copy, and at inference they add nothing);
+     copies of the prompt teach the model to copy; at inference, where the closest document
+     is the most useful, a request may turn the rule off);
   2. walk the rest in preference order (image+text documents first when
      ``prefer_multimodal``, then by score) and drop a candidate whose cosine similarity
      to a document already chosen exceeds ``dedupe`` (near-duplicates waste context);
@@ -17,6 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# RA-CM3's rule against candidates too close to the query (a training-set copy of the
+# target teaches the model to copy it). At inference a bank built to hold what the model
+# never saw (the embedded model's held-out concepts) wants it off: a request's
+# ``max_doc_score`` (defaults.json ``max_doc_score``) sets it.
+DEFAULT_MAX_SCORE = 0.9
+
 MULTIMODAL = "image+text"
 MODALITIES = ("text", "image", MULTIMODAL)
 
@@ -26,7 +33,7 @@ class SelectionParams:
     """Parameters of :func:`select_documents` (``None`` turns a rule off)."""
 
     k: int = 2
-    max_score: float | None = 0.9
+    max_score: float | None = DEFAULT_MAX_SCORE
     dedupe: float | None = 0.95
     prefer_multimodal: bool = True
 

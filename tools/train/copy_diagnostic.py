@@ -77,8 +77,8 @@ def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 
 
 
 def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: int,
-        seed: int, guidance: str, cfg_scale: float, k_docs: int, uncond_docs: bool = False
-        ) -> dict:
+        seed: int, guidance: str, cfg_scale: float, k_docs: int, uncond_docs: bool = False,
+        max_doc_score: float | None = 0.9) -> dict:
     from cm3rt.api import load_engine
     from cm3rt.demo.evaluation import adheres, held_out_prompts
     from cm3rt.demo.evaluation.metrics import wilson_interval
@@ -94,7 +94,7 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
     prompts = held_out_prompts(n, seed)
     full = open_cached(bank_dir)
     result: dict = {"n": n, "seed": seed, "guidance": guidance, "cfg_scale": cfg_scale,
-                    "k_docs": k_docs, "uncond_docs": uncond_docs}
+                    "k_docs": k_docs, "uncond_docs": uncond_docs, "max_doc_score": max_doc_score}
     for column in ("none", "bank", "right", "wrong"):
         reqs = []
         for k, p in enumerate(prompts):
@@ -105,7 +105,8 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
             reqs.append(Request(prompt=p.text, task="text_to_image",
                                 params=SamplingParams(guidance=guidance, cfg_scale=cfg_scale,
                                                       uncond_docs=uncond_docs, seed=k),
-                                bank=bank, k_docs=k_docs if bank is not None else 0))
+                                bank=bank, k_docs=k_docs if bank is not None else 0,
+                                max_doc_score=max_doc_score))
         outs = engine.generate(reqs)
         ok = sum(bool(r.images) and adheres(p.text, r.images[0]) for p, r in zip(prompts, outs))
         lo, hi = wilson_interval(ok, n)
@@ -139,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer("copy_diagnostic")
     from cm3rt.api.defaults import DEFAULTS_FILE, load_defaults
 
-    # what cm3rt eval uses for this model: its defaults.json's k_docs and uncond_docs
+    # what cm3rt eval uses for this model: its defaults.json's k_docs, uncond_docs and
+    # max_doc_score
     assets = load_defaults(a.model) if (a.model / DEFAULTS_FILE).is_file() else None
     k_docs = a.k_docs
     if k_docs is None:  # a model that retrieves nothing by default: the old default, 2
         k_docs = (assets.k_docs if assets is not None else 0) or 2
     uncond_docs = bool(assets.sampling.get("uncond_docs", False)) if assets else False
+    max_doc_score = assets.max_doc_score if assets else 0.9
     run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out,
-        a.prompts, a.seed, a.guidance, a.cfg_scale, k_docs, uncond_docs)
+        a.prompts, a.seed, a.guidance, a.cfg_scale, k_docs, uncond_docs, max_doc_score)
     timer.report()
     return 0
 

@@ -36,6 +36,7 @@ import torch
 from train_common import REPO, Timer
 
 from cm3rt.api import defaults as dflt
+from cm3rt.cli.generate import score_or_none
 
 DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
 MAX_MB = 40.0
@@ -66,6 +67,7 @@ class PackageOptions:
     caption_temperature: float = 0.0
     caption_k_docs: int = 0
     uncond_docs: bool = False
+    max_doc_score: float | None = 0.9  # retrieval rule (Request.max_doc_score); None: off
     max_mb: float = MAX_MB
 
 
@@ -118,6 +120,7 @@ def write_defaults(opts: PackageOptions, dst: Path) -> dict:
     d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
          "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
          "uncond_docs": opts.uncond_docs, "k_docs": opts.k_docs, "bank": "bank",
+         "max_doc_score": opts.max_doc_score,
          "caption": {"guidance": "none", "temperature": opts.caption_temperature,
                      "k_docs": opts.caption_k_docs}}
     (dst / dflt.DEFAULTS_FILE).write_text(json.dumps(d, indent=1) + "\n")
@@ -301,12 +304,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="documents retrieved per caption (the image is the query; 0: none)")
     p.add_argument("--uncond-docs", action="store_true",
                    help="retrieved documents in the unconditional guidance stream too")
+    p.add_argument("--max-doc-score", type=score_or_none, default=0.9, metavar="S",
+                   help="defaults.json max_doc_score: drop retrieved documents more similar "
+                        "to the query than S, 'none' = keep them (default 0.9, RA-CM3's rule)")
     p.add_argument("--max-mb", type=float, default=MAX_MB)
     p.add_argument("--eval-report", type=Path, default=None,
                    help="markdown report of `cm3rt eval` to put in TRAINING.md")
     a = p.parse_args(argv)
     if a.eval_report is not None and not a.eval_report.is_file():
         p.error(f"--eval-report: no such file: {a.eval_report}")
+    if a.max_doc_score == "defaults":
+        p.error("--max-doc-score: give a number or 'none' (this writes the defaults)")
     if a.k_docs < 0 or a.caption_k_docs < 0 or a.top_k < 0 or a.temperature < 0:
         p.error("--k-docs, --caption-k-docs, --top-k and --temperature must be >= 0")
     timer = Timer("package_default")
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
         temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
         caption_temperature=a.caption_temperature, caption_k_docs=a.caption_k_docs,
-        uncond_docs=a.uncond_docs, max_mb=a.max_mb,
+        uncond_docs=a.uncond_docs, max_doc_score=a.max_doc_score, max_mb=a.max_mb,
         eval_report=a.eval_report))
     print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "
           f"parameters, bank {info['bank_docs']} documents", flush=True)

@@ -7,7 +7,9 @@
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
 # Environment: THREADS (default 2), DECODER_STEPS (default 7000), EVAL_PROMPTS (200), K_DOCS (1),
-# CAPTION_K_DOCS (0), UNCOND_DOCS (1), PACKAGE=0 to stop before writing cm3rt/assets/default.
+# CAPTION_K_DOCS (0), UNCOND_DOCS (1), MAX_DOC_SCORE (none: the shipped model retrieves the
+# closest documents; 0.9 is RA-CM3's rule), PACKAGE=0 to stop before writing
+# cm3rt/assets/default.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-data/runs12}
@@ -24,6 +26,7 @@ CAPTION_K_DOCS=${CAPTION_K_DOCS:-0}
 # 1: the documents stand in the unconditional guidance stream too (SamplingParams.uncond_docs),
 # for selection and the shipped defaults. Both chosen on the selection prompts: TRAINING.md.
 UNCOND_DOCS=${UNCOND_DOCS:-1}
+MAX_DOC_SCORE=${MAX_DOC_SCORE:-none}
 SELECT_UNCOND=() PACKAGE_UNCOND=()
 if [[ $UNCOND_DOCS == 1 ]]; then SELECT_UNCOND=(--eval-uncond-docs); PACKAGE_UNCOND=(--uncond-docs); fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -60,12 +63,13 @@ step train_decoder python $T/train_decoder.py --data "$DATA" --codes "$RUNS/code
     --steps "$DECODER_STEPS" --ckpt-every 200 --novel-alias 0.5 --novel-shape-only 0.6 \
     --near-miss 0.5 --i2t-docs 0.5
 step select_decoder python $T/train_decoder.py --out "$RUNS/decoder" --select --eval-n 48 \
-    --eval-bank "$RUNS/banks/bank" --eval-k-docs "$K_DOCS" "${SELECT_UNCOND[@]}" --threads "$THREADS"
+    --eval-bank "$RUNS/banks/bank" --eval-k-docs "$K_DOCS" --eval-max-doc-score "$MAX_DOC_SCORE" \
+    "${SELECT_UNCOND[@]}" --threads "$THREADS"
 if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi
 step package_default python $T/package_default.py --decoder "$RUNS/decoder/best" \
     --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
     --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance cdk --k-docs "$K_DOCS" \
-    --caption-k-docs "$CAPTION_K_DOCS" "${PACKAGE_UNCOND[@]}"
+    --caption-k-docs "$CAPTION_K_DOCS" --max-doc-score "$MAX_DOC_SCORE" "${PACKAGE_UNCOND[@]}"
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
     --json "$RUNS/eval.json"
 step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \

@@ -66,6 +66,7 @@ from train_common import (
     step_rng,
 )
 
+from cm3rt.cli.generate import score_or_none
 from cm3rt.demo.evaluation.prompts import recolour
 from cm3rt.demo.shapes import SceneObject
 from cm3rt.demo.shapes.cells import CODES_PER_IMAGE, cell_code
@@ -612,13 +613,14 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 # ---------------------------------------------------------------------- check
 def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
              cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
-             bank: Path | None = None, k_docs: int = 2, uncond_docs: bool = False) -> dict:
+             bank: Path | None = None, k_docs: int = 2, uncond_docs: bool = False,
+             max_doc_score: float | None = 0.9) -> dict:
     """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
     ``n`` of ``cm3rt eval``'s train-concept prompts and held-out prompts, one image each,
     sampled with ``guidance`` (default CD-K, what ``package_default.py`` ships; ``cfg_scale``
     applies to "cfg") and, with ``bank``, retrieval on for both sets (``k_docs`` documents),
     as in the default row of ``cm3rt eval`` (``uncond_docs``: the documents in the
-    unconditional stream too); scored by the same ``adheres`` rule. ``score``
+    unconditional stream too; ``max_doc_score``: the retrieval rule); scored by the same ``adheres`` rule. ``score``
     is their mean (what ``--select`` ranks by)."""
     from cm3rt.demo.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.engine import Engine, Request, SamplingParams
@@ -633,14 +635,15 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
         mem = open_cached(bank)
     out: dict = {"n": n, "guidance": guidance, "cfg_scale": cfg_scale,
                  "temperature": temperature, "top_k": top_k, "retrieval": mem is not None,
-                 "uncond_docs": uncond_docs}
+                 "uncond_docs": uncond_docs, "max_doc_score": max_doc_score}
     for name, prompts in (("train_concepts", train_prompts(n, seed)),
                           ("held_out", held_out_prompts(n, seed))):
         reqs = [Request(prompt=[p.text], task="text_to_image",
                         params=SamplingParams(guidance=guidance, cfg_scale=cfg_scale, seed=k,
                                               temperature=temperature, top_k=top_k,
                                               uncond_docs=uncond_docs),
-                        bank=mem, k_docs=k_docs if mem is not None else 0)
+                        bank=mem, k_docs=k_docs if mem is not None else 0,
+                        max_doc_score=max_doc_score)
                 for k, p in enumerate(prompts)]
         results = engine.generate(reqs)
         out[name] = sum(bool(r.images) and adheres(p.text, r.images[0])
@@ -650,7 +653,8 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
 
 
 def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float,
-           keep: int = 4, k_docs: int = 2, uncond_docs: bool = False) -> dict:
+           keep: int = 4, k_docs: int = 2, uncond_docs: bool = False,
+           max_doc_score: float | None = 0.9) -> dict:
     """Checkpoint selection by a quick eval, not by loss: scores the last ``keep`` exports
     under ``<out>/exports/`` (``evaluate``, ``n`` prompts a set, seed 1 so the selection
     prompts are not the first ones of ``cm3rt eval``'s sets) and copies the best to
@@ -661,7 +665,7 @@ def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float
     scores = {}
     for step, d in steps[-keep:]:
         r = evaluate(d, n, seed=1, guidance=guidance, cfg_scale=cfg_scale, bank=bank,
-                     k_docs=k_docs, uncond_docs=uncond_docs)
+                     k_docs=k_docs, uncond_docs=uncond_docs, max_doc_score=max_doc_score)
         scores[step] = r
         print(json.dumps({"step": step, **r}), flush=True)
     best = max(scores, key=lambda k: (scores[k]["score"], k))
@@ -710,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="documents retrieved per prompt with --eval-bank")
     p.add_argument("--eval-uncond-docs", action="store_true",
                    help="with --eval-bank: the documents in the unconditional stream too")
+    p.add_argument("--eval-max-doc-score", type=score_or_none, default=0.9, metavar="S",
+                   help="with --eval-bank: drop documents more similar to the query than S "
+                        "('none': keep them)")
     p.add_argument("--select", action="store_true",
                    help="score the last --select-keep exports by the quick eval; best -> "
                         "<out>/best")
@@ -720,13 +727,14 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer("train_decoder --select" if a.select else "train_decoder --eval")
         if a.select:
             select(a.out, a.eval_n, a.eval_bank, a.eval_guidance, a.eval_cfg_scale,
-                   a.select_keep, a.eval_k_docs, a.eval_uncond_docs)
+                   a.select_keep, a.eval_k_docs, a.eval_uncond_docs, a.eval_max_doc_score)
         else:
             print(json.dumps(evaluate(a.out / EXPORT, a.eval_n, guidance=a.eval_guidance,
                                       cfg_scale=a.eval_cfg_scale,
                                       temperature=a.eval_temperature, top_k=a.eval_top_k,
                                       bank=a.eval_bank, k_docs=a.eval_k_docs,
-                                      uncond_docs=a.eval_uncond_docs)))
+                                      uncond_docs=a.eval_uncond_docs,
+                                      max_doc_score=a.eval_max_doc_score)))
         timer.report()
         return 0
     opts = DecoderOptions(data=a.data, codes=a.codes, retrieval=a.retrieval,

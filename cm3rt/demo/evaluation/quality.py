@@ -45,6 +45,7 @@ from cm3rt.demo.evaluation.prompts import (
     train_prompts,
 )
 from cm3rt.demo.shapes import HELD_OUT_PAIRS, Scene, describe, parse_caption
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
 TRAIN_SETTINGS = ("best", "all", "none")
 
@@ -96,6 +97,8 @@ class QualityConfig:
         cd_alpha, cd_k: CD-K parameters.
         uncond_docs: retrieval-on rows put the documents in the unconditional stream too
             (``SamplingParams.uncond_docs``).
+        max_doc_score: the retrieval rule dropping documents more similar to the query than
+            this (``Request.max_doc_score``; None: off).
         caption_temperature: captioning temperature (0 = greedy).
         caption_max_tokens: most tokens a caption may take.
         caption_k_docs: documents retrieved per caption (the image is the query) in the
@@ -122,6 +125,7 @@ class QualityConfig:
     cd_alpha: float = 0.1
     cd_k: int = 1
     uncond_docs: bool = False
+    max_doc_score: float | None = DEFAULT_MAX_SCORE
     caption_temperature: float = 0.0
     caption_max_tokens: int = 48
     caption_k_docs: int = 0
@@ -329,7 +333,8 @@ def _image_request(p: EvalPrompt, setting: Setting, cfg: QualityConfig, bank: An
     return Request(prompt=p.text, task="text_to_image",
                    params=cfg.sampling(setting, _seed(cfg.seed, tag, p.index), n=n),
                    bank=bank if setting.retrieval else None,
-                   k_docs=cfg.k_docs if setting.retrieval else 0, request_id=request_id)
+                   k_docs=cfg.k_docs if setting.retrieval else 0,
+                   max_doc_score=cfg.max_doc_score, request_id=request_id)
 
 
 def _adherence(engine: Any, prompts: list[EvalPrompt], setting: Setting,
@@ -393,7 +398,7 @@ def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig, bar, bank:
                                           max_new_tokens=cfg.caption_max_tokens,
                                           seed=_seed(cfg.seed, _CAPTION_TAG, i)),
                     bank=bank if k_docs else None, k_docs=k_docs,
-                    request_id=f"eval-caption-{k_docs}-{i}")
+                    max_doc_score=cfg.max_doc_score, request_id=f"eval-caption-{k_docs}-{i}")
             for i, scene in enumerate(scenes)]
     results: list[bool] = []
 
