@@ -188,8 +188,8 @@ def test_retrieved_documents_go_to_the_conditional_streams_only(loaded, monkeypa
         proc.image.encode([picture(20)])[0]), t.eoi_id]
     seen = {}
 
-    def fake_retrieve(bank, text, images, k, max_tokens, processor):
-        seen.update(text=text, k=k, max_tokens=max_tokens)
+    def fake_retrieve(bank, text, images, k, max_tokens, processor, *, max_score):
+        seen.update(text=text, k=k, max_tokens=max_tokens, max_score=max_score)
         return list(doc_ids), ["doc"]
 
     monkeypatch.setattr(augment, "retrieve_prefix", fake_retrieve)
@@ -200,6 +200,7 @@ def test_retrieved_documents_go_to_the_conditional_streams_only(loaded, monkeypa
     assert s["cond"] == [t.bos_id, *doc_ids, *t.encode("a red circle"), t.boi_id]
     assert s["uncond"] == [t.bos_id, t.mask_id, t.boi_id]
     assert seen["text"] == "a red circle" and seen["k"] == 2
+    assert seen["max_score"] == 0.9  # the request's max_doc_score (RA-CM3's rule)
     assert 0 < seen["max_tokens"] < eng.max_model_len
     (out,) = eng.generate([req])
     assert out.ok and out.docs == ["doc"]
