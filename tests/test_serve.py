@@ -210,7 +210,8 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 # ----------------------------------------------------------------------- bad input
 _SERVER_FIELDS = {"prompt", "n", "seed", "guidance", "cfg_scale", "cfg_image_scale",
-                  "cd_alpha", "cd_k", "temperature", "top_k", "top_p", "k_docs"}
+                  "cd_alpha", "cd_k", "temperature", "top_k", "top_p", "k_docs",
+                  "max_doc_score"}
 # The shared table's API calls that are expressible as a JSON body of
 # /v1/images/generations (device, model directory, bank ... are the server's, not a
 # client's, to choose).
@@ -360,3 +361,17 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     assert len(results) == 6
     assert all(r.status_code == 200 and len(r.json()["data"]) == 10 for r in results)
     assert s.process.wait(timeout=60) == 0
+
+
+def test_max_doc_score_passes_through_only_when_given():
+    """A body's max_doc_score reaches resolve_request only when the client sent it: absent
+    means the model's default (defaults.json), null turns the rule off."""
+    from cm3rt.serve.protocol import ChatCompletionRequest, ImageGenerationRequest
+
+    absent = ImageGenerationRequest.model_validate({"prompt": PROMPT, "k_docs": 1})
+    assert absent.retrieval() == {"k_docs": 1}
+    off = ImageGenerationRequest.model_validate({"prompt": PROMPT, "max_doc_score": None})
+    assert off.retrieval() == {"k_docs": None, "max_doc_score": None}
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "max_doc_score": 0.95})
+    assert chat.retrieval() == {"k_docs": None, "max_doc_score": 0.95}

@@ -311,7 +311,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise APIError(400, "'n' must be 1 with 'stream': true", param="n")
         ticket = admit(loop, body.n, body.stream)
         engine, _ = await resolve_and_submit(loop, ticket, body.prompt, task="text_to_image",
-                                             k_docs=body.k_docs, n=body.n, **body.given())
+                                             n=body.n, **body.retrieval(), **body.given())
         if body.stream:
             return StreamingResponse(image_stream(loop, ticket, engine, body.partial_images,
                                                   "image_generation"),
@@ -352,7 +352,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             loop.release(ticket)
             raise
         engine, _ = await resolve_and_submit(loop, ticket, body.prompt, images=[image],
-                                             task="edit", k_docs=body.k_docs, n=body.n,
+                                             task="edit", n=body.n, **body.retrieval(),
                                              **body.given())
         if body.stream:
             return StreamingResponse(image_stream(loop, ticket, engine, body.partial_images,
@@ -374,7 +374,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         limit = {} if body.max_new_tokens is None else {"max_new_tokens": body.max_new_tokens}
         engine, _ = await resolve_and_submit(
             loop, ticket, items, task="image_to_text" if has_images else "interleaved",
-            k_docs=body.k_docs, n=body.n, **limit, **body.given())
+            n=body.n, **body.retrieval(), **limit, **body.given())
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

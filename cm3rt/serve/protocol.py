@@ -51,7 +51,7 @@ class _Strict(BaseModel):
 
 
 class Sampling(_Strict):
-    """cm3rt's sampling extensions (None = not given)."""
+    """cm3rt's sampling and retrieval extensions (None = not given)."""
 
     seed: int | None = Field(None, ge=0)
     guidance: str | None = None
@@ -64,8 +64,19 @@ class Sampling(_Strict):
     top_k: int | None = None
     top_p: float | None = None
 
+    k_docs: int | None = Field(None, ge=0)
+    max_doc_score: float | None = Field(None, ge=-1, le=1)  # null: the rule off
+
     def given(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SAMPLING_EXTENSIONS if getattr(self, k) is not None}
+
+    def retrieval(self) -> dict[str, Any]:
+        """k_docs and, only when the body has the field, max_doc_score (absent: the model's
+        default; null: the rule off) for cm3rt.api.resolve_request."""
+        out: dict[str, Any] = {"k_docs": self.k_docs}
+        if "max_doc_score" in self.model_fields_set:
+            out["max_doc_score"] = self.max_doc_score
+        return out
 
 
 class ImageGenerationRequest(Sampling):
@@ -79,7 +90,6 @@ class ImageGenerationRequest(Sampling):
     user: str | None = None
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)
-    k_docs: int | None = Field(None, ge=0)
 
 
 class ImageEditForm(ImageGenerationRequest):
@@ -125,7 +135,6 @@ class ChatCompletionRequest(Sampling):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    k_docs: int | None = Field(None, ge=0)
 
     @property
     def max_new_tokens(self) -> int | None:
