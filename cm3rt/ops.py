@@ -467,6 +467,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     """``weight * x / rms(x)`` per row of ``x [T, H]`` (fp32 statistics, rounded as
     :func:`cm3rt.model.layers.rms_norm`). With ``residual [T, H]``: first ``residual += x``
     in place (HF's residual add), and the norm is of that sum. CPU only."""
+    _require_tensor("x", x)
+    _require_tensor("weight", weight)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _C.rms_norm(_dl(x), _dl(weight), _dl_opt(residual), _dl(out), float(eps))
@@ -481,6 +483,10 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor
     (int64) with ``inv_freq [D/2]`` (float32), on the q and k heads; v is untouched. Same
     rounding as :func:`cm3rt.model.layers.qk_layer_norm` + :func:`apply_rope`. CPU only;
     returns ``qkv``."""
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("q_bias", q_bias),
+                    ("k_weight", k_weight), ("k_bias", k_bias), ("positions", positions),
+                    ("inv_freq", inv_freq)):
+        _require_tensor(name, t)
     _C.qk_norm_rope(_dl(qkv), _dl(q_weight), _dl(q_bias), _dl(k_weight), _dl(k_bias),
                     _dl(positions), _dl(inv_freq), float(eps))
     return qkv
@@ -489,6 +495,7 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor
 def swiglu(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up [T, 2I]`` (gate first) -> ``[T, I]``, rounded as
     :func:`cm3rt.model.layers.swiglu`. CPU only."""
+    _require_tensor("gate_up", gate_up)
     if out is None:
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype,
                           device=gate_up.device)

@@ -80,6 +80,12 @@ def test_swiglu_matches_reference(dtype, T, I):
 
 def test_layer_ops_reject_bad_arguments():
     x, w = torch.randn(4, 16), torch.randn(16)
+    with pytest.raises(TypeError, match="'x' must be a torch.Tensor"):
+        ops.rms_norm([1.0], w, 1e-5)
+    with pytest.raises(TypeError, match="'gate_up' must be a torch.Tensor"):
+        ops.swiglu("x")
+    with pytest.raises(TypeError, match="'positions' must be a torch.Tensor"):
+        ops.qk_norm_rope(torch.randn(3, 48), w, w, w, w, [0, 1, 2], torch.ones(4), 1e-5)
     with pytest.raises(ValueError, match="'weight'"):
         ops.rms_norm(x, torch.randn(8), 1e-5)
     with pytest.raises(TypeError, match="'weight'"):

@@ -192,7 +192,7 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     params = SamplingParams.from_kwargs(**{**base, **TASK_SAMPLING.get(task, {}), **sampling})
     engine = _engine_for(model, processor, device, dtype, tensor_parallel_size)
     bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
-    if isinstance(max_doc_score, str) and max_doc_score == FROM_DEFAULTS:
+    if max_doc_score == FROM_DEFAULTS:
         max_doc_score = assets.max_doc_score if assets is not None else DEFAULT_MAX_SCORE
     request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,
                       k_docs=k_docs, max_doc_score=max_doc_score, scorer=scorer,
@@ -260,6 +260,6 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     """
     engine, request = resolve_request(
         prompt, model, images, task=task, suffix=suffix, bank=bank, k_docs=k_docs,
-        max_doc_score=max_doc_score, device=device, dtype=dtype, processor=processor, scorer=scorer,
-        tensor_parallel_size=tensor_parallel_size, **sampling)
+        max_doc_score=max_doc_score, device=device, dtype=dtype, processor=processor,
+        scorer=scorer, tensor_parallel_size=tensor_parallel_size, **sampling)
     return run_request(engine, request, on_event)

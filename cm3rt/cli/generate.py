@@ -200,7 +200,8 @@ def _generate(args: argparse.Namespace) -> int:
         scorer = ClipEncoder(args.rerank, args.rerank_weights).score
     engine, request = resolve_request(
         args.prompt, args.model, images, task=args.task, suffix=args.suffix, bank=args.bank,
-        k_docs=args.k_docs, max_doc_score=args.max_doc_score, device=args.device, dtype=args.dtype, scorer=scorer,
+        k_docs=args.k_docs, max_doc_score=args.max_doc_score, device=args.device,
+        dtype=args.dtype, scorer=scorer,
         tensor_parallel_size=args.tensor_parallel_size, **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     saved = _save(out, args.out, args.all)

@@ -362,8 +362,8 @@ class ChameleonModel(nn.Module):
             meta: slots / block tables / lengths of the step (see :class:`StepMetadata`).
             kv_caches: from :meth:`allocate_kv_cache`; this step's keys/values are written.
             validate: range-check ``input_ids`` (default: on CPU yes, on CUDA no, since it
-                synchronises; the engine checks a request's prompt ids once, when it is added, and
-                passes False).
+                synchronises; the engine checks a request's prompt ids once, when it is
+                added, and passes False).
             workspace: CUDA split-KV scratch for the attention kernel, from
                 :meth:`attention_workspace` (every layer reuses it, in stream order); keeps a
                 decode step free of that allocation, e.g. for CUDA-graph capture.

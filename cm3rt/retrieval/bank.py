@@ -396,7 +396,8 @@ class MemoryBank:
                                       nprobe=nprobe)[0]
 
     def search_embeddings(self, queries: np.ndarray | torch.Tensor, k: int = 2,
-                          candidates: int | None = None, max_score: float | None = DEFAULT_MAX_SCORE,
+                          candidates: int | None = None,
+                          max_score: float | None = DEFAULT_MAX_SCORE,
                           dedupe: float | None = 0.95, prefer_multimodal: bool = True,
                           nprobe: int | None = None) -> list[list[Document]]:
         """Batched :meth:`search` on query embeddings [Q, E] (normalised here)."""

@@ -6,8 +6,8 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 #include "layer/layer_ops.h"
 
@@ -106,7 +106,8 @@ void qk_norm_rope_impl(const QkNormRopeParams& p) {
   const int D = p.D, half = D / 2, heads = p.Hq + p.Hkv;
 #pragma omp parallel if (int64_t(p.T) * heads * D >= kParallelElements)
   {
-    std::vector<float> y(D), cs(D);  // normed head; cos | sin of the row's position
+    float* y = cpu::thread_scratch<float>(2 * size_t(D));  // the normed head, then
+    float* cs = y + D;                                      // cos | sin of the position
 #pragma omp for schedule(static)
     for (int t = 0; t < p.T; ++t) {
       const float pos = float(p.positions[t]);
@@ -122,7 +123,7 @@ void qk_norm_rope_impl(const QkNormRopeParams& p) {
         const int hh = is_q ? h : h - p.Hq;
         const T* gw = static_cast<const T*>(is_q ? p.q_weight : p.k_weight) + int64_t(hh) * D;
         const T* gb = static_cast<const T*>(is_q ? p.q_bias : p.k_bias) + int64_t(hh) * D;
-        head_norm(v, gw, gb, D, p.eps, y.data());
+        head_norm(v, gw, gb, D, p.eps, y);
         int i = 0;
         if (half % 8 == 0) {
           for (; i < half; i += 8) {

@@ -1,9 +1,10 @@
-// CPU weight-streaming linear (see linear.h): the portable 8-lane kernel, used when the
-// build has no AVX-512 (linear_cpu_avx512.cpp). OpenMP over blocks of 4 output channels; each
-// block streams its 4 weight rows through L1 in chunks of kChunk elements while every row of
-// x is multiplied against them (8 fp32 accumulators: 4 channels x 2 rows), so each weight
-// byte is read from memory once per call. Partial sums of a chunk land in a per-thread
-// [M, 4] buffer; the last chunk applies the scale and writes out.
+// CPU weight-streaming linear (see linear.h): the dispatch to the AMX and AVX-512 kernels
+// (linear_cpu_amx.cpp, linear_cpu_avx512.cpp) and the portable 8-lane kernel, used where
+// the build has neither or set_linear_cpu_kernel caps it. Portable: OpenMP over blocks of 4
+// output channels; each block streams its 4 weight rows through L1 in chunks of kChunk
+// elements while every row of x is multiplied against them (8 fp32 accumulators: 4 channels
+// x 2 rows), so each weight byte is read from memory once per call. Partial sums of a chunk
+// land in a per-thread [M, 4] buffer; the last chunk applies the scale and writes out.
 #include <omp.h>
 
 #include <algorithm>

@@ -40,7 +40,9 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <vector>
+
+#include "cpu/scratch.h"
+#include "cpu/vec512.h"
 
 namespace cm3rt {
 
@@ -103,8 +105,6 @@ inline const void* a_rows(const T* w, int64_t ws, int col, int row_bytes, uint8_
   return buf;
 }
 
-inline void store_out(float* p, float v) { *p = v; }
-inline void store_out(bf16_t* p, float v) { *p = from_float<bf16_t>(v); }
 
 // ---- bf16 weights, bf16 x ----------------------------------------------------------------
 
@@ -201,26 +201,21 @@ void linear_bf16(const LinearParams& p, int n_tiles) {
   bf16_t* out = static_cast<bf16_t*>(p.out);
   const int kb_count = (p.K + 31) / 32, groups = (p.M + kTile - 1) / kTile;
   const size_t group_elems = size_t(kb_count) * kTile * 32;
-  std::vector<uint16_t> b(size_t(groups) * group_elems);
+  uint16_t* b = cpu::thread_scratch<uint16_t>(size_t(groups) * group_elems);
   for (int g = 0; g < groups; ++g)
     pack_x_bf16(x + int64_t(g) * kTile * p.x_stride, p.x_stride, std::min(kTile, p.M - g * kTile),
-                p.K, b.data() + size_t(g) * group_elems);
-  run_tiles<bf16_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(b.data()),
+                p.K, b + size_t(g) * group_elems);
+  run_tiles<bf16_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(b),
                     group_elems * 2, [&](int c0, int g, const uint8_t* c) {
     const float* sums = reinterpret_cast<const float*>(c);
     for (int m = 0; m < std::min(kTile, p.M - g * kTile); ++m) {
       bf16_t* o = out + int64_t(g * kTile + m) * p.out_stride + c0;
-      for (int ch = 0; ch < kTile; ++ch) store_out(o + ch, sums[ch * kTile + m]);
+      for (int ch = 0; ch < kTile; ++ch) o[ch] = from_float<bf16_t>(sums[ch * kTile + m]);
     }
   });
 }
 
 // ---- int8 weights, fp32 / bf16 x -------------------------------------------------------
-
-inline __m512 load16f(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16f(const bf16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 // Rows of x per int8 B tile: its 16 columns hold both digits of 8 rows, so one tile
 // instruction gives both digits' sums (digit j of row m in column 8 j + m).
@@ -240,19 +235,19 @@ void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s
     const TX* row = x + int64_t(m) * xs;
     __m512 vmax = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16f(row + k, mask)));
+      const __mmask16 mask = cpu::first_lanes(K - k);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(cpu::load16(row + k, mask)));
     }
     const float amax = _mm512_reduce_max_ps(vmax);
     const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
     s[m] = scale;
     const __m512 inv = _mm512_set1_ps(1.0f / scale), radix = _mm512_set1_ps(254.0f);
     for (int k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __mmask16 mask = cpu::first_lanes(K - k);
       // quads r0 .. r0 + 3 of block k / 64, in row m's column of each digit
       const __m128i at = _mm_add_epi32(down, _mm_set1_epi32(((k % 64) / 4) * kTile + m));
       int8_t* base = d + size_t(k / 64) * kTile * kTileBytes;
-      __m512 rest = _mm512_mul_ps(load16f(row + k, mask), inv);  // in [-127, 127]
+      __m512 rest = _mm512_mul_ps(cpu::load16(row + k, mask), inv);  // in [-127, 127]
       for (int j = 0; j < kDigits; ++j) {
         const __m512 q = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_i32scatter_epi32(base + 4 * j * kRowsPerDigitTile, at,
@@ -270,21 +265,21 @@ void linear_int8(const LinearParams& p, int n_tiles) {
   constexpr int R = kRowsPerDigitTile;
   const int kb_count = (p.K + 63) / 64, groups = (p.M + R - 1) / R;
   const size_t group_bytes = size_t(kb_count) * kTile * kTileBytes;
-  std::vector<int8_t> digits(size_t(groups) * group_bytes);
-  std::vector<float> row_scales(size_t(groups) * R);
+  int8_t* digits = cpu::thread_scratch<int8_t>(size_t(groups) * group_bytes);
+  float* row_scales = cpu::thread_scratch<float>(size_t(groups) * R);
   for (int g = 0; g < groups; ++g)
     pack_x_digits(x + int64_t(g) * R * p.x_stride, p.x_stride, std::min(R, p.M - g * R), p.K,
-                  digits.data() + size_t(g) * group_bytes, row_scales.data() + g * R);
-  run_tiles<int8_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(digits.data()),
+                  digits + size_t(g) * group_bytes, row_scales + g * R);
+  run_tiles<int8_t>(p, n_tiles, groups, reinterpret_cast<const uint8_t*>(digits),
                     group_bytes, [&](int c0, int g, const uint8_t* c) {
     const int32_t* sums = reinterpret_cast<const int32_t*>(c);
-    const float* sx = row_scales.data() + g * R;
+    const float* sx = row_scales + g * R;
     for (int m = 0; m < std::min(R, p.M - g * R); ++m) {
       TX* o = out + int64_t(g * R + m) * p.out_stride + c0;
       for (int ch = 0; ch < kTile; ++ch) {
         const int32_t* row = sums + ch * kTile;  // both digits of every row of x
         const float dot = float(row[m]) + float(row[R + m]) * (1.0f / 254.0f);
-        store_out(o + ch, dot * sx[m] * p.scales[c0 + ch]);
+        o[ch] = from_float<TX>(dot * sx[m] * p.scales[c0 + ch]);
       }
     }
   });

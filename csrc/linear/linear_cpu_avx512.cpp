@@ -21,36 +21,15 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
-
-
+#include "cpu/scratch.h"
+#include "cpu/vec512.h"
 
 namespace cm3rt {
 
 namespace {
 
-// 16 elements at p (mask: the lanes to read; the others are 0) widened to fp32.
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const bf16_t* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const int8_t* p, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-}
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline void store_out(float* p, float v) { *p = v; }
-inline void store_out(bf16_t* p, float v) { *p = from_float<bf16_t>(v); }
+using cpu::load16;
 
 // Lane i of the result = the sum of the 16 lanes of v[i]: a tree of 15 shuffle + add pairs
 // instead of 16 separate reductions (those cost more than the FMAs when K is small, e.g. the
@@ -99,7 +78,7 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K,
     }
   }
   if (k < K) {
-    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    const __mmask16 m = cpu::first_lanes(K - k);
     __m512 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load16(w[c] + k, m);
     for (int r = 0; r < R; ++r) {
@@ -151,7 +130,7 @@ void linear_rows(const float* x, int64_t xs, int M, const LinearParams& p, TO* o
       for (int r = 0; r < nr; ++r)
         for (int c = 0; c < nc; ++c) {
           const float s = p.scales ? p.scales[n0 + c] : 1.0f;
-          store_out(out + int64_t(m0 + r) * p.out_stride + n0 + c, dots[r * C + c] * s);
+          out[int64_t(m0 + r) * p.out_stride + n0 + c] = from_float<TO>(dots[r * C + c] * s);
         }
       m0 += nr;
     }
@@ -176,15 +155,15 @@ void linear_impl(const LinearParams& p) {
     // which needs no widening, runs at half the FMA rate per multiply-add on the CPUs
     // measured (Sapphire Rapids: 32 pairs every other cycle vs 2 x 16 FMAs per cycle).
     const TX* x = static_cast<const TX*>(p.x);
-    std::vector<float> xf(size_t(std::min(p.M, kLinearRowBlock)) * p.K);
+    float* xf = cpu::thread_scratch<float>(size_t(std::min(p.M, kLinearRowBlock)) * p.K);
     for (int m0 = 0; m0 < p.M; m0 += kLinearRowBlock) {
       const int nr = std::min(kLinearRowBlock, p.M - m0);
       for (int r = 0; r < nr; ++r) {
         const TX* src = x + int64_t(m0 + r) * p.x_stride;
-        float* dst = xf.data() + size_t(r) * p.K;
+        float* dst = xf + size_t(r) * p.K;
         for (int k = 0; k < p.K; ++k) dst[k] = to_float(src[k]);
       }
-      linear_rows<TW>(xf.data(), p.K, nr, p, out + int64_t(m0) * p.out_stride);
+      linear_rows<TW>(xf, p.K, nr, p, out + int64_t(m0) * p.out_stride);
     }
   }
 }

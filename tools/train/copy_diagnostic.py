@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from build_banks import embed_documents
 
 from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
 
 def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 256
@@ -78,7 +79,7 @@ def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 
 
 def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: int,
         seed: int, guidance: str, cfg_scale: float, k_docs: int, uncond_docs: bool = False,
-        max_doc_score: float | None = 0.9) -> dict:
+        max_doc_score: float | None = DEFAULT_MAX_SCORE) -> dict:
     from cm3rt.api import load_engine
     from cm3rt.demo.evaluation import adheres, held_out_prompts
     from cm3rt.demo.evaluation.metrics import wilson_interval
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if k_docs is None:  # a model that retrieves nothing by default: the old default, 2
         k_docs = (assets.k_docs if assets is not None else 0) or 2
     uncond_docs = bool(assets.sampling.get("uncond_docs", False)) if assets else False
-    max_doc_score = assets.max_doc_score if assets else 0.9
+    max_doc_score = assets.max_doc_score if assets else DEFAULT_MAX_SCORE
     run(a.model, a.data, a.bank or a.model / "bank", a.clip or a.model / "clip", a.out,
         a.prompts, a.seed, a.guidance, a.cfg_scale, k_docs, uncond_docs, max_doc_score)
     timer.report()

@@ -37,6 +37,7 @@ from train_common import REPO, Timer
 
 from cm3rt.api import defaults as dflt
 from cm3rt.cli.generate import score_or_none
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
 DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
 MAX_MB = 40.0
@@ -67,7 +68,7 @@ class PackageOptions:
     caption_temperature: float = 0.0
     caption_k_docs: int = 0
     uncond_docs: bool = False
-    max_doc_score: float | None = 0.9  # retrieval rule (Request.max_doc_score); None: off
+    max_doc_score: float | None = DEFAULT_MAX_SCORE  # retrieval rule (Request.max_doc_score); None: off
     max_mb: float = MAX_MB
 
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="documents retrieved per caption (the image is the query; 0: none)")
     p.add_argument("--uncond-docs", action="store_true",
                    help="retrieved documents in the unconditional guidance stream too")
-    p.add_argument("--max-doc-score", type=score_or_none, default=0.9, metavar="S",
+    p.add_argument("--max-doc-score", type=score_or_none, default=DEFAULT_MAX_SCORE, metavar="S",
                    help="defaults.json max_doc_score: drop retrieved documents more similar "
                         "to the query than S, 'none' = keep them (default 0.9, RA-CM3's rule)")
     p.add_argument("--max-mb", type=float, default=MAX_MB)

@@ -79,6 +79,7 @@ from cm3rt.demo.shapes.vocab import (
     SHAPES,
     article,
 )
+from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 from cm3rt.tokenizer.text import TextTokenizer
 from cm3rt.tokenizer.vqgan_config import VQGANConfig
 
@@ -614,14 +615,14 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
 def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
              cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
              bank: Path | None = None, k_docs: int = 2, uncond_docs: bool = False,
-             max_doc_score: float | None = 0.9) -> dict:
+             max_doc_score: float | None = DEFAULT_MAX_SCORE) -> dict:
     """A quick adherence check of an export (the full table is ``cm3rt eval``): the first
     ``n`` of ``cm3rt eval``'s train-concept prompts and held-out prompts, one image each,
     sampled with ``guidance`` (default CD-K, what ``package_default.py`` ships; ``cfg_scale``
     applies to "cfg") and, with ``bank``, retrieval on for both sets (``k_docs`` documents),
     as in the default row of ``cm3rt eval`` (``uncond_docs``: the documents in the
-    unconditional stream too; ``max_doc_score``: the retrieval rule); scored by the same ``adheres`` rule. ``score``
-    is their mean (what ``--select`` ranks by)."""
+    unconditional stream too; ``max_doc_score``: the retrieval rule); scored by the same
+    ``adheres`` rule. ``score`` is their mean (what ``--select`` ranks by)."""
     from cm3rt.demo.evaluation import adheres, held_out_prompts, train_prompts
     from cm3rt.engine import Engine, Request, SamplingParams
     from cm3rt.model import load_pretrained
@@ -654,7 +655,7 @@ def evaluate(model_dir: Path, n: int = 32, seed: int = 0, guidance: str = "cdk",
 
 def select(out: Path, n: int, bank: Path | None, guidance: str, cfg_scale: float,
            keep: int = 4, k_docs: int = 2, uncond_docs: bool = False,
-           max_doc_score: float | None = 0.9) -> dict:
+           max_doc_score: float | None = DEFAULT_MAX_SCORE) -> dict:
     """Checkpoint selection by a quick eval, not by loss: scores the last ``keep`` exports
     under ``<out>/exports/`` (``evaluate``, ``n`` prompts a set, seed 1 so the selection
     prompts are not the first ones of ``cm3rt eval``'s sets) and copies the best to
@@ -714,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="documents retrieved per prompt with --eval-bank")
     p.add_argument("--eval-uncond-docs", action="store_true",
                    help="with --eval-bank: the documents in the unconditional stream too")
-    p.add_argument("--eval-max-doc-score", type=score_or_none, default=0.9, metavar="S",
+    p.add_argument("--eval-max-doc-score", type=score_or_none, default=DEFAULT_MAX_SCORE, metavar="S",
                    help="with --eval-bank: drop documents more similar to the query than S "
                         "('none': keep them)")
     p.add_argument("--select", action="store_true",
