@@ -33,10 +33,19 @@ def test_playground_draws_row_by_row_and_lists_documents(tmp_path):
             page.fill("#prompt", "a red star above a blue circle")
             # The sources are kept in the page: a function exposed to Python is called
             # asynchronously, and its last call could still be in flight at "done".
+            # Events that arrive in one network chunk set the src several times in one
+            # task, and the observer sees them as one batch of records: each record's
+            # old value is the value the change before it set, and the element holds
+            # the last one.
             page.evaluate("""() => { window.imageSources = [];
-                new MutationObserver(() =>
-                    window.imageSources.push(document.getElementById('image').src))
-                .observe(document.getElementById('image'), {attributes: true}); }""")
+                const image = document.getElementById('image');
+                new MutationObserver((records) => {
+                    const changes = records.filter((r) => r.attributeName === 'src');
+                    if (!changes.length) return;
+                    for (const r of changes.slice(1)) window.imageSources.push(r.oldValue);
+                    window.imageSources.push(image.src);
+                }).observe(image, {attributes: true, attributeOldValue: true,
+                                   attributeFilter: ['src']}); }""")
             page.click("#go")
             page.wait_for_selector("body[data-state=done]", timeout=240_000)
             try:  # the observer's last callback runs after the change that set "done"
