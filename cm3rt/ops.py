@@ -24,9 +24,11 @@ from cm3rt._ext import _C
 
 __all__ = [
     "SAMPLE_MODES",
+    "CpuDecoder",
     "build_info",
     "cuda_available",
     "emulated",
+    "emulating",
     "kv_append",
     "linear",
     "linear_cpu_kernel",
@@ -78,6 +80,11 @@ def emulated(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _C = saved
+
+
+def emulating() -> bool:
+    """True inside :func:`emulated` (the ops run the CUDA kernels under the emulator)."""
+    return bool(_C.EMULATED)
 
 
 def _on_device(t: torch.Tensor) -> bool:
@@ -224,6 +231,9 @@ def _group_value(name: str, value, kind: str, dtype: torch.dtype, device: torch.
     """A per-group argument as the kernel takes it: a Python number, or a [G] tensor of
     ``dtype`` on ``device`` (converted when it is not already)."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == dtype and value.dim() == 1 and value.device == device and \
+                value.is_contiguous():
+            return value  # as the kernel takes it (the engine's step: every argument)
         if kind == "int" and (value.is_floating_point() or value.is_complex()):
             raise TypeError(f"sample_logits: argument '{name}' must be an integer tensor, "
                             f"got {value.dtype}")
@@ -557,3 +567,72 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scales.contiguous()
+
+
+# ---- whole-step CPU decoder -----------------------------------------------------------------
+
+
+class CpuDecoder:
+    """The whole forward step of a Chameleon decoder on the CPU, in one call: embeddings,
+    every layer (the kernels of :func:`rms_norm`, :func:`linear`, :func:`qk_norm_rope`,
+    :func:`kv_append`, :func:`paged_attention`, :func:`swiglu`) and the logits of some rows.
+    It calls the same kernels in the same order as the per-op CPU path, so its logits are
+    bit-identical to that path's when that path sends every projection to :func:`linear`;
+    what it saves is the ~10 Python calls a layer (the host overhead of a decode step).
+
+    Args:
+        config: ``rms_norm_eps``, ``qk_norm_eps``, ``swin_norm``.
+        embed: ``[V, H]`` embedding table (float32 or bfloat16: the activation dtype).
+        final_norm: ``[H]``; inv_freq: float32 ``[D / 2]`` (RoPE).
+        layers: per layer a dict of ``input_layernorm``, ``post_attention_layernorm``,
+            ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` (``[N, K]``, the
+            activation dtype or int8) with ``<name>_scales`` (float32 ``[N]`` for int8,
+            else None), ``q_norm_weight`` / ``q_norm_bias`` ``[Hq, D]``, ``k_norm_weight``
+            / ``k_norm_bias`` ``[Hkv, D]``.
+        caches: per layer ``(k_cache, v_cache)`` ``[NB, BS, Hkv, D]`` (written by steps).
+        heads: logit heads ``(weight [N_h, H], scales or None)``; a step names one.
+
+    Every tensor must be a contiguous CPU tensor; the object keeps them alive, and the
+    caller must not resize or replace them while it exists. Not thread-safe (one scratch).
+    """
+
+    def __init__(self, config: dict, embed: torch.Tensor, final_norm: torch.Tensor,
+                 inv_freq: torch.Tensor, layers: Sequence[dict],
+                 caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]]):
+        for name, t in (("embed", embed), ("final_norm", final_norm), ("inv_freq", inv_freq)):
+            _require_tensor(name, t)
+        layer_args = []
+        for i, layer in enumerate(layers):
+            args = {}
+            for name, t in layer.items():
+                if t is not None:
+                    _require_tensor(f"layers[{i}].{name}", t)
+                args[name] = _dl_opt(t)
+            layer_args.append(args)
+        self.head_rows = [int(_require_tensor(f"heads[{i}]", w).shape[0])
+                          for i, (w, _) in enumerate(heads)]
+        # The native module only (the emulator copies a tensor per call; this keeps them).
+        self._impl = _ext._C.CpuDecoder(
+            dict(config), _dl(embed), _dl(final_norm), _dl(inv_freq), layer_args,
+            [(_dl(k), _dl(v)) for k, v in caches],
+            [(_dl(w), _dl_opt(sc)) for w, sc in heads])
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+             block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             rows: torch.Tensor, max_q_len: int, max_seq_len: int,
+             head: int = 0) -> torch.Tensor | None:
+        """One step over ``T`` packed tokens (the :func:`paged_attention` layout: int64
+        ``ids`` / ``positions`` ``[T]``, int32 ``slots [T]``, ``block_tables [B, MB]``,
+        ``seq_lens [B]``, ``cu_seqlens_q [B + 1]``); writes the step's keys and values to
+        the caches and returns float32 logits ``[R, N_head]`` of the int64 ``rows [R]``
+        (None for R = 0). Every index is range-checked (ValueError naming it)."""
+        n = rows.shape[0]
+        if not 0 <= head < len(self.head_rows):
+            raise ValueError(f"CpuDecoder.step: head {head} does not exist (the decoder has "
+                             f"{len(self.head_rows)})")
+        logits = torch.empty((n, self.head_rows[head]), dtype=torch.float32) if n else None
+        self._impl.step(_dl(ids), _dl(positions), _dl(slots), _dl(block_tables),
+                        _dl(seq_lens), _dl(cu_seqlens_q), _dl(rows), int(max_q_len),
+                        int(max_seq_len), int(head), _dl_opt(logits))
+        return logits

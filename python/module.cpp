@@ -29,6 +29,7 @@ PYBIND11_MODULE(CM3RT_MODULE_NAME, m) {
 #if defined(CM3RT_EMU)
   cm3rt::py_binding::bind_emulator(m);
 #else
+  cm3rt::py_binding::bind_decoder(m);
   m.attr("EMULATED") = false;
 #endif
 }

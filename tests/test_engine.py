@@ -346,10 +346,17 @@ def test_decode_graphs_match_eager_steps(model_dir, device):
         assert tokens_of(out) == expected(m, req)
 
 
-def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch):
-    eng = make_engine(model)
+@pytest.mark.parametrize("cpu_decoder", [False, True], ids=["per-op", "whole-step"])
+def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, monkeypatch,
+                                                                         cpu_decoder):
+    eng = make_engine(model, cpu_decoder=cpu_decoder)
     eng.raise_step_errors = False  # serving behaviour (the suite sets it True)
-    real = model.forward_step
+    # The second forward fails, whichever path runs it (decode steps take the whole-step
+    # CPU decoder when the engine has one).
+    owner = eng.runner.cpu_decoder if cpu_decoder else model
+    name = "step" if cpu_decoder else "forward_step"
+    assert owner is not None
+    real = getattr(owner, name)
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -358,12 +365,13 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, 
             raise RuntimeError("simulated device failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward_step", flaky)
+    monkeypatch.setattr(owner, name, flaky)
     outs = eng.generate([text_to_image(90, "cfg"), text_request(91)])
+    assert calls["n"] >= 2
     assert all(isinstance(o.error, RuntimeError) for o in outs)
     assert "simulated device failure" in str(outs[0].error)
     assert eng.pool.num_free == eng.pool.num_blocks
-    monkeypatch.setattr(model, "forward_step", real)
+    monkeypatch.setattr(owner, name, real)
     (ok,) = eng.generate([text_to_image(92, "cfg")])
     assert tokens_of(ok) == expected(model, text_to_image(92, "cfg"))
 
@@ -390,5 +398,6 @@ def test_a_step_error_propagates_when_raise_step_errors(model, monkeypatch):
         raise TypeError("a programming error")
 
     monkeypatch.setattr(model, "forward_step", broken)
+    monkeypatch.setattr(eng.runner.cpu_decoder, "step", broken)
     with pytest.raises(TypeError, match="a programming error"):
         eng.generate([text_request(96)])

@@ -39,16 +39,21 @@ def test_tokens_equal_the_full_vocabulary_computation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "compute_logits", spy)
     image = picture(3)
-    full = Engine(model, proc, num_blocks=256, block_size=4, image_span_logits=False)
+    # The per-op CPU path (compute_logits is what it calls; the whole-step CPU decoder,
+    # compared with it below, takes the same heads inside C++).
+    full = Engine(model, proc, num_blocks=256, block_size=4, image_span_logits=False,
+                  cpu_decoder=False)
     want = full.generate(_requests(image))
     assert heads and set(heads) == {-1}
     heads.clear()
-    fast = Engine(model, proc, num_blocks=256, block_size=4)
+    fast = Engine(model, proc, num_blocks=256, block_size=4, cpu_decoder=False)
     got = fast.generate(_requests(image))
     n_codes = len(proc.text.image_token_ids)
     assert n_codes in heads and -1 in heads  # image-span steps, and the text / mixed ones
-    for w, g in zip(want, got):
-        assert w.ok and g.ok
-        for ws, gs in zip(w.samples, g.samples):
+    whole = Engine(model, proc, num_blocks=256, block_size=4).generate(_requests(image))
+    for w, g, c in zip(want, got, whole):
+        assert w.ok and g.ok and c.ok
+        for ws, gs, cs in zip(w.samples, g.samples, c.samples):
             assert gs.token_ids == ws.token_ids
             assert gs.logprobs == pytest.approx(ws.logprobs, abs=1e-5)
+            assert cs.token_ids == gs.token_ids and cs.logprobs == gs.logprobs

@@ -32,6 +32,9 @@ class EngineConfig:
         image_span_logits: in a step where every group is inside an image span, compute
             only the image-code rows of lm_head (8192 of 65536 for Chameleon) and sample
             among them; the tokens are those of the full computation.
+        cpu_decoder: on the CPU, run each step whose projections all go to cm3rt's linear
+            kernel (decode steps) as one C++ call (:class:`cm3rt.ops.CpuDecoder`) instead of
+            ~10 Python-level kernel calls a layer; the logits are the same bit for bit.
     """
 
     block_size: int = 16
@@ -45,6 +48,7 @@ class EngineConfig:
     max_model_len: int | None = None
     tokens_per_image: int | None = None
     image_span_logits: bool = True
+    cpu_decoder: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

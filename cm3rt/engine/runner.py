@@ -82,6 +82,11 @@ class ModelRunner:
             self.channel = StepChannel(tp)
             self.channel.send_init(num_blocks, self.block_size,
                                    self.image_ids if self.image_head is not None else [])
+        # CPU steps whose projections all go to cm3rt's linear kernel run as one C++ call.
+        self.cpu_decoder = None
+        if config.cpu_decoder and self.channel is None and hasattr(model, "cpu_decoder"):
+            heads = [None] if self.image_head is None else [None, self.image_head]
+            self.cpu_decoder = model.cpu_decoder(self.cache.layers, heads)  # head 1: images
         self.graphs = None
         if config.use_cuda_graphs and self.device.type == "cuda" and self.channel is None:
             from cm3rt.engine.cuda_graphs import DecodeGraphRunner
@@ -113,7 +118,15 @@ class ModelRunner:
                 logits, image_only = logits_all.index_select(0, x.rows), False
         if logits is None:
             head = self.image_head if image_only else None
-            if self.channel is None:
+            num_rows = x.rows.shape[0]
+            if self.cpu_decoder is not None and not ops.emulating() and \
+                    self.model.cpu_decoder_takes(x.ids.shape[0], num_rows, head):
+                self.cache.copy_blocks(copies)
+                m = x.meta
+                logits = self.cpu_decoder.step(x.ids, x.pos, m.slots, m.block_tables,
+                                               m.seq_lens, m.cu_seqlens_q, x.rows,
+                                               m.max_q_len, m.max_seq_len, int(image_only))
+            elif self.channel is None:
                 logits = forward_logits(self.model, self.cache, copies, x, bool(out.samples),
                                         head)
             else:

@@ -70,13 +70,18 @@ KERNEL_ROWS = {torch.bfloat16: (1, 64), torch.float32: (2, _FP32_MOST_ROWS)}
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def uses_linear_kernel(rows: int, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether :func:`project` sends ``rows`` rows times ``weight`` to :func:`ops.linear`:
+    int8 weights (``scales`` per output channel) always, CPU bfloat16 / float32 weights for
+    few rows (:data:`KERNEL_ROWS`); everything else goes to torch."""
+    fewest, most = KERNEL_ROWS.get(weight.dtype, (1, 0))
+    return scales is not None or (not weight.is_cuda and fewest <= rows <= most)
+
+
 def project(x: torch.Tensor, weight: torch.Tensor,
             scales: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T``: int8 weights (``scales`` per output channel) always, and CPU
-    bfloat16 / float32 weights for few rows (:data:`KERNEL_ROWS`), through
-    :func:`ops.linear`; everything else through torch."""
-    fewest, most = KERNEL_ROWS.get(weight.dtype, (1, 0))
-    if scales is not None or (not x.is_cuda and fewest <= x.shape[0] <= most):
+    """``x @ weight^T``, through :func:`ops.linear` or torch (:func:`uses_linear_kernel`)."""
+    if uses_linear_kernel(x.shape[0], weight, scales):
         return ops.linear(x, weight, scales)
     return F.linear(x, weight)
 
@@ -443,6 +448,41 @@ class ChameleonModel(nn.Module):
             return logits[:, :self.config.vocab_size] if self.tp.enabled else logits
         logits = self.tp.all_gather_columns(project(h, head.weight, head.scales).float())
         return logits if head.columns is None else logits.index_select(1, head.columns)
+
+    def cpu_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                    heads: list[LogitHead | None]) -> ops.CpuDecoder | None:
+        """The whole-step CPU forward (:class:`ops.CpuDecoder`) over ``kv_caches`` with
+        logit ``heads`` (None: the whole lm_head); None where it does not apply: not on the
+        CPU, tensor-parallel, or activations neither float32 nor bfloat16. A step may use it
+        when :meth:`cpu_decoder_takes` says so; its logits are then :meth:`forward_step` +
+        :meth:`compute_logits`'s, bit for bit. Rebuild it after :meth:`quantize_int8_`."""
+        if self.device.type != "cpu" or self.tp.enabled or \
+                self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        c = self.config
+        names = ("input_layernorm", "post_attention_layernorm", "q_norm_weight", "q_norm_bias",
+                 "k_norm_weight", "k_norm_bias") + PROJECTIONS + tuple(
+                     f"{n}_scales" for n in PROJECTIONS)
+        layers = [{n: getattr(layer, n) for n in names} for layer in self.layers]
+        head_args = [(self.lm_head, None) if h is None else (h.weight, h.scales)
+                     for h in heads]
+        return ops.CpuDecoder(
+            {"rms_norm_eps": c.rms_norm_eps, "qk_norm_eps": c.qk_norm_eps,
+             "swin_norm": c.swin_norm},
+            self.embed_tokens, self.norm, self.inv_freq, layers, kv_caches, head_args)
+
+    def cpu_decoder_takes(self, num_tokens: int, num_rows: int,
+                          head: LogitHead | None) -> bool:
+        """Whether a CPU step of ``num_tokens`` tokens and ``num_rows`` logit rows through
+        ``head`` runs every projection on :func:`ops.linear` (:func:`uses_linear_kernel`),
+        so that :meth:`cpu_decoder`'s step equals the per-op path bit for bit."""
+        layer = self.layers[0]
+        if not uses_linear_kernel(num_tokens, layer.qkv_proj, layer.qkv_proj_scales):
+            return False
+        if num_rows == 0:
+            return True
+        weight, scales = (self.lm_head, None) if head is None else (head.weight, head.scales)
+        return uses_linear_kernel(num_rows, weight, scales)
 
     def lm_head_rows(self, token_ids: torch.Tensor) -> LogitHead:
         """A contiguous copy of the lm_head rows of ``token_ids`` (e.g. the image codes:
