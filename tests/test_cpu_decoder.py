@@ -129,7 +129,8 @@ def test_takes_only_steps_whose_projections_all_use_the_kernel():
     assert fp32.cpu_decoder_takes(hi, lo, None) and not fp32.cpu_decoder_takes(hi + 1, lo, None)
     assert not fp32.cpu_decoder_takes(lo, lo - 1, None)  # the lm_head rows decide too
     assert fp32.cpu_decoder_takes(hi, 0, None)  # nothing to sample: the layers decide
-    assert bf16.cpu_decoder_takes(64, 64, None) and not bf16.cpu_decoder_takes(65, 8, None)
+    lo, hi = KERNEL_ROWS[torch.bfloat16]
+    assert bf16.cpu_decoder_takes(hi, hi, None) and not bf16.cpu_decoder_takes(hi + 1, 8, None)
     int8 = _model(torch.float32, True, False)
     assert int8.cpu_decoder_takes(500, 1, int8.lm_head_rows(torch.arange(8)))
     assert _model(torch.float16, False, False).cpu_decoder([], [None]) is None

@@ -57,16 +57,20 @@ def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 
 # The row counts (fewest, most) for which a CPU projection goes to cm3rt's weight-streaming
 # kernel rather than torch's, by weight dtype and by the best CPU kernel the machine has
-# (ops.linear_cpu_kernels). Measured crossovers (bench/bench_linear.py, 2816 x 1024, one
-# thread):
+# (ops.linear_cpu_kernels, and VDPBF16PS in ops.build_info()["simd"]). Measured crossovers
+# (bench/bench_linear.py, 2816 x 1024, one thread):
 # * AVX2 (no bf16 instructions): torch's bf16 GEMM is 2-4x slower than the kernel at every
 #   M up to 64; MKL's fp32 GEMM 1.4-2.2x slower for M = 2..8, faster at M = 1 (its GEMV),
 #   level from M = 12.
 # * AVX-512 + AMX (Sapphire Rapids class): bf16 (AMX) faster up to M = 64 (752 vs 780 us);
 #   fp32 (AVX-512) 2.7x faster at M = 8 and 1.35x at M = 16, slower at M = 32, level at 1.
+# * AVX-512 with AVX512_BF16, no AMX (AMD Zen 4): bf16 (VDPBF16PS) faster up to M = 32
+#   (1431 vs 1481 us; 306 vs 481 at M = 8), slower at 64 (3212 vs 2391).
 # A decode step of 4 CFG pairs is 8 rows.
-_FP32_MOST_ROWS = 16 if "avx512" in ops.linear_cpu_kernels() else 8
-KERNEL_ROWS = {torch.bfloat16: (1, 64), torch.float32: (2, _FP32_MOST_ROWS)}
+_KERNELS = ops.linear_cpu_kernels()
+_FP32_MOST_ROWS = 16 if "avx512" in _KERNELS else 8
+_BF16_MOST_ROWS = 32 if "amx" not in _KERNELS and "bf16" in ops.build_info()["simd"] else 64
+KERNEL_ROWS = {torch.bfloat16: (1, _BF16_MOST_ROWS), torch.float32: (2, _FP32_MOST_ROWS)}
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 

@@ -18,7 +18,9 @@ std::string cuda_archs() {
 }
 
 std::string simd_level() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "avx512+bf16";  // VDPBF16PS: the linear kernel's bf16 x bf16 tile
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma";
