@@ -55,6 +55,33 @@ def test_each_cpu_kernel_matches_float64(kernel, M, N, K, x_dtype, w_dtype):
         _check_against_float64("cpu", M, N, K, x_dtype, w_dtype)
 
 
+@pytest.mark.parametrize("kernel", ["amx", "avx512", "portable"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_non_finite_x_rows_give_non_finite_outputs_and_spare_the_others(kernel, x_dtype,
+                                                                        w_dtype):
+    """A NaN or infinity in a row of x makes that row's outputs non-finite, as fp32 math
+    would, and leaves the other rows right (the int8 kernels that quantise x per row, to
+    int16 or int8 digits, must not turn it into numbers)."""
+    if kernel not in ops.linear_cpu_kernels():
+        pytest.skip(f"this machine's CPU linear kernels are {ops.linear_cpu_kernels()}")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 200, generator=g)
+    x[1, 3], x[3, 150] = float("nan"), float("inf")
+    x = x.to(x_dtype)
+    w = torch.randn(40, 200, generator=g)
+    scales = None
+    if w_dtype == torch.int8:
+        w, scales = ops.quantize_int8(w)
+    w = w.to(w_dtype)
+    with ops.linear_cpu_kernel(kernel):
+        out = ops.linear(x, w, scales).double()
+    assert not out[1].isfinite().any() and not out[3].isfinite().any()
+    ok = [0, 2, 4]
+    ref = _reference(x[ok], w, scales)
+    assert (out[ok] - ref).abs().max().item() <= TOL[x_dtype] * (ref.abs().max().item() + 1) * 200 ** 0.5
+
+
 def test_linear_cpu_kernel_names():
     kernels = ops.linear_cpu_kernels()
     assert kernels[-1] == "portable" and set(kernels) <= {"amx", "avx512", "portable"}
