@@ -100,9 +100,8 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K,
 #if defined(__AVX512BF16__)
 // The same dots for bf16 x and bf16 weights with VDPBF16PS: 32 elements of K a step, each
 // lane the exact products of one bf16 pair added to its fp32 accumulator (denormals
-// flushed), so nothing is widened. Where the CPU runs it at the FMA rate (AMD Zen 4: 2816 x
-// 1024, M = 8, one thread: 1305 -> see bench_linear) it does twice the multiply-adds per
-// instruction and saves the widening shifts; on Sapphire Rapids it runs at half that rate,
+// flushed), so nothing is widened. On AMD Zen 4 (2816 x 1024, M = 8, one thread) it takes
+// 306 us where widening + FMA took 1305; on Sapphire Rapids it runs at half the FMA rate,
 // but there the AMX kernel takes bf16 weights first.
 template <int R, int C>
 void tile_dpbf16(const bf16_t* x, int64_t xs, const bf16_t* const* w, int64_t ahead, int K,
@@ -318,10 +317,9 @@ void linear_impl(const LinearParams& p) {
     linear_rows<TW>(static_cast<const bf16_t*>(p.x), p.x_stride, p.M, p, out);
 #endif
   } else {
-    // bf16 x is widened to fp32 once per block of rows: widening it inside the tile would
-    // cost as much as the FMAs (2 instructions per 16 elements per row), and VDPBF16PS,
-    // which needs no widening, runs at half the FMA rate per multiply-add on the CPUs
-    // measured (Sapphire Rapids: 32 pairs every other cycle vs 2 x 16 FMAs per cycle).
+    // bf16 x with fp32 / int8 weights (or without AVX512_BF16) is widened to fp32 once per
+    // block of rows: widening it inside the tile would cost as much as the FMAs (2
+    // instructions per 16 elements per row).
     const TX* x = static_cast<const TX*>(p.x);
     float* xf = cpu::thread_scratch<float>(size_t(std::min(p.M, kLinearRowBlock)) * p.K);
     for (int m0 = 0; m0 < p.M; m0 += kLinearRowBlock) {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "attention/kv_append.h"
 #include "attention/paged_attention.h"
@@ -40,26 +41,24 @@ struct Buffers {
   char* head_out;  // [R, V_h] (bfloat16 models: the logits before widening)
 };
 
-struct Layout {
-  size_t offsets[11];
-  size_t total;
-};
-
-Layout layout(const DecoderWeights& w, int T, int R, int head) {
+// Cuts the buffers of a step of T tokens and R logit rows through `head` from `base`, each
+// 64-byte aligned, and returns the bytes they take (base nullptr: only counts them).
+size_t cut_buffers(const DecoderWeights& w, int T, int R, int head, char* base, Buffers& b) {
   const size_t e = size_t(dtype_size(w.dtype));
-  const size_t qkv_width = size_t(w.Hq + 2 * w.Hkv) * w.D;
   const size_t head_rows = head >= 0 && head < int(w.heads.size()) ? w.heads[head].N : 0;
-  const size_t sizes[11] = {
-      T * size_t(w.H) * e, T * size_t(w.H) * e, T * size_t(w.H) * e, T * qkv_width * e,
-      T * size_t(w.Hq) * w.D * e, T * size_t(2 * w.I) * e, T * size_t(w.I) * e,
-      R * size_t(w.H) * e, R * size_t(w.H) * e, R * size_t(w.H) * e,
-      w.dtype == DType::kFloat32 ? 0 : R * head_rows * e};
-  Layout l{};
-  for (int i = 0; i < 11; ++i) {
-    l.offsets[i] = l.total;
-    l.total += aligned(sizes[i]);
+  const std::pair<char**, size_t> parts[] = {
+      {&b.residual, size_t(T) * w.H}, {&b.delta, size_t(T) * w.H},
+      {&b.normed, size_t(T) * w.H}, {&b.qkv, size_t(T) * (w.Hq + 2 * w.Hkv) * w.D},
+      {&b.attn, size_t(T) * w.Hq * w.D}, {&b.gate_up, size_t(T) * 2 * w.I},
+      {&b.act, size_t(T) * w.I}, {&b.rows_res, size_t(R) * w.H},
+      {&b.rows_delta, size_t(R) * w.H}, {&b.rows_normed, size_t(R) * w.H},
+      {&b.head_out, w.dtype == DType::kFloat32 ? 0 : size_t(R) * head_rows}};
+  size_t total = 0;
+  for (const auto& [field, elements] : parts) {
+    *field = base ? base + total : nullptr;
+    total += aligned(elements * e);
   }
-  return l;
+  return total;
 }
 
 void project(const ProjectionWeight& p, const void* x, int M, void* out, DType act) {
@@ -245,20 +244,17 @@ void validate_decoder_step(const DecoderWeights& w, const DecoderStepInputs& s) 
 }
 
 size_t decoder_step_scratch_bytes(const DecoderWeights& w, int T, int R, int head) {
-  return layout(w, T, R, head).total;
+  Buffers unused{};
+  return cut_buffers(w, T, R, head, nullptr, unused);
 }
 
 void decoder_step_cpu(const DecoderWeights& w, const DecoderStepInputs& s, void* scratch,
                       size_t scratch_bytes) {
-  const Layout l = layout(w, s.T, s.R, s.head);
-  if (scratch_bytes < l.total)
+  Buffers b{};
+  const size_t need = cut_buffers(w, s.T, s.R, s.head, static_cast<char*>(scratch), b);
+  if (scratch_bytes < need)
     fail("scratch holds " + std::to_string(scratch_bytes) + " bytes, the step needs " +
-         std::to_string(l.total));
-  char* base = static_cast<char*>(scratch);
-  const Buffers b{base + l.offsets[0], base + l.offsets[1], base + l.offsets[2],
-                  base + l.offsets[3], base + l.offsets[4], base + l.offsets[5],
-                  base + l.offsets[6], base + l.offsets[7], base + l.offsets[8],
-                  base + l.offsets[9], base + l.offsets[10]};
+         std::to_string(need));
   const int T = s.T;
   const size_t row_bytes = size_t(w.H) * dtype_size(w.dtype);
   const int64_t state = int64_t(T) * w.H;
