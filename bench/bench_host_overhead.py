@@ -5,10 +5,11 @@ model whose arithmetic is negligible (1 layer, hidden 64, 2 heads, a vocabulary 
 Run: OMP_WAIT_POLICY=passive python -m pytest bench/bench_host_overhead.py -q -s
 
 4 CFG prompts (8 streams) decode 128 image tokens each on one thread, through both CPU paths
-of a step (per-op: forward_step + compute_logits; whole-step: one ops.CpuDecoder call, the
-default), in interleaved rounds; prints each path's median step and its parts (schedule,
-pack_step, forward (whole-step: the decoder call, logits included), logits, sampling;
-"rest" = engine bookkeeping). The step time includes the kernels' own arithmetic (8 rows x
+of a step (per-op: forward_step + compute_logits + sample_logits; whole-step: one
+ops.CpuDecoder.step_sample call on the packed buffers, the default), in interleaved rounds;
+prints each path's median step and its parts (schedule, pack_step, forward, logits,
+sampling; step_sample = the whole-step call: forward, logits and sampling; "rest" = engine
+bookkeeping). The step time includes the kernels' own arithmetic (8 rows x
 ~74k weights, ~1.2 MFLOP), which on this model is not nothing. Target: <= 150 us.
 """
 
@@ -100,7 +101,7 @@ def test_host_overhead_per_step():
     for eng in paths.values():
         timed(eng.scheduler, "schedule", "schedule")  # (instance attributes shadow methods)
         if eng.runner.cpu_decoder is not None:
-            timed(eng.runner.cpu_decoder, "step", "forward")
+            timed(eng.runner.cpu_decoder, "step_sample", "step_sample")
     try:
         for eng in paths.values():
             eng.generate(requests(8, 100))  # warm-up
@@ -126,6 +127,6 @@ def test_host_overhead_per_step():
         record(bench="host_overhead", model="1 layer, hidden 64, vocab 1024", streams=8,
                path=name, step_us=round(step),
                **{f"{k}_us": round(median.get(k, 0.0)) for k in
-                  ("schedule", "pack_step", "forward", "logits", "sampling")},
+                  ("schedule", "pack_step", "forward", "logits", "sampling", "step_sample")},
                rest_us=round(step - sum(median.values())),
                target="<= 150 us" if name == "whole-step" else "")

@@ -636,3 +636,19 @@ class CpuDecoder:
                         _dl(seq_lens), _dl(cu_seqlens_q), _dl(rows), int(max_q_len),
                         int(max_seq_len), int(head), _dl_opt(logits))
         return logits
+
+    def step_sample(self, i64: torch.Tensor, i32: torch.Tensor, f32: torch.Tensor,
+                    dims: tuple[int, ...], head: int = 0,
+                    allowed_bits: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+        """One step from the engine's three packed host buffers
+        (:class:`cm3rt.engine.step_inputs.PackedStep`: int64 ids, positions, rows, seed,
+        step; int32 slots, seq_lens, cu_seqlens_q, block tables, streams, mode, top_k, cd_k,
+        mask_kind; float32 temperature, top_p, cfg_scale, cfg_image_scale, cd_alpha; ``dims``
+        = (T, B, R, G, MB, max_q_len, max_seq_len)): the forward of :meth:`step`, then one
+        :func:`sample_logits` draw per group from logits that never leave C++.
+        ``allowed_bits``: the packed allowed-token table ``[kinds, ceil(N_head / 32)]`` whose
+        row ``mask_kind[g]`` group ``g`` reads, or None (every column of the head allowed).
+        Returns (tokens as head columns, logprobs), one per group; token -1 as in
+        :func:`sample_logits`. Three tensor imports a step instead of about twenty."""
+        return self._impl.step_sample(_dl(i64), _dl(i32), _dl(f32), tuple(dims), int(head),
+                                      _dl_opt(allowed_bits))

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <array>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -15,6 +16,8 @@
 
 #include "bindings.h"
 #include "model/decoder_cpu.h"
+#include "sample_groups.h"
+#include "sampling/sample_logits.h"
 #include "tensor_arg.h"
 
 namespace cm3rt::py_binding {
@@ -97,9 +100,7 @@ class CpuDecoder {
     s.head = head;
     TensorArg logits;
     if (R > 0) {
-      if (head < 0 || head >= int(w_.heads.size()))
-        fail_value(kOp, "head " + std::to_string(head) + " does not exist (the decoder has " +
-                            std::to_string(w_.heads.size()) + ")");
+      check_head(head);
       logits = import_tensor(logits_obj, "logits");
       check_cpu_contiguous(logits);
       check_dtype(kOp, logits, {DType::kFloat32});
@@ -108,14 +109,125 @@ class CpuDecoder {
       s.logits = logits.ptr<float>();
     }
     validate_decoder_step(w_, s);
-    const size_t need = decoder_step_scratch_bytes(w_, s.T, s.R, head);
-    if (need > scratch_bytes_) {
-      scratch_.reset(static_cast<char*>(std::aligned_alloc(64, (need + 63) / 64 * 64)));
-      if (!scratch_) throw std::bad_alloc();
-      scratch_bytes_ = need;
-    }
+    reserve_scratch(decoder_step_scratch_bytes(w_, s.T, s.R, head));
     py::gil_scoped_release release;
     decoder_step_cpu(w_, s, scratch_.get(), scratch_bytes_);
+  }
+
+  // One step from the engine's packed host buffers (cm3rt/engine/step_inputs.py, PackedStep):
+  // the forward, then one token per sampling group, drawn by the sampler kernel from logits
+  // that stay in this object's scratch. -> (tokens, logprobs) as lists, tokens as columns of
+  // the head (the image head's column k is its k-th row). The buffers' layout, for
+  // dims = (T, B, R, G, MB, max_q_len, max_seq_len):
+  //   int64:   ids [T], positions [T], rows [R], seed [G], step [G]
+  //   int32:   slots [T], seq_lens [B], cu_seqlens_q [B + 1], block_tables [B * MB],
+  //            streams [G], mode [G], top_k [G], cd_k [G], mask_kind [G]
+  //   float32: temperature [G], top_p [G], cfg_scale [G], cfg_image_scale [G], cd_alpha [G]
+  // allowed_bits: the engine's packed allowed-token table [kinds, ceil(N_head / 32)] (group g
+  // reads row mask_kind[g]), or None: every column allowed (the image head).
+  py::tuple step_sample(py::handle i64_obj, py::handle i32_obj, py::handle f32_obj,
+                        std::array<int64_t, 7> dims, int head, py::handle allowed_bits_obj) {
+    const auto [T, B, R, G, MB, max_q_len, max_seq_len] = dims;
+    if (T < 1 || B < 1 || R < 0 || G < 0 || MB < 1 || G > R || max_q_len < 1 ||
+        max_seq_len < 1 || T > INT32_MAX || R > INT32_MAX || B * MB > INT32_MAX)
+      fail_value(kOp, "dims (T, B, R, G, MB, max_q_len, max_seq_len) = (" + join(dims) +
+                          ") do not describe a step");
+    TensorArg i64 = step_arg(i64_obj, "i64", DType::kInt64);
+    TensorArg i32 = step_arg(i32_obj, "i32", DType::kInt32);
+    TensorArg f32 = step_arg(f32_obj, "f32", DType::kFloat32);
+    check_shape(kOp, i64, {2 * T + R + 2 * G}, "[2 T + R + 2 G]");
+    check_shape(kOp, i32, {T + 2 * B + 1 + B * MB + 5 * G}, "[T + 2 B + 1 + B MB + 5 G]");
+    check_shape(kOp, f32, {5 * G}, "[5 G]");
+    const int64_t* q = i64.ptr<const int64_t>();
+    const int32_t* d = i32.ptr<const int32_t>();
+    const float* f = f32.ptr<const float>();
+    DecoderStepInputs s{};
+    s.ids = q;
+    s.positions = q + T;
+    s.rows = q + 2 * T;
+    const int64_t* seed = q + 2 * T + R;
+    const int64_t* step = seed + G;
+    s.slots = d;
+    s.seq_lens = d + T;
+    s.cu_seqlens_q = d + T + B;
+    s.block_tables = d + T + 2 * B + 1;
+    const int32_t* group_ints = s.block_tables + B * MB;  // streams, mode, top_k, cd_k, kind
+    s.T = int(T);
+    s.B = int(B);
+    s.MB = int(MB);
+    s.R = int(R);
+    s.max_q_len = int(max_q_len);
+    s.max_seq_len = int(max_seq_len);
+    s.head = head;
+    if (R > 0) check_head(head);
+    const int N = R > 0 ? w_.heads[head].N : 0;
+    if (N > kMaxSampleVocab)
+      fail_value(kOp, "head " + std::to_string(head) + " has " + std::to_string(N) +
+                          " rows, more than the sampler's " + std::to_string(kMaxSampleVocab));
+    validate_decoder_step(w_, s);
+    // The sampler's groups: checked on the host like sample_logits' [G] tensors.
+    const SampleGroupsView v{group_ints, group_ints + G, f, group_ints + 2 * G, f + G,
+                             f + 2 * G, f + 3 * G, f + 4 * G, group_ints + 3 * G};
+    check_sample_groups(kOp + ".step_sample", int(G), R, v, SampleGroupNames{
+        true, true, true, true, true, true, true, true, true});
+    const int32_t* kinds = group_ints + 4 * G;
+    TensorArg allowed;
+    const uint32_t* allowed_rows = nullptr;
+    if (!allowed_bits_obj.is_none() && G > 0) {
+      allowed = import_tensor(allowed_bits_obj, "allowed_bits");
+      check_cpu_contiguous(allowed);
+      check_dtype(kOp, allowed, {DType::kInt32});
+      check_rank(kOp, allowed, 2, "[kinds, ceil(N_head / 32)]");
+      const int64_t words = (N + 31) / 32;
+      check_shape(kOp, allowed, {allowed.dim(0), words}, "[kinds, ceil(N_head / 32)]");
+      for (int64_t g = 0; g < G; ++g)
+        if (kinds[g] < 0 || kinds[g] >= allowed.dim(0))
+          fail_value(kOp, "mask_kind[" + std::to_string(g) + "] = " + std::to_string(kinds[g]) +
+                              " is not a row of 'allowed_bits' (" +
+                              std::to_string(allowed.dim(0)) + " rows)");
+      // The rows the groups read, gathered: the sampler takes [G, words] with a row stride.
+      mask_rows_.resize(size_t(G * words));
+      const auto* table = allowed.ptr<const uint32_t>();
+      for (int64_t g = 0; g < G; ++g)
+        std::copy(table + kinds[g] * words, table + (kinds[g] + 1) * words,
+                  mask_rows_.begin() + g * words);
+      allowed_rows = mask_rows_.data();
+    }
+    logits_.resize(size_t(R) * size_t(N));
+    s.logits = R > 0 ? logits_.data() : nullptr;
+    reserve_scratch(decoder_step_scratch_bytes(w_, s.T, s.R, head));
+    std::vector<int64_t> tokens(static_cast<size_t>(G));
+    std::vector<float> logprobs(static_cast<size_t>(G));
+    {
+      py::gil_scoped_release release;
+      decoder_step_cpu(w_, s, scratch_.get(), scratch_bytes_);
+      if (G > 0) {
+        SampleLogitsParams p{};
+        p.logits = logits_.data();
+        p.row_stride = N;
+        p.dtype = DType::kFloat32;
+        p.R = int(R);
+        p.V = N;
+        p.G = int(G);
+        p.streams = PerGroup<int32_t>{v.streams, 0};
+        p.mode = PerGroup<int32_t>{v.mode, 0};
+        p.temperature = PerGroup<float>{v.temperature, 0.0f};
+        p.top_k = PerGroup<int32_t>{v.top_k, 0};
+        p.top_p = PerGroup<float>{v.top_p, 0.0f};
+        p.cfg_scale = PerGroup<float>{v.cfg_scale, 0.0f};
+        p.cfg_image_scale = PerGroup<float>{v.cfg_image_scale, 0.0f};
+        p.cd_alpha = PerGroup<float>{v.cd_alpha, 0.0f};
+        p.cd_k = PerGroup<int32_t>{v.cd_k, 0};
+        p.seed = PerGroup<int64_t>{seed, 0};
+        p.step = PerGroup<int64_t>{step, 0};
+        p.allowed_bits = allowed_rows;
+        p.allowed_bits_stride = allowed_rows ? (N + 31) / 32 : 0;
+        p.tokens = tokens.data();
+        p.logprobs = logprobs.data();
+        sample_logits_cpu(p);
+      }
+    }
+    return py::make_tuple(py::cast(tokens), py::cast(logprobs));
   }
 
   int num_heads() const { return int(w_.heads.size()); }
@@ -124,6 +236,25 @@ class CpuDecoder {
   struct FreeDeleter {
     void operator()(char* p) const { std::free(p); }
   };
+
+  void check_head(int head) const {
+    if (head < 0 || head >= int(w_.heads.size()))
+      fail_value(kOp, "head " + std::to_string(head) + " does not exist (the decoder has " +
+                          std::to_string(w_.heads.size()) + ")");
+  }
+
+  void reserve_scratch(size_t need) {
+    if (need <= scratch_bytes_) return;
+    scratch_.reset(static_cast<char*>(std::aligned_alloc(64, (need + 63) / 64 * 64)));
+    if (!scratch_) throw std::bad_alloc();
+    scratch_bytes_ = need;
+  }
+
+  static std::string join(const std::array<int64_t, 7>& v) {
+    std::string out;
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+    return out;
+  }
 
   TensorArg& keep(py::handle obj, const std::string& name) {
     kept_.push_back(std::make_unique<TensorArg>(import_tensor(obj, name)));
@@ -233,6 +364,8 @@ class CpuDecoder {
   std::vector<std::unique_ptr<TensorArg>> kept_;  // stable addresses: keep() returns refs
   std::unique_ptr<char, FreeDeleter> scratch_;
   size_t scratch_bytes_ = 0;
+  std::vector<float> logits_;         // step_sample's logits [R, N_head]
+  std::vector<uint32_t> mask_rows_;   // step_sample's allowed rows [G, ceil(N_head / 32)]
 };
 
 }  // namespace
@@ -249,6 +382,8 @@ void bind_decoder(py::module_& m) {
            py::arg("block_tables"), py::arg("seq_lens"), py::arg("cu_seqlens_q"),
            py::arg("rows"), py::arg("max_q_len"), py::arg("max_seq_len"), py::arg("head"),
            py::arg("logits"))
+      .def("step_sample", &CpuDecoder::step_sample, py::arg("i64"), py::arg("i32"),
+           py::arg("f32"), py::arg("dims"), py::arg("head"), py::arg("allowed_bits"))
       .def_property_readonly("num_heads", &CpuDecoder::num_heads);
 }
 

@@ -12,6 +12,7 @@
 #include "common/device.h"
 #include "sampling/philox.h"
 #include "sampling/sample_logits.h"
+#include "sample_groups.h"
 #include "tensor_arg.h"
 
 namespace cm3rt::py_binding {
@@ -80,7 +81,61 @@ std::string at_group(const std::string& name, bool per_group, int g) {
   return per_group ? "'" + name + "'[" + std::to_string(g) + "]" : "'" + name + "'";
 }
 
-// The descriptive twin of group_config_valid: raises on the first offending group.
+}  // namespace
+
+// The descriptive twin of group_config_valid: raises on the first offending group. Shared
+// with CpuDecoder.step_sample, whose groups come from the engine's packed step buffers.
+void check_sample_groups(const std::string& op, int G, int64_t R, const SampleGroupsView& v,
+                         const SampleGroupNames& per_group) {
+  int64_t rows = 0;
+  for (int g = 0; g < G; ++g) {
+    auto where = [&](const char* name, bool tensor) { return at_group(name, tensor, g); };
+    const int32_t S = v.streams[g], M = v.mode[g];
+    if (S < 1 || S > 3)
+      fail_value(op, "argument " + where("streams", per_group.streams) + " must be 1, 2 or 3 "
+                     "(cond, [image-cond,] uncond rows), got " + std::to_string(S));
+    rows += S;
+    if (M < 0 || M >= kNumSampleModes)
+      fail_value(op, "argument " + where("mode", per_group.mode) + " must be a mode id in 0..3 "
+                     "(none, cfg, cfg3, cdk), got " + std::to_string(M));
+    const int need = rows_used(M);
+    if (M != kModeNone && S != need)
+      fail_value(op, "mode '" + std::string(kModeNames[M]) + "' of group " + std::to_string(g) +
+                         " needs " + std::to_string(need) + " streams, got " +
+                         std::to_string(S) + " (argument 'streams')");
+    const float T = v.temperature[g], P = v.top_p[g], CS = v.cfg_scale[g],
+                CI = v.cfg_image_scale[g], A = v.cd_alpha[g];
+    if (!(T >= 0.0f) || std::isinf(T))
+      fail_value(op, "argument " + where("temperature", per_group.temperature) +
+                         " must be finite and >= 0 (0 = argmax), got " + std::to_string(T));
+    if (v.top_k[g] < 0)
+      fail_value(op, "argument " + where("top_k", per_group.top_k) + " must be >= 0 (0 = off), "
+                     "got " + std::to_string(v.top_k[g]));
+    if (!(P > 0.0f && P <= 1.0f))
+      fail_value(op, "argument " + where("top_p", per_group.top_p) + " must lie in (0, 1] "
+                     "(1 = off), got " + std::to_string(P));
+    if ((M == kModeCfg || M == kModeCfg3) && !std::isfinite(CS))
+      fail_value(op, "argument " + where("cfg_scale", per_group.cfg_scale) + " must be finite, "
+                     "got " + std::to_string(CS));
+    if (M == kModeCfg3 && !std::isfinite(CI))
+      fail_value(op, "argument " + where("cfg_image_scale", per_group.cfg_image_scale) +
+                         " must be finite, got " + std::to_string(CI));
+    if (M == kModeCdk) {
+      if (!(A >= 0.0f && A <= 1.0f))
+        fail_value(op, "argument " + where("cd_alpha", per_group.cd_alpha) + " must lie in "
+                       "[0, 1], got " + std::to_string(A));
+      if (v.cd_k[g] < 1)
+        fail_value(op, "argument " + where("cd_k", per_group.cd_k) + " must be >= 1, got " +
+                           std::to_string(v.cd_k[g]));
+    }
+  }
+  if (rows != R)
+    fail_value(op, "the stream counts (argument 'streams') sum to " + std::to_string(rows) +
+                       " rows but 'logits' has R = " + std::to_string(R) + " rows");
+}
+
+namespace {
+
 void validate_groups(const std::string& op, int G, int64_t R, const GroupArg<int32_t>& streams,
                      const GroupArg<int32_t>& mode, const GroupArg<float>& temperature,
                      const GroupArg<int32_t>& top_k, const GroupArg<float>& top_p,
@@ -89,50 +144,14 @@ void validate_groups(const std::string& op, int G, int64_t R, const GroupArg<int
   const auto S = streams.host(G), M = mode.host(G), K = top_k.host(G), CK = cd_k.host(G);
   const auto T = temperature.host(G), P = top_p.host(G), CS = cfg_scale.host(G),
              CI = cfg_image_scale.host(G), A = cd_alpha.host(G);
-  int64_t rows = 0;
-  for (int g = 0; g < G; ++g) {
-    auto where = [&](const auto& a) { return at_group(a.name, a.is_tensor, g); };
-    if (S[g] < 1 || S[g] > 3)
-      fail_value(op, "argument " + where(streams) + " must be 1, 2 or 3 (cond, [image-cond,] "
-                     "uncond rows), got " + std::to_string(S[g]));
-    rows += S[g];
-    if (M[g] < 0 || M[g] >= kNumSampleModes)
-      fail_value(op, "argument " + where(mode) + " must be a mode id in 0..3 (none, cfg, cfg3, "
-                     "cdk), got " + std::to_string(M[g]));
-    const int need = rows_used(M[g]);
-    if (M[g] != kModeNone && S[g] != need)
-      fail_value(op, "mode '" + std::string(kModeNames[M[g]]) + "' of group " + std::to_string(g) +
-                         " needs " + std::to_string(need) + " streams, got " +
-                         std::to_string(S[g]) + " (argument 'streams')");
-    if (!(T[g] >= 0.0f) || std::isinf(T[g]))
-      fail_value(op, "argument " + where(temperature) +
-                         " must be finite and >= 0 (0 = argmax), got " + std::to_string(T[g]));
-    if (K[g] < 0)
-      fail_value(op, "argument " + where(top_k) + " must be >= 0 (0 = off), got " +
-                         std::to_string(K[g]));
-    if (!(P[g] > 0.0f && P[g] <= 1.0f))
-      fail_value(op, "argument " + where(top_p) + " must lie in (0, 1] (1 = off), got " +
-                         std::to_string(P[g]));
-    if ((M[g] == kModeCfg || M[g] == kModeCfg3) && !std::isfinite(CS[g]))
-      fail_value(op, "argument " + where(cfg_scale) + " must be finite, got " +
-                         std::to_string(CS[g]));
-    if (M[g] == kModeCfg3 && !std::isfinite(CI[g]))
-      fail_value(op, "argument " + where(cfg_image_scale) + " must be finite, got " +
-                         std::to_string(CI[g]));
-    if (M[g] == kModeCdk) {
-      if (!(A[g] >= 0.0f && A[g] <= 1.0f))
-        fail_value(op, "argument " + where(cd_alpha) + " must lie in [0, 1], got " +
-                           std::to_string(A[g]));
-      if (CK[g] < 1)
-        fail_value(op, "argument " + where(cd_k) + " must be >= 1, got " + std::to_string(CK[g]));
-    }
-  }
-  if (rows != R)
-    fail_value(op, "the stream counts (argument 'streams') sum to " + std::to_string(rows) +
-                       " rows but 'logits' has R = " + std::to_string(R) + " rows");
+  SampleGroupsView v{S.data(), M.data(), T.data(), K.data(), P.data(), CS.data(), CI.data(),
+                     A.data(), CK.data()};
+  SampleGroupNames names{streams.is_tensor, mode.is_tensor, temperature.is_tensor,
+                         top_k.is_tensor, top_p.is_tensor, cfg_scale.is_tensor,
+                         cfg_image_scale.is_tensor, cd_alpha.is_tensor, cd_k.is_tensor};
+  check_sample_groups(op, G, R, v, names);
 }
 
-// Checks the arguments given as numbers, whatever the mode (the defaults are all valid).
 void validate_scalars(const std::string& op, const GroupArg<int32_t>& mode,
                       const GroupArg<float>& temperature, const GroupArg<int32_t>& top_k,
                       const GroupArg<float>& top_p, const GroupArg<float>& cfg_scale,

@@ -157,8 +157,8 @@ def test_engine_draws_the_same_with_and_without_it(tmp_path, dtype):
     want = per_op.generate(requests())
     whole = Engine(model, proc, num_blocks=256, block_size=4)
     calls = []
-    real = whole.runner.cpu_decoder.step
-    whole.runner.cpu_decoder.step = lambda *a: calls.append(1) or real(*a)
+    real = whole.runner.cpu_decoder.step_sample
+    whole.runner.cpu_decoder.step_sample = lambda *a: calls.append(1) or real(*a)
     got = whole.generate(requests())
     assert len(calls) > 10  # the decode steps went through it
     for w, g in zip(want, got):
@@ -218,3 +218,113 @@ def test_bad_construction_names_the_argument():
         ops.CpuDecoder({"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False},
                        model.embed_tokens, model.norm, model.inv_freq, [], [],
                        [(model.lm_head, None)])
+
+
+def _packed(ids, pos, meta, rows, groups):
+    """The engine's three packed buffers (engine/step_inputs.py) of a step and its sampling
+    ``groups`` (dicts of the sampler's per-group arguments), with their dims."""
+    T, B, R, G = ids.shape[0], meta.seq_lens.shape[0], rows.shape[0], len(groups)
+    col = {k: [g[k] for g in groups] for k in groups[0]}
+    i64 = torch.cat([ids, pos, rows, torch.tensor(col["seed"]), torch.tensor(col["step"])])
+    i32 = torch.cat([meta.slots, meta.seq_lens, meta.cu_seqlens_q,
+                     meta.block_tables.reshape(-1)] +
+                    [torch.tensor(col[k], dtype=torch.int32)
+                     for k in ("streams", "mode", "top_k", "cd_k", "mask_kind")])
+    f32 = torch.tensor([v for k in ("temperature", "top_p", "cfg_scale", "cfg_image_scale",
+                                    "cd_alpha") for v in col[k]], dtype=torch.float32)
+    dims = (T, B, R, G, meta.block_tables.shape[1], meta.max_q_len, meta.max_seq_len)
+    return i64, i32, f32, dims
+
+
+def _groups():
+    base = {"top_k": 0, "cd_k": 1, "top_p": 1.0, "cfg_scale": 3.0, "cfg_image_scale": 1.0,
+            "cd_alpha": 0.1}
+    return [  # cfg, cdk with top-k, one plain row at temperature 0 (6 rows in all)
+        {**base, "streams": 2, "mode": ops.SAMPLE_MODES["cfg"], "temperature": 1.0,
+         "seed": 11, "step": 3, "mask_kind": 0},
+        {**base, "streams": 2, "mode": ops.SAMPLE_MODES["cdk"], "temperature": 0.7,
+         "top_k": 9, "seed": 12, "step": 0, "mask_kind": 1},
+        {**base, "streams": 1, "mode": 0, "temperature": 0.0, "seed": 13, "step": 5,
+         "mask_kind": 2},
+        {**base, "streams": 1, "mode": 0, "temperature": 1.2, "top_p": 0.8, "seed": 14,
+         "step": 1, "mask_kind": 0}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head", [0, 1], ids=["lm_head", "row-subset"])
+def test_step_sample_draws_what_step_then_sample_logits_draw(dtype, head):
+    model = _model(dtype, False, False)
+    image_rows = model.lm_head_rows(torch.arange(100, 300))
+    ids, pos, meta, rows = _step([5, 3, 6, 2, 4, 7], [1, 1, 1, 1, 1, 1], seed=3)
+    groups = _groups()
+    n_cols = VOCAB if head == 0 else 200
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand((3, n_cols), generator=g) < 0.6  # three mask kinds
+    bits = ops.pack_allowed_bits(table) if head == 0 else None
+    results = []
+    for fused in (False, True):
+        caches = model.allocate_kv_cache(64, BS)
+        _prefill(model, caches, [list(range(3, 3 + n)) for n in (5, 3, 6, 2, 4, 7)])
+        dec = model.cpu_decoder(caches, [None, image_rows])
+        if fused:
+            results.append(dec.step_sample(*_packed(ids, pos, meta, rows, groups), head, bits))
+            continue
+        logits = _call(dec, ids, pos, meta, rows, head)
+        col = {k: [gr[k] for gr in groups] for k in groups[0]}
+
+        def i32(k, col=col):
+            return torch.tensor(col[k], dtype=torch.int32)
+
+        def f32(k, col=col):
+            return torch.tensor(col[k], dtype=torch.float32)
+
+        tokens, logprobs = ops.sample_logits(
+            logits, i32("streams"), mode=i32("mode"), temperature=f32("temperature"),
+            top_k=i32("top_k"), top_p=f32("top_p"), cfg_scale=f32("cfg_scale"),
+            cfg_image_scale=f32("cfg_image_scale"), cd_alpha=f32("cd_alpha"), cd_k=i32("cd_k"),
+            allowed_bits=None if bits is None else bits.index_select(
+                0, torch.tensor(col["mask_kind"])),
+            seed=torch.tensor(col["seed"]), step=torch.tensor(col["step"]))
+        results.append((tokens.tolist(), logprobs.tolist()))
+    assert results[1] == results[0]
+    assert all(t >= 0 for t in results[1][0])
+    if bits is not None:  # every drawn token is allowed by its group's mask kind
+        for gr, t in zip(groups, results[1][0]):
+            assert table[gr["mask_kind"], t]
+
+
+def test_step_sample_rejects_bad_buffers_and_groups_by_name():
+    model = _model(torch.float32, False, False)
+    dec = model.cpu_decoder(model.allocate_kv_cache(64, BS), [None])
+    ids, pos, meta, rows = _step([5, 3, 6, 2, 4, 7], [1] * 6, seed=3)
+    bits = ops.pack_allowed_bits(torch.ones((3, VOCAB), dtype=torch.bool))
+
+    def bad(match, groups=None, edit=None, allowed=bits):
+        i64, i32, f32, dims = _packed(ids, pos, meta, rows, groups or _groups())
+        args = [i64, i32, f32, dims]
+        if edit:
+            edit(args)
+        with pytest.raises(ValueError, match=match):
+            dec.step_sample(*args, 0, allowed)
+
+    def with_group(g, **change):
+        groups = _groups()
+        groups[g] = {**groups[g], **change}
+        return groups
+
+    bad(r"'temperature'\[1\] must be finite and >= 0", with_group(1, temperature=-1.0))
+    bad(r"mode 'cfg' of group 0 needs 2 streams, got 1", with_group(0, streams=1))
+    bad(r"stream counts .* sum to 7 rows but 'logits' has R = 6",
+        with_group(2, streams=2, mode=0))
+    bad(r"mask_kind\[3\] = 3 is not a row of 'allowed_bits' \(3 rows\)",
+        with_group(3, mask_kind=3))
+    bad(r"'i32' must have shape \[T \+ 2 B \+ 1 \+ B MB \+ 5 G\] = \[87\], got \[86\]",
+        edit=lambda a: a.__setitem__(1, a[1][:-1]))
+    bad(r"dims .* do not describe a step",
+        edit=lambda a: a.__setitem__(3, (0,) + tuple(a[3][1:])))
+    bad(r"ids\[0\] = 512 is outside the embedding table",
+        edit=lambda a: a[0].__setitem__(0, VOCAB))
+    bad(r"'allowed_bits'", allowed=bits[:, :3])
+    # the decoder still steps after the errors
+    tokens, logprobs = dec.step_sample(*_packed(ids, pos, meta, rows, _groups()), 0, bits)
+    assert len(tokens) == len(logprobs) == 4

@@ -354,7 +354,7 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_recovers(model, 
     # The second forward fails, whichever path runs it (decode steps take the whole-step
     # CPU decoder when the engine has one).
     owner = eng.runner.cpu_decoder if cpu_decoder else model
-    name = "step" if cpu_decoder else "forward_step"
+    name = "step_sample" if cpu_decoder else "forward_step"
     assert owner is not None
     real = getattr(owner, name)
     calls = {"n": 0}

@@ -107,6 +107,17 @@ class ModelRunner:
         packed = pack_step(out, self.block_size)
         image_only = self.image_head is not None and bool(out.samples) and \
             all(g.in_image for g in out.samples)
+        if self.cpu_decoder is not None and not ops.emulating() and \
+                self.model.cpu_decoder_takes(packed.dims[0], packed.dims[2],
+                                             self.image_head if image_only else None):
+            # The whole step, sampling included, in one C++ call on the packed buffers.
+            self.cache.copy_blocks(out.copies)
+            tokens_list, logprobs_list = self.cpu_decoder.step_sample(
+                packed.i64, packed.i32, packed.f32, packed.dims, int(image_only),
+                None if image_only else self.allowed_bits)
+            if image_only:  # column k of the image head is vocab id image_ids[k]
+                tokens_list = [self.image_ids[t] if t >= 0 else t for t in tokens_list]
+            return tokens_list, logprobs_list
         x = packed.to_device(self.device)
         logits, copies = None, out.copies
         if self.graphs is not None and out.is_pure_decode and out.samples:
@@ -118,15 +129,7 @@ class ModelRunner:
                 logits, image_only = logits_all.index_select(0, x.rows), False
         if logits is None:
             head = self.image_head if image_only else None
-            num_rows = x.rows.shape[0]
-            if self.cpu_decoder is not None and not ops.emulating() and \
-                    self.model.cpu_decoder_takes(x.ids.shape[0], num_rows, head):
-                self.cache.copy_blocks(copies)
-                m = x.meta
-                logits = self.cpu_decoder.step(x.ids, x.pos, m.slots, m.block_tables,
-                                               m.seq_lens, m.cu_seqlens_q, x.rows,
-                                               m.max_q_len, m.max_seq_len, int(image_only))
-            elif self.channel is None:
+            if self.channel is None:
                 logits = forward_logits(self.model, self.cache, copies, x, bool(out.samples),
                                         head)
             else:
