@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cpu/scratch.h"
@@ -234,13 +235,23 @@ void pack_x_digits(const TX* x, int64_t xs, int rows, int K, int8_t* d, float* s
   for (int m = 0; m < rows; ++m) {
     const TX* row = x + int64_t(m) * xs;
     __m512 vmax = _mm512_setzero_ps();
+    __mmask16 non_finite = 0;  // lanes that met a NaN or infinity (x - x is NaN for them)
     for (int k = 0; k < K; k += 16) {
       const __mmask16 mask = cpu::first_lanes(K - k);
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(cpu::load16(row + k, mask)));
+      const __m512 v = cpu::load16(row + k, mask);
+      const __m512 d = _mm512_sub_ps(v, v);
+      non_finite |= _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
     }
     const float amax = _mm512_reduce_max_ps(vmax);
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    // A row with NaN or infinity gets zero digits and a NaN scale, so all its outputs are
+    // NaN (as fp32 math would make them non-finite) and the other rows are untouched; max
+    // alone would drop a NaN, and digits of infinity are no numbers.
+    const bool finite = non_finite == 0;
+    const float scale = !finite ? std::numeric_limits<float>::quiet_NaN()
+                                : amax > 0.0f ? amax / 127.0f : 1.0f;
     s[m] = scale;
+    if (!finite) continue;
     const __m512 inv = _mm512_set1_ps(1.0f / scale), radix = _mm512_set1_ps(254.0f);
     for (int k = 0; k < K; k += 16) {
       const __mmask16 mask = cpu::first_lanes(K - k);
