@@ -370,3 +370,57 @@ def test_near_miss_documents_share_a_word_but_no_pair(runs, tmp_path):
         assert with_docs >= 9, kind
     with pytest.raises(ValueError, match="near_miss"):
         _options(runs, tmp_path, near_miss=2.0)
+
+
+def test_held_out_alias_names_a_caption_by_held_out_words_never_its_own_look(runs, tmp_path):
+    """held_out_alias: a novel_i2t alias episode names its target look by a held-out pair's
+    words, a pair no object of the episode is, so the pair of words is copied from a
+    document while the held-out concept (that name on that look) still never occurs."""
+    from cm3rt.demo.shapes.captions import parse_caption
+    from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS
+
+    src = train_decoder.SequenceSource(_options(runs, tmp_path, novel_i2t_alias=1.0,
+                                                held_out_alias=1.0))
+    nv = src.novel
+    code_min = int(src.images.min())
+    named_held = 0
+    for seed in range(30):
+        ids, mask = src.build("novel_i2t", 0, np.random.default_rng(seed), 0.0)
+        body = mask.index(1)
+        prompt, caption = ids[:body], src.tok.decode(ids[body:-1])
+        image = prompt[len(prompt) - 1 - src.images.shape[1]: -1]
+        j = next(j for j in range(len(nv.recs)) if src.novel_images[j].tolist() == image)
+        scene_pairs = {(o["colour"], o["shape"]) for o in nv.recs[j]["scene"]["objects"]}
+        named = {(o.colour, o.shape) for o in parse_caption(caption).objects}
+        alias = named - scene_pairs
+        assert len(alias) == 1, (caption, scene_pairs)
+        held = alias & HELD_OUT_PAIRS
+        named_held += bool(held)
+        docs = src.tok.decode([t for t in prompt if t < code_min])
+        c, s = next(iter(alias))
+        assert f"{c} {s}" in docs  # copied from a document
+    assert named_held == 30
+    with pytest.raises(ValueError, match="held_out_alias"):
+        _options(runs, tmp_path, held_out_alias=2.0)
+
+
+def test_init_starts_a_fine_tune_from_a_model_directory(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train_decoder.train(_options(runs, first), quiet=True)
+    start = load_file(str(first / "model" / "model.safetensors"))
+    # with lr 0 (AdamW's decay scales with it too) the fine-tune's export is its init, bit
+    # for bit: the weights were loaded, not drawn
+    tuned = tmp_path / "tuned"
+    train_decoder.train(_options(runs, tuned, init=first / "model", lr=0.0, binding_steps=0,
+                                 warmup=1), quiet=True)
+    got = load_file(str(tuned / "model" / "model.safetensors"))
+    assert got.keys() == start.keys()
+    for k in start:
+        assert torch.equal(got[k], start[k]), k
+    with pytest.raises(ValueError, match="does not fit this decoder"):
+        train_decoder.train(_options(runs, tmp_path / "wide", init=first / "model",
+                                     hidden=128), quiet=True)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        train_decoder.train(_options(runs, tmp_path / "none", init=tmp_path), quiet=True)

@@ -115,6 +115,13 @@ class DecoderOptions:
             pairs (``SequenceSource.near_miss_docs``).
         i2t_docs: share of i2t episodes with the record's retrieved documents in front
             (captioning with retrieval, as ``novel_i2t`` episodes need it).
+        held_out_alias: share of the ordinary-named (alias) novel_i2t episodes whose target
+            look is named by a held-out pair's words ("a red diamond" for, say, a green
+            cross): the caption then has to copy a pair of words that no other training
+            text puts together (``SequenceSource.alias_names``).
+        init: a cm3rt model directory whose ``model.safetensors`` starts the decoder (a
+            fine-tune; fresh optimizer), or None for a random start.
+        warmup: learning-rate warmup steps.
         hidden, layers, heads, kv_heads, ffn: decoder size.
         ckpt_every: steps between checkpoints.  limit: first N train records only.
     """
@@ -139,6 +146,9 @@ class DecoderOptions:
     novel_i2t_alias: float = 0.8
     near_miss: float = 0.0
     i2t_docs: float = 0.0
+    held_out_alias: float = 0.0
+    init: Path | None = None
+    warmup: int = 100
     hidden: int = 192
     layers: int = 4
     heads: int = 6
@@ -155,11 +165,11 @@ class DecoderOptions:
                                  f"got {m!r}")
         if not isinstance(self.binding_steps, int) or self.binding_steps < 0:
             raise ValueError(f"binding_steps must be an int >= 0, got {self.binding_steps!r}")
-        for name in ("steps", "tokens_per_step", "ckpt_every", "threads"):
+        for name in ("steps", "tokens_per_step", "ckpt_every", "threads", "warmup"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("novel_alias", "novel_shape_only", "novel_i2t_alias", "near_miss",
-                     "i2t_docs"):
+                     "i2t_docs", "held_out_alias"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.p_uncond < 1.0:
@@ -258,7 +268,7 @@ class SequenceSource:
         self.doc_text = [t.encode(r["text"]) for r in self.recs]
         self.novel = None
         self.novel_alias, self.novel_shape_only = opts.novel_alias, opts.novel_shape_only
-        self.novel_i2t_alias = opts.novel_i2t_alias
+        self.novel_i2t_alias, self.held_out_alias = opts.novel_i2t_alias, opts.held_out_alias
         if opts.mixture[KINDS.index("novel")] > 0 or opts.mixture[KINDS.index("novel_i2t")] > 0:
             # every novel record that has codes (``limit`` applies to the train split)
             ncodes = np.load(opts.codes / "novel_codes.npy", allow_pickle=False)
@@ -299,7 +309,8 @@ class SequenceSource:
     def novel_image(self, j: int) -> list[int]:
         return [self.boi, *self.novel_images[j].tolist(), self.eoi]
 
-    def novel_context(self, rng: np.random.Generator, alias_share: float | None = None
+    def novel_context(self, rng: np.random.Generator, alias_share: float | None = None,
+                      held_out_share: float = 0.0
                       ) -> tuple[list[int], int, tuple[str, str], dict]:
         """The documents of a novel-concept episode: a look (any colour x shape, held-out
         pairs included) is renamed to a nonce word drawn for this sequence; 1-2 documents
@@ -307,7 +318,8 @@ class SequenceSource:
         the time), sometimes next to a distractor document (another look, another nonce
         word). A ``novel_alias`` share of the episodes names the looks by ordinary colour x
         shape pairs instead (``alias_names``) and always has a distractor; ``alias_share``
-        overrides that share.
+        overrides that share, and ``held_out_share`` of those name the target by a held-out
+        pair's words.
 
         Returns (document ids, after <s>; the target scene's row in the novel split; its
         look; the names: look -> (name, plural or None))."""
@@ -349,7 +361,8 @@ class SequenceSource:
             # caption, a pair of words no training text has.
             names = {lk: (f"{lk[0]} {w}", f"{lk[0]} {w}s") for lk, (w, _) in names.items()}
         if alias:
-            names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names))
+            names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names),
+                                     held_out=rng.random() < held_out_share)
         ids: list[int] = []
         for k in rng.permutation(len(docs)):
             j, lk = docs[int(k)]
@@ -376,7 +389,8 @@ class SequenceSource:
         the image is the prompt. A ``novel_i2t_alias`` share uses ordinary names: a 600-step
         probe learnt to copy nonce names (exact captions 15/40) but not ordinary ones, and a
         held-out caption needs ordinary words the weights would not say for that image."""
-        docs, i, look, names = self.novel_context(rng, self.novel_i2t_alias)
+        docs, i, look, names = self.novel_context(rng, self.novel_i2t_alias,
+                                                  self.held_out_alias)
         prompt = [self.bos, *docs, *self.novel_image(i)]
         caption = rename_look(self.novel.recs[i]["canonical"], look, *names[look])
         body = [*self.tok.encode(caption), self.eos]
@@ -403,16 +417,27 @@ class SequenceSource:
         return out
 
     def alias_names(self, rng: np.random.Generator, scenes: list[int],
-                    looks: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+                    looks: list[tuple[str, str]], held_out: bool = False
+                    ) -> dict[tuple[str, str], tuple[str, str]]:
         """Ordinary names for this episode's ``looks``: distinct train pairs ("a green
         cross") that no object of the episode's novel ``scenes`` is, so each name means one
         look here and that look is not the one its words mean everywhere else. This is
         what a held-out prompt is at inference: familiar words whose look the weights do
-        not hold and only the documents show."""
+        not hold and only the documents show.
+
+        ``held_out``: the first look (the target) is named by a held-out pair instead, never
+        its own, so the name-look pair of a held-out concept still never occurs in training;
+        only its two words do, and only as a name copied from a document. A caption of a
+        held-out render needs exactly that: without it the decoder gives the pair's second
+        word ~1e-5 after the first, even when the document spells the pair out."""
         shown = {(o["colour"], o["shape"]) for j in scenes
                  for o in self.novel.recs[j]["scene"]["objects"]}
         free = [p for p in TRAIN_PAIRS if p not in shown and p not in looks]
-        pairs = [free.pop(int(rng.integers(len(free))))]
+        held = sorted(p for p in HELD_OUT_PAIRS if p not in shown and p not in looks)
+        if held_out and held:
+            pairs = [held[int(rng.integers(len(held)))]]
+        else:
+            pairs = [free.pop(int(rng.integers(len(free))))]
         for _ in looks[1:]:
             # Half the time a distractor's name shares a word with the target's ("green
             # star" next to "green cross"): the whole name must match, not one word.
@@ -542,6 +567,24 @@ def export(model: TrainableChameleon, opts: DecoderOptions, src: SequenceSource)
     return out
 
 
+def init_from(model: TrainableChameleon, model_dir: Path) -> None:
+    """Load ``model_dir``'s decoder weights (HF names, as ``export`` writes them) into
+    ``model``; every tensor must be there with the same shape."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {model_dir}: no model.safetensors there")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    wrong = sorted(k for k in own if k in tensors and tensors[k].shape != own[k].shape)
+    if missing or wrong:
+        raise ValueError(f"--init {model_dir} does not fit this decoder: missing {missing[:4]}, "
+                         f"other shapes {wrong[:4]} (set --hidden etc. as it was trained)")
+    model.load_state_dict({k: tensors[k].float() for k in own})
+
+
 def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = None) -> dict:
     """Run (or resume) training to ``opts.steps`` (at most ``max_steps`` more in this call)."""
     setup_torch(opts.seed, opts.threads)
@@ -562,6 +605,9 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
     if resumed is not None:
         start = resumed[0]
         print(f"resumed from {opts.out} at step {start}/{opts.steps}", flush=True)
+    elif opts.init is not None:
+        init_from(model, opts.init)
+        print(f"fine-tuning {opts.init}", flush=True)
     print(f"decoder: {n_params / 1e6:.2f} M parameters, {opts.steps} steps of "
           f"~{opts.tokens_per_step} tokens, {len(src)} train records", flush=True)
     log = (opts.out / "log.jsonl").open("a", encoding="utf-8")
@@ -574,7 +620,7 @@ def train(opts: DecoderOptions, quiet: bool = False, max_steps: int | None = Non
     for step in progress(start, end, "decoder", quiet):
         kind, ids, mask = src.batch(step_rng(opts.seed, 6, step), opts, step)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, opts.steps, opts.lr, warmup=100)
+            g["lr"] = cosine_lr(step, opts.steps, opts.lr, warmup=opts.warmup)
         logits = model(ids[:, :-1])
         target_mask = mask[:, 1:]
         loss = F.cross_entropy(logits[target_mask], ids[:, 1:][target_mask])
@@ -698,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--novel-i2t-alias", type=float, default=DecoderOptions.novel_i2t_alias)
     p.add_argument("--near-miss", type=float, default=DecoderOptions.near_miss)
     p.add_argument("--i2t-docs", type=float, default=DecoderOptions.i2t_docs)
+    p.add_argument("--held-out-alias", type=float, default=DecoderOptions.held_out_alias)
+    p.add_argument("--init", type=Path, default=None,
+                   help="fine-tune: start from this model directory's decoder weights")
+    p.add_argument("--binding-steps", type=int, default=DecoderOptions.binding_steps)
+    p.add_argument("--mixture", type=float, nargs=len(KINDS), default=DecoderOptions.mixture,
+                   metavar="SHARE", help=f"shares of {', '.join(KINDS)}")
+    p.add_argument("--warmup", type=int, default=DecoderOptions.warmup)
     p.add_argument("--ckpt-every", type=int, default=DecoderOptions.ckpt_every)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this call (with a checkpoint)")
@@ -744,7 +797,9 @@ def main(argv: list[str] | None = None) -> int:
                           lr=a.lr, ckpt_every=a.ckpt_every,
                           novel_alias=a.novel_alias, novel_shape_only=a.novel_shape_only,
                           near_miss=a.near_miss, i2t_docs=a.i2t_docs,
-                          novel_i2t_alias=a.novel_i2t_alias)
+                          novel_i2t_alias=a.novel_i2t_alias, held_out_alias=a.held_out_alias,
+                          init=a.init, binding_steps=a.binding_steps, warmup=a.warmup,
+                          mixture=tuple(a.mixture))
     if a.quick:
         opts = DecoderOptions(**{**asdict(opts), "steps": 4, "tokens_per_step": 1200,
                                  "hidden": 64, "layers": 2, "heads": 2, "kv_heads": 1,
