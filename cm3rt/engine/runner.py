@@ -3,6 +3,8 @@
 step inputs (three host -> device copies) -> forward over the paged KV cache (a CUDA graph
 for pure decode steps, else eager with one attention workspace planned for the step) ->
 logits of the rows that sample -> one fused ``sample_logits`` call for every group.
+A CPU step that the whole-step decoder takes is instead one ``CpuDecoder.step_sample``
+call on the three packed host buffers: forward, logits and sampling in C++.
 """
 
 from __future__ import annotations
