@@ -361,8 +361,9 @@ class SequenceSource:
             # caption, a pair of words no training text has.
             names = {lk: (f"{lk[0]} {w}", f"{lk[0]} {w}s") for lk, (w, _) in names.items()}
         if alias:
-            names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names),
-                                     held_out=rng.random() < held_out_share)
+            # No draw at share 0: runs without held-out aliases keep their random stream.
+            held_out = held_out_share > 0 and rng.random() < held_out_share
+            names = self.alias_names(rng, [i, *(j for j, _ in docs)], list(names), held_out)
         ids: list[int] = []
         for k in rng.permutation(len(docs)):
             j, lk = docs[int(k)]
@@ -429,15 +430,14 @@ class SequenceSource:
         its own, so the name-look pair of a held-out concept still never occurs in training;
         only its two words do, and only as a name copied from a document. A caption of a
         held-out render needs exactly that: without it the decoder gives the pair's second
-        word ~1e-5 after the first, even when the document spells the pair out."""
+        word about 1e-4 after the first, even when the document spells the pair out."""
         shown = {(o["colour"], o["shape"]) for j in scenes
                  for o in self.novel.recs[j]["scene"]["objects"]}
         free = [p for p in TRAIN_PAIRS if p not in shown and p not in looks]
-        held = sorted(p for p in HELD_OUT_PAIRS if p not in shown and p not in looks)
-        if held_out and held:
-            pairs = [held[int(rng.integers(len(held)))]]
-        else:
-            pairs = [free.pop(int(rng.integers(len(free))))]
+        held = sorted(p for p in HELD_OUT_PAIRS if p not in shown and p not in looks) \
+            if held_out else []
+        pairs = [held[int(rng.integers(len(held)))] if held
+                 else free.pop(int(rng.integers(len(free))))]
         for _ in looks[1:]:
             # Half the time a distractor's name shares a word with the target's ("green
             # star" next to "green cross"): the whole name must match, not one word.
