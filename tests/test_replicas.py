@@ -173,3 +173,32 @@ def test_sigterm_stops_ray_and_the_replicas(replicas_server):
         left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
                               check=False).stdout.split()
     assert left == [], f"processes of the server's session still running: {left}"
+
+
+def test_sigterm_as_soon_as_ready_still_exits_0(tmp_path):
+    """The proxy answers /ready while serve.run still waits for the app to be RUNNING: a
+    SIGTERM that early used to meet Ray's own handler (exit status 15, no shutdown)."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cm3rt", "serve", "--replicas", "2", "--device", "cpu",
+             "--port", str(port)],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

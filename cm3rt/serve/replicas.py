@@ -327,14 +327,17 @@ def serve_replicas(config: ServeConfig, replicas: int, host: str, port: int,
 
     ray.init(include_dashboard=False, log_to_driver=True,
              object_store_memory=256 << 20, configure_logging=False)
+    # Ours replace the handlers ray.init installed (which exit with status 15), before the
+    # deployment: the proxy answers HTTP while serve.run still waits for the app to be
+    # RUNNING, so a SIGTERM can come that early (seen in CI) and must still shut down.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config, replicas, imbalanced_threshold), name="cm3rt",
                   route_prefix="/", blocking=False)
         print(f"cm3rt serve: {replicas} replicas on http://{host}:{port}", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         serve.shutdown()
     finally:
