@@ -1,6 +1,7 @@
 """Smoke test of tools/train/copy_diagnostic.py (issue 12's copying diagnostic) on the
 shipped default model and a small fresh bank split: the per-pair banks hold exactly the
-documents that show their pair, and the four columns are scored on the same prompts."""
+documents that show their pair ("right") or the next pair and not theirs ("wrong"), and the
+four columns are scored on the same prompts."""
 
 from __future__ import annotations
 
@@ -38,14 +39,23 @@ def test_pair_banks_hold_only_their_pair(data, tmp_path):
     from cm3rt.retrieval.bank import open_cached
 
     banks = copy_diagnostic.pair_banks(data, DEFAULT, DEFAULT / "clip", tmp_path)
-    assert set(banks) == set(HELD_OUT_PAIRS)
+    assert set(banks) == {"right", "wrong"}
+    assert set(banks["right"]) == set(banks["wrong"]) == set(HELD_OUT_PAIRS)
     recs = split_records(data, "bank")
-    for pair, path in banks.items():
-        want = sorted(r["text"] for r in recs
-                      if any((o["colour"], o["shape"]) == pair for o in r["scene"]["objects"]))
-        bank = open_cached(path)
-        got = sorted(d.caption for d in bank.get(range(len(bank))))
-        assert got == want and want, pair
+
+    def shows(r, pair):
+        return any((o["colour"], o["shape"]) == pair for o in r["scene"]["objects"])
+
+    for pair in HELD_OUT_PAIRS:
+        wrong = copy_diagnostic.WRONG_OF[pair]
+        assert wrong != pair and wrong in HELD_OUT_PAIRS
+        for column, keep in (("right", lambda r, p=pair: shows(r, p)),
+                             ("wrong", lambda r, p=pair, w=wrong: shows(r, w)
+                              and not shows(r, p))):
+            want = sorted(r["text"] for r in recs if keep(r))
+            bank = open_cached(banks[column][pair])
+            got = sorted(d.caption for d in bank.get(range(len(bank))))
+            assert got == want and want, (column, pair)
 
 
 def test_diagnostic_scores_four_columns(data, tmp_path):

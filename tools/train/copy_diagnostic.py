@@ -12,7 +12,9 @@ under its name), the same prompt, sampler and seed run four ways:
     right   retrieval from a bank holding only the bank split's documents that show the
             prompt's held-out pair (so every document placed shows it);
     wrong   retrieval from a bank holding only the documents of another held-out pair (the
-            next one in a fixed order: same number of documents, the wrong look).
+            next one in a fixed order, ``WRONG_OF``), none of which also shows the prompt's
+            pair (a two-object document may show both; a CLIP that knows the looks retrieves
+            exactly those, which session 11 found as a "wrong" column of 28.5%).
 
 If the decoder copies, ``right`` is far above ``none`` and ``wrong`` is at or below
 ``none`` (it draws the wrong pair); a decoder that ignores its context scores the same in
@@ -38,10 +40,20 @@ from build_banks import embed_documents
 from cm3rt.demo.shapes.vocab import HELD_OUT_PAIRS
 from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 
+_ORDER = sorted(HELD_OUT_PAIRS)
+# The "wrong" pair of each held-out pair: the next one in a fixed order.
+WRONG_OF = {p: _ORDER[(i + 1) % len(_ORDER)] for i, p in enumerate(_ORDER)}
+
+
+def _shows(record: dict, pair: tuple[str, str]) -> bool:
+    return any((o["colour"], o["shape"]) == pair for o in record["scene"]["objects"])
+
 
 def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 256
-               ) -> dict[tuple[str, str], Path]:
-    """One MemoryBank per held-out pair: the bank split's documents showing that pair."""
+               ) -> dict[str, dict[tuple[str, str], Path]]:
+    """Two MemoryBanks per held-out pair P, of the bank split's documents:
+    ``["right"][P]`` those showing P, ``["wrong"][P]`` those showing ``WRONG_OF[P]`` and not
+    P."""
     from cm3rt.retrieval.bank import DocInput, MemoryBank
     from cm3rt.retrieval.clip import ClipEncoder
     from cm3rt.tokenizer.vqgan import ImageTokenizer
@@ -53,16 +65,19 @@ def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 
     emb = embed_documents(encoder, data, recs, batch, "embed bank", True)
     from PIL import Image
 
-    paths = {}
-    for pair in sorted(HELD_OUT_PAIRS):
-        rows = [j for j, r in enumerate(recs)
-                if any((o["colour"], o["shape"]) == pair for o in r["scene"]["objects"])]
+    paths: dict[str, dict[tuple[str, str], Path]] = {"right": {}, "wrong": {}}
+    for column, pair in [(c, p) for c in paths for p in _ORDER]:
+        if column == "right":
+            rows = [j for j, r in enumerate(recs) if _shows(r, pair)]
+        else:
+            rows = [j for j, r in enumerate(recs)
+                    if _shows(r, WRONG_OF[pair]) and not _shows(r, pair)]
         images = []
         for j in rows:
             with Image.open(data / recs[j]["image"]) as im:
                 images.append(im.convert("RGB"))
         codes = tok.encode(images, batch_size=64)
-        path = out / f"bank_{pair[0]}_{pair[1]}"
+        path = out / f"{column}_{pair[0]}_{pair[1]}"
         if path.exists():
             shutil.rmtree(path)
         bank = MemoryBank.create(path, encoder, tok, index="flat")
@@ -73,7 +88,7 @@ def pair_banks(data: Path, model_dir: Path, clip: Path, out: Path, batch: int = 
             bank.flush()
         finally:
             bank.close()
-        paths[pair] = path
+        paths[column][pair] = path
     return paths
 
 
@@ -89,8 +104,6 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
 
     out.mkdir(parents=True, exist_ok=True)
     banks = pair_banks(data, model_dir, clip, out)
-    order = sorted(HELD_OUT_PAIRS)
-    wrong_of = {p: order[(i + 1) % len(order)] for i, p in enumerate(order)}
     engine = load_engine(str(model_dir))
     prompts = held_out_prompts(n, seed)
     full = open_cached(bank_dir)
@@ -101,8 +114,8 @@ def run(model_dir: Path, data: Path, bank_dir: Path, clip: Path, out: Path, n: i
         for k, p in enumerate(prompts):
             held = next((o.colour, o.shape) for o in parse_caption(p.text).objects
                         if (o.colour, o.shape) in HELD_OUT_PAIRS)
-            bank = {"none": None, "bank": full, "right": open_cached(banks[held]),
-                    "wrong": open_cached(banks[wrong_of[held]])}[column]
+            bank = full if column == "bank" else (
+                None if column == "none" else open_cached(banks[column][held]))
             reqs.append(Request(prompt=p.text, task="text_to_image",
                                 params=SamplingParams(guidance=guidance, cfg_scale=cfg_scale,
                                                       uncond_docs=uncond_docs, seed=k),
