@@ -258,6 +258,50 @@ def test_caption_k_docs_retrieves_by_the_image(parts, monkeypatch, tmp_path, cap
         dflt.load_defaults(root)
 
 
+def test_caption_doc_sweep_from_defaults(parts, monkeypatch, tmp_path, capsys):
+    """defaults.json's caption.doc_sweep: a caption with no flags is a document sweep over
+    0..caption.k_docs documents (the CLI, the API and resolve_request agree); --no-doc-sweep
+    / doc_sweep=False and k_docs=0 turn it off; text -> image never sweeps."""
+    from cm3rt.api import resolve_request
+
+    root = tmp_path / "default_sweep"
+    package_default.package(options(parts, out=root, caption_k_docs=2, caption_doc_sweep=True))
+    d = json.loads((root / "defaults.json").read_text())
+    assert d["caption"]["doc_sweep"] is True and d["caption"]["k_docs"] == 2
+    assert dflt.load_defaults(root).caption_doc_sweep is True
+    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
+    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
+    png = tmp_path / "in.png"
+    random_image(np.random.default_rng(9), (16, 16)).save(png)
+    with Image.open(png) as im:
+        image = im.convert("RGB")
+    _, req = resolve_request([image])
+    assert req.doc_sweep is True and req.k_docs == 2 and req.task == "image_to_text"
+    assert resolve_request([image], k_docs=0)[1].doc_sweep is False
+    assert resolve_request([image], doc_sweep=False)[1].doc_sweep is False
+    assert resolve_request(PROMPT)[1].doc_sweep is False
+    out = generate([image], seed=0, max_new_tokens=8)
+    assert out.ok and out.samples[0].score is not None  # ranked by the bank's CLIP
+    capsys.readouterr()
+    assert cli.main(["caption", str(png), "--no-progress", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == out.samples[0].text.strip()
+    plain = generate([image], seed=0, max_new_tokens=8, doc_sweep=False)
+    assert plain.samples[0].score is None and len(plain.docs) == 2
+    assert cli.main(["caption", str(png), "--no-progress", "--max-new-tokens", "8",
+                     "--no-doc-sweep"]) == 0
+    assert capsys.readouterr().out.strip() == plain.samples[0].text.strip()
+    (root / "defaults.json").write_text(json.dumps({**d, "caption": {"doc_sweep": "yes"}}))
+    with pytest.raises(TypeError, match="caption.doc_sweep must be true or false"):
+        dflt.load_defaults(root)
+
+
+def test_package_refuses_a_doc_sweep_without_documents(parts, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        package_default.main(["--decoder", str(tmp_path), "--caption-doc-sweep",
+                              "--caption-k-docs", "0", "--out", str(tmp_path / "x")])
+    assert "--caption-doc-sweep needs --caption-k-docs >= 1" in capsys.readouterr().err
+
+
 def test_missing_default_assets_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(dflt, "DEFAULT_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="default model is not installed.*"

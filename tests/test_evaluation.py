@@ -267,6 +267,25 @@ def test_captions_with_retrieval_are_scored_with_and_without_documents() -> None
         QualityConfig(caption_k_docs=-1)
 
 
+def test_a_caption_doc_sweep_is_one_more_row_and_the_default() -> None:
+    """caption_doc_sweep: the renders are captioned a third time as document sweeps
+    (Request.doc_sweep, 0..caption_k_docs documents), and the target reads that row."""
+    cfg = QualityConfig(prompts=2, captions=40, seed=3, best_of=0, infill=0, edits=0,
+                        caption_k_docs=2, caption_doc_sweep=True)
+    engine = FakeEngine(_fake_scenes(cfg))
+    report = run_quality(engine, bank="a-bank", config=cfg, progress=False)
+    caps = [r for r in engine.requests if r.task == "image_to_text"]
+    assert sorted((r.k_docs, r.doc_sweep) for r in caps) == (
+        [(0, False)] * 40 + [(2, False)] * 40 + [(2, True)] * 40)
+    assert set(report.caption_rows) == {"off", "on", "sweep"}
+    assert report.captions is report.caption_rows["sweep"]["all"]
+    text = format_report(report)
+    assert "| on (0..2 docs, the bank's CLIP picks) (default) |" in text
+    assert "| on (2 docs) |" in text
+    with pytest.raises(TypeError, match="caption_doc_sweep must be a bool"):
+        QualityConfig(caption_doc_sweep="yes")
+
+
 def test_adheres_on_own_renders_and_failures() -> None:
     prompts = held_out_prompts(30, seed=9)
     assert all(adheres(p.text, p.scene.render(64)) for p in prompts)

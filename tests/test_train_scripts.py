@@ -167,3 +167,19 @@ def test_clip_trains_exports_and_loads(runs, tmp_path):
         assert torch.equal(v, ckpt["model." + k]), k
     r = train_clip.evaluate(out / "clip", runs / "shapes", limit=40)
     assert r["n"] == 40 and 0.0 <= r["top1_same_objects"] <= 1.0
+
+
+def test_clip_trains_on_the_bank_split_too(runs):
+    """The retriever learns the memory bank it searches (held-out pairs included): the
+    default splits are train + bank; a split make_dataset.py does not write is refused."""
+    opts = train_clip.ClipOptions(runs / "shapes", runs / "tok", runs / "unused")
+    assert opts.splits == ("train", "bank")
+    both = train_clip.PairSource(runs / "shapes", None, opts.splits)
+    train = train_clip.PairSource(runs / "shapes", None, ("train",))
+    bank_caps = [json.loads(line)["text"] for line in (runs / "shapes" / "bank.jsonl").open()]
+    assert len(both.images) == len(train.images) + len(bank_caps)
+    assert [c for caps in both.captions[len(train.images):] for c in caps[:1]] == [
+        (json.loads(line).get("captions") or [json.loads(line)["text"]])[0]
+        for line in (runs / "shapes" / "bank.jsonl").open()]
+    with pytest.raises(ValueError, match="splits must be a non-empty subset"):
+        train_clip.ClipOptions(runs / "shapes", runs / "tok", runs / "unused", splits=("eval",))

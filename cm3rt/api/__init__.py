@@ -166,7 +166,7 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
                     device: str | None = None, dtype: torch.dtype | str | None = None,
                     processor: Any = None, scorer: Callable | None = None,
                     request_id: str | None = None, tensor_parallel_size: int = 1,
-                    **sampling: Any) -> tuple[Engine, Request]:
+                    doc_sweep: bool | None = None, **sampling: Any) -> tuple[Engine, Request]:
     """Resolve a call's arguments into the engine that serves it and its Request.
 
     Args: as :func:`generate`. ``sampling`` holds only the SamplingParams fields the caller
@@ -194,9 +194,12 @@ def resolve_request(prompt: str | list[Any], model: Any = None,
     bank, k_docs = _k_docs_and_bank(task, bank, k_docs, assets)
     if max_doc_score == FROM_DEFAULTS:
         max_doc_score = assets.max_doc_score if assets is not None else DEFAULT_MAX_SCORE
+    if doc_sweep is None:  # the default model's, for its captions with documents
+        doc_sweep = (assets is not None and assets.caption_doc_sweep
+                     and task == "image_to_text" and k_docs > 0)
     request = Request(prompt=items, task=task, params=params, suffix=suffix, bank=bank,
                       k_docs=k_docs, max_doc_score=max_doc_score, scorer=scorer,
-                      request_id=request_id)
+                      request_id=request_id, doc_sweep=doc_sweep)
     return engine, request
 
 
@@ -219,7 +222,7 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
              device: str | None = None, dtype: torch.dtype | str | None = None,
              processor: Any = None, scorer: Callable | None = None,
              on_event: Callable[[TokenEvent], None] | None = None,
-             tensor_parallel_size: int = 1,
+             tensor_parallel_size: int = 1, doc_sweep: bool | None = None,
              **sampling: Any) -> RequestOutput:
     """Generate for one prompt and return its :class:`RequestOutput`.
 
@@ -248,6 +251,10 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
         on_event: called with every :class:`TokenEvent` as it is generated.
         tensor_parallel_size: shard a model directory over this many processes (gloo on the
             CPU, NCCL on CUDA); see :mod:`cm3rt.api.parallel`.
+        doc_sweep: captions only: caption with 0..k_docs documents and keep the caption the
+            bank's CLIP scores best against the image (``Request.doc_sweep``). None: the
+            default model's defaults.json ``caption.doc_sweep`` (when it retrieves), else
+            False.
         **sampling: :class:`SamplingParams` fields (temperature, top_k, top_p, guidance,
             cfg_scale, cfg_image_scale, cd_alpha, cd_k, n, seed, max_new_tokens).
 
@@ -261,5 +268,6 @@ def generate(prompt: str | list[Any], model: Any = None, images: list[Any] | Non
     engine, request = resolve_request(
         prompt, model, images, task=task, suffix=suffix, bank=bank, k_docs=k_docs,
         max_doc_score=max_doc_score, device=device, dtype=dtype, processor=processor,
-        scorer=scorer, tensor_parallel_size=tensor_parallel_size, **sampling)
+        scorer=scorer, tensor_parallel_size=tensor_parallel_size, doc_sweep=doc_sweep,
+        **sampling)
     return run_request(engine, request, on_event)

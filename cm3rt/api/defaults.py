@@ -13,13 +13,15 @@ bank). With a model given nothing here applies.
     {"format": "cm3rt-defaults", "version": 1,
      "guidance": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0,
      "k_docs": 2, "bank": "bank", "max_doc_score": null,
-     "caption": {"guidance": "none", "temperature": 0.0, "k_docs": 1}}
+     "caption": {"guidance": "none", "temperature": 0.0, "k_docs": 2, "doc_sweep": true}}
 
 ``bank`` is relative to the directory (``null``: no default retrieval); ``max_doc_score``
 (absent: RA-CM3's 0.9) is the retrieval rule dropping documents more similar to the query
 than it, ``null`` turning it off (for every task); ``caption`` holds
 the sampling defaults of image -> text requests and, as ``k_docs``, the documents retrieved
-for a caption (the image is the query; absent: 0, no retrieval).
+for a caption (the image is the query; absent: 0, no retrieval) and, as ``doc_sweep``
+(absent: false), whether a caption is chosen among those with 0..k_docs documents by the
+bank's CLIP (``Request.doc_sweep``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class DefaultAssets:
     k_docs: int = 0  # text -> image
     bank: str | None = None
     caption_k_docs: int = 0  # image -> text
+    caption_doc_sweep: bool = False  # image -> text: best of 0..caption_k_docs documents
     max_doc_score: float | None = DEFAULT_MAX_SCORE  # retrieval rule, every task
 
     @property
@@ -112,17 +115,22 @@ def load_defaults(root: str | Path | None = None) -> DefaultAssets:
                                     f"{root / str(bank)} is not a memory bank")
     sampling = _check_sampling({k: d[k] for k in SAMPLING_KEYS if k in d}, str(path))
     caption = d.get("caption", {})
-    caption_k_docs = 0
-    if isinstance(caption, dict):  # k_docs is retrieval, the rest sampling settings
+    caption_k_docs, caption_doc_sweep = 0, False
+    if isinstance(caption, dict):  # k_docs and doc_sweep are retrieval, the rest sampling
         caption = dict(caption)
         caption_k_docs = _check_k_docs(caption.pop("k_docs", 0), f"{path}: caption.k_docs")
+        caption_doc_sweep = caption.pop("doc_sweep", False)
+        if not isinstance(caption_doc_sweep, bool):
+            raise TypeError(f"default model: {path}: caption.doc_sweep must be true or "
+                            f"false, got {caption_doc_sweep!r}")
     caption = _check_sampling(caption, f"{path}: caption")
     try:
         max_doc_score = check_max_doc_score(d.get("max_doc_score", DEFAULT_MAX_SCORE))
     except ValueError as e:
         raise ValueError(f"default model: {path}: {e}") from None
     return DefaultAssets(root=root, sampling=sampling, caption=caption, k_docs=k_docs, bank=bank,
-                         caption_k_docs=caption_k_docs, max_doc_score=max_doc_score)
+                         caption_k_docs=caption_k_docs, caption_doc_sweep=caption_doc_sweep,
+                         max_doc_score=max_doc_score)
 
 
 def _check_k_docs(k: Any, where: str) -> int:

@@ -80,7 +80,10 @@ def _options_of(parser: argparse.ArgumentParser, command: str | None) -> dict[st
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     chosen = sub.choices.get(command) if sub is not None and command else None
     actions = chosen._actions if chosen is not None else []
-    return {a.dest: max(a.option_strings, key=len) for a in actions if a.option_strings}
+    # the longest option, but never a BooleanOptionalAction's "--no-..." form
+    return {a.dest: max([o for o in a.option_strings if not o.startswith("--no-")]
+                        or a.option_strings, key=len)
+            for a in actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None) -> int:

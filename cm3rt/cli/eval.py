@@ -91,6 +91,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="documents retrieved per caption, the image the query (default: the "
                         "model's defaults.json caption.k_docs, else 0); with retrieval on "
                         "and K > 0 captions are scored with and without them")
+    p.add_argument("--caption-doc-sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="the default caption row chooses among the captions with 0..K "
+                        "documents by the bank's CLIP (default: the model's defaults.json "
+                        "caption.doc_sweep, else off); scored as one more row")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_N} prompts and {QUICK_N} captions unless given")
     p.add_argument("--json", default=None, metavar="OUT", help="write every number to OUT")
@@ -130,6 +134,7 @@ def resolve_paths(model: str | None, bank: str | None, retrieval: bool
         if assets.k_docs > 0:
             defaults["k_docs"] = assets.k_docs
         defaults["caption_k_docs"] = assets.caption_k_docs
+        defaults["caption_doc_sweep"] = assets.caption_doc_sweep
         defaults["max_doc_score"] = assets.max_doc_score
         if assets.bank_dir is not None:
             default_bank = assets.bank_dir
@@ -193,7 +198,8 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any]):
                        if args.max_doc_score == "defaults" else args.max_doc_score),
         caption_temperature=args.caption_temperature,
         caption_max_tokens=args.caption_max_tokens,
-        caption_k_docs=pick(args.caption_k_docs, "caption_k_docs", 0))
+        caption_k_docs=pick(args.caption_k_docs, "caption_k_docs", 0),
+        caption_doc_sweep=pick(args.caption_doc_sweep, "caption_doc_sweep", False))
 
 
 def _eval(args: argparse.Namespace) -> int:

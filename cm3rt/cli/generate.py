@@ -57,6 +57,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--prompt", default="", help="text after the image, e.g. a question")
     _common_args(c)
     _retrieval_args(c, "the image", "caption.k_docs", "else 0")
+    c.add_argument("--doc-sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="caption with 0, 1, ..., K retrieved documents and print the caption "
+                        "the bank's CLIP scores best against the image (default: the "
+                        "embedded model's defaults.json caption.doc_sweep without --model, "
+                        "else off)")
     c.set_defaults(handler=_caption)
 
 
@@ -230,7 +235,7 @@ def _caption(args: argparse.Namespace) -> int:
         [image, args.prompt] if args.prompt else [image], args.model, task="image_to_text",
         bank=args.bank, k_docs=args.k_docs, max_doc_score=args.max_doc_score,
         device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-        **sampling_of(args))
+        doc_sweep=args.doc_sweep, **sampling_of(args))
     out = _run_with_progress(engine, request, args.no_progress)
     for s in out.samples:
         print(s.text.strip())

@@ -8,7 +8,8 @@ One :meth:`Engine.step` reads top to bottom:
    ``sample_logits`` call for every group (cond / [image-cond /] uncond rows adjacent);
 3. ``scheduler.update(...)``: commit computed tokens, fork waiting samples, append each
    group's token to all its streams, retire finished requests;
-4. outputs: finished requests become :class:`RequestOutput` (images decoded, best-of-n).
+4. outputs: finished requests become :class:`RequestOutput` (images decoded, best-of-n);
+   a document sweep's candidates are folded into its one output (:mod:`.doc_sweep`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from cm3rt.engine.config import EngineConfig
+from cm3rt.engine.doc_sweep import DocSweeps
 from cm3rt.engine.kv_cache import BlockPool, CacheStats, KVCacheManager
 from cm3rt.engine.outputs import build_output, failed_output
 from cm3rt.engine.params import SamplingParams
@@ -69,6 +71,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, RequestState] = {}
+        self._sweeps = DocSweeps()
         self.num_steps = 0
 
     @property
@@ -84,7 +87,11 @@ class Engine:
         return self.scheduler.has_work
 
     def request_ids(self) -> list[str]:
-        return list(self._requests)
+        """The unfinished requests (a document sweep counts once, by its own id)."""
+        return [r for r in self._requests if not self._sweeps.is_candidate(r)] + self._sweeps.ids()
+
+    def _is_unfinished(self, request_id: str) -> bool:
+        return request_id in self._requests or request_id in self._sweeps
 
     def add_request(self, request: Request | str | TokenPrompt,
                     params: SamplingParams | None = None) -> str:
@@ -92,8 +99,10 @@ class Engine:
         TypeError naming the argument (nothing is queued then)."""
         request = Request.of(request, params)
         rid = request.request_id if request.request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._requests:
+        if self._is_unfinished(rid):
             raise ValueError(f"request_id {rid!r} is already in the engine")
+        if request.doc_sweep:
+            return self._add_sweep(request, rid)
         built = build_prompt(request, self.vocab, self.processor, self.max_model_len)
         req = new_request_state(rid, next(self._arrivals), request, built)
         self.scheduler.check_fits(req, self.max_model_len, self.vocab.tokens_per_image)
@@ -101,8 +110,26 @@ class Engine:
         self.scheduler.add(req)
         return rid
 
+    def _add_sweep(self, request: Request, rid: str) -> str:
+        """Queue a document sweep's candidates (all or none)."""
+        added: list[str] = []
+        try:
+            for candidate in DocSweeps.candidates_of(request, rid):
+                added.append(self.add_request(candidate))
+        except BaseException:
+            for c in added:
+                self.abort(c)
+            raise
+        self._sweeps.start(request, rid, added)
+        return rid
+
     def abort(self, request_id: str) -> RequestOutput:
         """Stop a request and free its blocks; -> its output (finish_reason "aborted")."""
+        if request_id in self._sweeps:
+            out = None
+            for c in self._sweeps.unfinished_candidates(request_id):
+                out = self._sweeps.record(self.abort(c))
+            return out
         req = self._requests.get(request_id)
         if req is None:
             raise ValueError(f"unknown request_id {request_id!r}")
@@ -128,12 +155,12 @@ class Engine:
                 finished += done
         for req in finished:
             events.append(TokenEvent(req.request_id, -1, -1, 0.0, output=self._finish(req)))
-        return events
+        return self._sweeps.collect(events)
 
     def close(self) -> None:
         """Release what outlives the engine object: under tensor parallelism, the worker
         ranks (they exit). Unfinished requests are aborted; the engine cannot step after."""
-        for rid in list(self._requests):
+        for rid in self.request_ids():
             self.abort(rid)
         self.runner.close()
 
@@ -165,7 +192,7 @@ class Engine:
             yield from self._run(ids)
         finally:
             for rid in ids:
-                if rid in self._requests:
+                if self._is_unfinished(rid):
                     self.abort(rid)
 
     def generate(self, requests: Iterable[Request | str | TokenPrompt],

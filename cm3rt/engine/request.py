@@ -75,6 +75,12 @@ class Request:
         request_id: caller's id (default: assigned by the engine).
         scorer: best-of-n ranking of this request's samples, ``scorer(prompt_text, images)
             -> scores`` (default: the engine's scorer).
+        doc_sweep: image_to_text with a bank and ``k_docs >= 1`` only: caption once with
+            each number of retrieved documents 0, 1, ..., ``k_docs`` (batched together) and
+            keep the ``params.n`` captions the bank's CLIP scores highest against the
+            prompt's first image (:mod:`cm3rt.engine.doc_sweep`). A retrieved document can
+            name what the model never saw, or mislead it about what it knows; the
+            retriever's CLIP tells which caption fits the image.
     """
 
     prompt: str | Sequence[Any] | TokenPrompt
@@ -86,6 +92,7 @@ class Request:
     max_doc_score: float | None = DEFAULT_MAX_SCORE
     request_id: str | None = None
     scorer: Callable[[str, list[Any]], Sequence[float]] | None = None
+    doc_sweep: bool = False
 
     @classmethod
     def of(cls, request: Request | str | TokenPrompt,
@@ -111,6 +118,27 @@ class Request:
                             f"{type(self.scorer).__name__}")
         check_k_docs(self.k_docs)
         check_max_doc_score(self.max_doc_score)
+        check_doc_sweep(self)
+
+
+def check_doc_sweep(request: Request) -> None:
+    """ValueError / TypeError unless ``request.doc_sweep`` is False or can be carried out."""
+    if not isinstance(request.doc_sweep, bool):
+        raise TypeError(f"argument 'doc_sweep' must be a bool, got "
+                        f"{type(request.doc_sweep).__name__}")
+    if not request.doc_sweep:
+        return
+    if request.task != "image_to_text":
+        raise ValueError(f"argument 'doc_sweep' applies to task 'image_to_text' (captions "
+                         f"ranked against the image), got task {request.task!r}")
+    if isinstance(request.prompt, (TokenPrompt, str)) or all(
+            isinstance(x, str) for x in request.prompt):
+        raise ValueError("argument 'doc_sweep' needs a prompt holding an image (the captions "
+                         "are scored against its first image)")
+    if request.bank is None or request.k_docs < 1:
+        raise ValueError(f"argument 'doc_sweep' needs a bank and k_docs >= 1 (captions with "
+                         f"0..k_docs documents), got {'no' if request.bank is None else 'a'} "
+                         f"bank and k_docs {request.k_docs}")
 
 
 @dataclass

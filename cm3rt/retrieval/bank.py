@@ -368,6 +368,11 @@ class MemoryBank:
             self.encoder = encoder
         return self.encoder
 
+    def score_captions(self, image: Image.Image, texts: Sequence[str]) -> list[float]:
+        """Cosine similarity of each of ``texts`` with ``image`` under the bank's own CLIP
+        (the retriever ranks candidate captions: ``Request.doc_sweep``)."""
+        return self._query_encoder().score_texts(image, texts)
+
     def search(self, text: str | None = None,
                image: Image.Image | Sequence[Image.Image] | None = None, k: int = 2,
                candidates: int | None = None, max_score: float | None = DEFAULT_MAX_SCORE,

@@ -368,4 +368,12 @@ class ClipEncoder:
         t = self.encode_text([text])[0]
         return (self.encode_image(images) @ t).tolist()
 
+    def score_texts(self, image: Image.Image, texts: Sequence[str]) -> list[float]:
+        """Cosine similarity of each of ``texts`` with ``image`` (caption reranking)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image: expected a PIL.Image.Image, got {type(image).__name__}")
+        if len(texts) == 0:
+            return []
+        return (self.encode_text(list(texts)) @ self.encode_image([image])[0]).tolist()
+
     __call__ = score

@@ -67,6 +67,7 @@ class PackageOptions:
     k_docs: int = 2
     caption_temperature: float = 0.0
     caption_k_docs: int = 0
+    caption_doc_sweep: bool = False  # captions: the best of 0..caption_k_docs documents
     uncond_docs: bool = False
     max_doc_score: float | None = DEFAULT_MAX_SCORE  # retrieval rule (Request.max_doc_score); None: off
     max_mb: float = MAX_MB
@@ -123,7 +124,7 @@ def write_defaults(opts: PackageOptions, dst: Path) -> dict:
          "uncond_docs": opts.uncond_docs, "k_docs": opts.k_docs, "bank": "bank",
          "max_doc_score": opts.max_doc_score,
          "caption": {"guidance": "none", "temperature": opts.caption_temperature,
-                     "k_docs": opts.caption_k_docs}}
+                     "k_docs": opts.caption_k_docs, "doc_sweep": opts.caption_doc_sweep}}
     (dst / dflt.DEFAULTS_FILE).write_text(json.dumps(d, indent=1) + "\n")
     return d
 
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-temperature", type=float, default=0.0)
     p.add_argument("--caption-k-docs", type=int, default=0,
                    help="documents retrieved per caption (the image is the query; 0: none)")
+    p.add_argument("--caption-doc-sweep", action="store_true",
+                   help="defaults.json caption.doc_sweep: choose among the captions with "
+                        "0..caption-k-docs documents by the bank's CLIP")
     p.add_argument("--uncond-docs", action="store_true",
                    help="retrieved documents in the unconditional guidance stream too")
     p.add_argument("--max-doc-score", type=score_or_none, default=DEFAULT_MAX_SCORE, metavar="S",
@@ -318,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-doc-score: give a number or 'none' (this writes the defaults)")
     if a.k_docs < 0 or a.caption_k_docs < 0 or a.top_k < 0 or a.temperature < 0:
         p.error("--k-docs, --caption-k-docs, --top-k and --temperature must be >= 0")
+    if a.caption_doc_sweep and a.caption_k_docs < 1:
+        p.error("--caption-doc-sweep needs --caption-k-docs >= 1 (it sweeps 0..K documents)")
     timer = Timer("package_default")
     info = package(PackageOptions(
         a.decoder, a.tokenizer, a.vqgan, a.clip, a.bank, out=a.out, runs=a.runs,
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
         temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
         caption_temperature=a.caption_temperature, caption_k_docs=a.caption_k_docs,
+        caption_doc_sweep=a.caption_doc_sweep,
         uncond_docs=a.uncond_docs, max_doc_score=a.max_doc_score, max_mb=a.max_mb,
         eval_report=a.eval_report))
     print(f"wrote {a.out}: {info['total_mb']:.1f} MB, decoder {info['decoder_params']:,} "

@@ -7,7 +7,7 @@
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
 # Environment: THREADS (default 2), DECODER_STEPS (default 7000), FINETUNE_STEPS (1200),
-# EVAL_PROMPTS (200), K_DOCS (1), CAPTION_K_DOCS (1), UNCOND_DOCS (1), MAX_DOC_SCORE (none: the shipped model retrieves the
+# EVAL_PROMPTS (200), K_DOCS (1), CAPTION_K_DOCS (2), CAPTION_DOC_SWEEP (1), UNCOND_DOCS (1), MAX_DOC_SCORE (none: the shipped model retrieves the
 # closest documents; 0.9 is RA-CM3's rule), PACKAGE=0 to stop before writing
 # cm3rt/assets/default.
 set -euo pipefail
@@ -23,14 +23,17 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 # diagnostic read):
 # 1, chosen on the selection prompts (seed 1) over {1, 2}; see TRAINING.md.
 K_DOCS=${K_DOCS:-1}
-# Documents retrieved per caption (the image is the query), for the shipped defaults:
-# 1 since the caption fine-tune (0 before it: documents did not help captions).
-CAPTION_K_DOCS=${CAPTION_K_DOCS:-1}
+# Documents retrieved per caption (the image is the query), for the shipped defaults, and
+# CAPTION_DOC_SWEEP=1: a caption is the best, by the bank's CLIP, of those with 0..K
+# documents (session 11: chosen on seed-1 renders over {0,1}, {0,2}, {0,1,2}, {0,1,2,3}).
+CAPTION_K_DOCS=${CAPTION_K_DOCS:-2}
+CAPTION_DOC_SWEEP=${CAPTION_DOC_SWEEP:-1}
 # 1: the documents stand in the unconditional guidance stream too (SamplingParams.uncond_docs),
 # for selection and the shipped defaults. Both chosen on the selection prompts: TRAINING.md.
 UNCOND_DOCS=${UNCOND_DOCS:-1}
 MAX_DOC_SCORE=${MAX_DOC_SCORE:-none}
-SELECT_UNCOND=() PACKAGE_UNCOND=()
+SELECT_UNCOND=() PACKAGE_UNCOND=() PACKAGE_SWEEP=()
+if [[ $CAPTION_DOC_SWEEP == 1 ]]; then PACKAGE_SWEEP=(--caption-doc-sweep); fi
 if [[ $UNCOND_DOCS == 1 ]]; then SELECT_UNCOND=(--eval-uncond-docs); PACKAGE_UNCOND=(--uncond-docs); fi
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUNS"
@@ -56,7 +59,7 @@ step vqgan_gate python $T/train_vqgan.py --out "$RUNS/vqgan" --eval --threads "$
 step encode_images python $T/encode_images.py --data "$DATA" --vqgan "$RUNS/vqgan/vqgan" \
     --out "$RUNS/codes" --threads "$THREADS"
 step train_clip python $T/train_clip.py --data "$DATA" --tokenizer "$RUNS/tokenizer" \
-    --out "$RUNS/clip" --threads "$THREADS" --pairs 204800
+    --out "$RUNS/clip" --threads "$THREADS" --pairs 204800 --splits train bank
 step clip_gate python $T/train_clip.py --data "$DATA" --out "$RUNS/clip" --eval --threads "$THREADS"
 step build_banks python $T/build_banks.py --data "$DATA" --codes "$RUNS/codes" \
     --clip "$RUNS/clip/clip" --vqgan "$RUNS/vqgan/vqgan" --out "$RUNS/banks" --threads "$THREADS"
@@ -81,7 +84,8 @@ if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | 
 step package_default python $T/package_default.py --decoder "$RUNS/decoder_ft/model" \
     --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
     --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance cdk --k-docs "$K_DOCS" \
-    --caption-k-docs "$CAPTION_K_DOCS" --max-doc-score "$MAX_DOC_SCORE" "${PACKAGE_UNCOND[@]}"
+    --caption-k-docs "$CAPTION_K_DOCS" --max-doc-score "$MAX_DOC_SCORE" "${PACKAGE_UNCOND[@]}" \
+    "${PACKAGE_SWEEP[@]}"
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
     --json "$RUNS/eval.json"
 step copy_diagnostic python $T/copy_diagnostic.py --model cm3rt/assets/default --data "$DATA" \

@@ -55,6 +55,7 @@ from cm3rt.demo.shapes.vocab import IMAGE_SIZE
 EXPORT = "clip"
 GATE = 0.90
 VISION_TOWERS = ("resnet", "vit")
+CLIP_SPLITS = ("train", "bank", "novel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Pixels scaled to [-1, 1], as for the VQGAN; the world's renders (IMAGE_SIZE px) pass
 # resize / crop unchanged.
@@ -74,7 +75,12 @@ class ClipOptions:
         vision: "resnet" or "vit" (the image tower).
         width, layers, embed_dim, context: model sizes (``width``/``layers`` of the text
             tower and the ViT).
-        limit: use only the first ``limit`` training records (None: all).
+        limit: use only the first ``limit`` records of each split (None: all).
+        splits: the make_dataset.py splits to train on. ``("train", "bank")`` by default:
+            the retriever learns the memory bank it will search, held-out pairs included
+            (only the decoder must never see them); ``("train",)`` was the recipe up to
+            session 10, whose CLIP had never seen a held-out look and, queried with the
+            image of one, retrieved a document showing it for half of them.
     """
 
     data: Path
@@ -93,6 +99,7 @@ class ClipOptions:
     context: int = 32
     vision: str = "resnet"
     limit: int | None = None
+    splits: tuple[str, ...] = ("train", "bank")
 
     def __post_init__(self) -> None:
         for name in ("pairs", "batch", "ckpt_every", "width", "layers", "embed_dim", "context",
@@ -102,6 +109,9 @@ class ClipOptions:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.vision not in VISION_TOWERS:
             raise ValueError(f"vision must be one of {VISION_TOWERS}, got {self.vision!r}")
+        if not self.splits or any(s not in CLIP_SPLITS for s in self.splits):
+            raise ValueError(f"splits must be a non-empty subset of {CLIP_SPLITS}, "
+                             f"got {self.splits!r}")
         if self.width % 32:
             raise ValueError(f"width must be a multiple of 32 (heads of 32), got {self.width}")
 
@@ -165,12 +175,16 @@ def export_weights(model: torch.nn.Module, folder: Path) -> Path:
 
 
 class PairSource:
-    """Training images (uint8, in memory) and their captions."""
+    """Training images (uint8, in memory) and their captions, from ``splits``."""
 
-    def __init__(self, data: Path, limit: int | None) -> None:
-        recs = split_records(data, "train", limit)
-        if not recs:
-            raise ValueError(f"no training records in {data}/train.jsonl")
+    def __init__(self, data: Path, limit: int | None,
+                 splits: tuple[str, ...] = ("train",)) -> None:
+        recs = []
+        for split in splits:
+            got = split_records(data, split, limit)
+            if not got:
+                raise ValueError(f"no records in {data}/{split}.jsonl")
+            recs += got
         self.images = np.stack([load_rgb(data, r) for r in recs])
         self.captions = [r.get("captions") or [r["text"]] for r in recs]
 
@@ -200,7 +214,7 @@ def train(opts: ClipOptions, quiet: bool = False, max_steps: int | None = None) 
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "options.json").write_text(json.dumps(
         {**asdict(opts), "data": str(opts.data), "tokenizer": str(opts.tokenizer),
-         "out": str(opts.out)}, indent=1))
+         "out": str(opts.out), "splits": list(opts.splits)}, indent=1))
     cfg, folder = prepare_export(opts)
     model = open_clip.model.CLIP(**cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -217,7 +231,7 @@ def train(opts: ClipOptions, quiet: bool = False, max_steps: int | None = None) 
         print(f"resumed from {opts.out} at step {start}/{opts.total_steps}", flush=True)
     print(f"tiny CLIP: {n_params / 1e6:.2f} M parameters, {opts.total_steps} steps of "
           f"{opts.batch}", flush=True)
-    source = PairSource(opts.data, opts.limit)
+    source = PairSource(opts.data, opts.limit, opts.splits)
     log = (opts.out / "log.jsonl").open("a", encoding="utf-8")
     stats: dict = {}
     t_last, s_last = timer.seconds(), start
@@ -299,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=ClipOptions.lr)
     p.add_argument("--ckpt-every", type=int, default=ClipOptions.ckpt_every)
     p.add_argument("--vision", choices=VISION_TOWERS, default=ClipOptions.vision)
+    p.add_argument("--splits", nargs="+", default=list(ClipOptions.splits),
+                   help="splits to train on (default: train bank; the memory bank is what "
+                        "the retriever searches)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this call")
     p.add_argument("--quick", action="store_true",
@@ -321,11 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.quick:
             opts = ClipOptions(a.data, a.tokenizer, a.out, a.seed, a.threads, pairs=48,
-                               batch=16, ckpt_every=2, lr=a.lr, vision=a.vision, limit=64)
+                               batch=16, ckpt_every=2, lr=a.lr, vision=a.vision, limit=64,
+                               splits=tuple(a.splits))
         else:
             opts = ClipOptions(a.data, a.tokenizer, a.out, a.seed, a.threads, pairs=a.pairs,
                                batch=a.batch, lr=a.lr, ckpt_every=a.ckpt_every,
-                               vision=a.vision)
+                               vision=a.vision, splits=tuple(a.splits))
     except ValueError as exc:
         p.error(str(exc))
     train(opts, quiet=a.quick, max_steps=a.max_steps)

@@ -104,6 +104,9 @@ class QualityConfig:
         caption_k_docs: documents retrieved per caption (the image is the query) in the
             model's own captioning setting; with retrieval on and > 0, captions are scored
             with and without them, and the caption target reads the retrieval row.
+        caption_doc_sweep: the model's captioning setting chooses among the captions with
+            0..caption_k_docs documents by the bank's CLIP (``Request.doc_sweep``); the
+            sweep is then one more caption row, and the default one.
     """
 
     prompts: int = 200
@@ -129,6 +132,7 @@ class QualityConfig:
     caption_temperature: float = 0.0
     caption_max_tokens: int = 48
     caption_k_docs: int = 0
+    caption_doc_sweep: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompts", "captions", "seed", "k_docs", "caption_max_tokens", "best_of",
@@ -136,6 +140,9 @@ class QualityConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"QualityConfig.{name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.caption_doc_sweep, bool):
+            raise TypeError(f"QualityConfig.caption_doc_sweep must be a bool, got "
+                            f"{self.caption_doc_sweep!r}")
         if self.caption_max_tokens < 1:
             raise ValueError(f"QualityConfig.caption_max_tokens must be >= 1, got "
                              f"{self.caption_max_tokens}")
@@ -174,6 +181,13 @@ class QualityConfig:
     def caption_retrieval(self) -> bool:
         """Whether captions are also scored with retrieved documents (the default then)."""
         return self.retrieval and self.caption_k_docs > 0
+
+    @property
+    def caption_default_row(self) -> str:
+        """The caption row of the model's own setting: "off", "on" or "sweep"."""
+        if not self.caption_retrieval:
+            return "off"
+        return "sweep" if self.caption_doc_sweep else "on"
 
     @property
     def n_train(self) -> int:
@@ -386,8 +400,10 @@ def _text_of(out) -> str:
 
 
 def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig, bar, bank: Any = None,
-                k_docs: int = 0) -> tuple[dict[str, Score], list[dict[str, Any]]]:
-    """Caption ``scenes`` (with ``k_docs`` documents from ``bank``, the image the query):
+                k_docs: int = 0, doc_sweep: bool = False
+                ) -> tuple[dict[str, Score], list[dict[str, Any]]]:
+    """Caption ``scenes`` (with ``k_docs`` documents from ``bank``, the image the query;
+    ``doc_sweep``: the best by the bank's CLIP of the captions with 0..k_docs documents):
     scores over all scenes, those showing a held-out pair, and the others."""
     from cm3rt.engine.params import SamplingParams
     from cm3rt.engine.request import Request
@@ -398,7 +414,8 @@ def _captioning(engine: Any, scenes: list[Scene], cfg: QualityConfig, bar, bank:
                                           max_new_tokens=cfg.caption_max_tokens,
                                           seed=_seed(cfg.seed, _CAPTION_TAG, i)),
                     bank=bank if k_docs else None, k_docs=k_docs,
-                    max_doc_score=cfg.max_doc_score, request_id=f"eval-caption-{k_docs}-{i}")
+                    max_doc_score=cfg.max_doc_score, doc_sweep=doc_sweep,
+                    request_id=f"eval-caption-{k_docs}{'-sweep' if doc_sweep else ''}-{i}")
             for i, scene in enumerate(scenes)]
     results: list[bool] = []
 
@@ -582,7 +599,11 @@ def run_quality(engine: Any, bank: Any = None, config: QualityConfig | None = No
                 bar.set_description("captions r+")
                 caption_rows["on"], examples = _captioning(engine, scenes, cfg, bar, bank,
                                                            cfg.caption_k_docs)
-            captions = caption_rows["on" if cfg.caption_retrieval else "off"]["all"]
+            if cfg.caption_retrieval and cfg.caption_doc_sweep:
+                bar.set_description("captions sweep")
+                caption_rows["sweep"], examples = _captioning(engine, scenes, cfg, bar, bank,
+                                                              cfg.caption_k_docs, True)
+            captions = caption_rows[cfg.caption_default_row]["all"]
         phase["captions"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -748,8 +769,9 @@ def format_report(report: QualityReport) -> str:
                   "", ("| retrieval | all renders | renders showing a held-out pair "
                        "| the other renders |"), "| --- | --- | --- | --- |"]
         for mode, split in report.caption_rows.items():
-            name = "off" if mode == "off" else f"on ({c.caption_k_docs} docs)"
-            mark = " (default)" if (mode == "on") == c.caption_retrieval else ""
+            name = {"off": "off", "on": f"on ({c.caption_k_docs} docs)",
+                    "sweep": f"on (0..{c.caption_k_docs} docs, the bank's CLIP picks)"}[mode]
+            mark = " (default)" if mode == c.caption_default_row else ""
             lines.append(f"| {name}{mark} | {_cell(split['all'])} | "
                          f"{_cell(split['held_out'])} | {_cell(split['others'])} |")
         lines += ["", f"caption accuracy: {_cell(report.captions)} (the default row)", ""]
