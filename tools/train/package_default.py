@@ -64,6 +64,7 @@ class PackageOptions:
     cfg_scale: float = 3.0
     temperature: float = 1.0
     top_k: int = 0
+    top_p: float = 1.0
     k_docs: int = 2
     caption_temperature: float = 0.0
     caption_k_docs: int = 0
@@ -121,6 +122,7 @@ def write_defaults(opts: PackageOptions, dst: Path) -> dict:
     """defaults.json (read by cm3rt.api.defaults)."""
     d = {"format": dflt.FORMAT, "version": dflt.VERSION, "guidance": opts.guidance,
          "cfg_scale": opts.cfg_scale, "temperature": opts.temperature, "top_k": opts.top_k,
+         "top_p": opts.top_p,
          "uncond_docs": opts.uncond_docs, "k_docs": opts.k_docs, "bank": "bank",
          "max_doc_score": opts.max_doc_score,
          "caption": {"guidance": "none", "temperature": opts.caption_temperature,
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--k-docs", type=int, default=2)
     p.add_argument("--caption-temperature", type=float, default=0.0)
     p.add_argument("--caption-k-docs", type=int, default=0,
@@ -322,13 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-doc-score: give a number or 'none' (this writes the defaults)")
     if a.k_docs < 0 or a.caption_k_docs < 0 or a.top_k < 0 or a.temperature < 0:
         p.error("--k-docs, --caption-k-docs, --top-k and --temperature must be >= 0")
+    if not 0.0 < a.top_p <= 1.0:
+        p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.caption_doc_sweep and a.caption_k_docs < 1:
         p.error("--caption-doc-sweep needs --caption-k-docs >= 1 (it sweeps 0..K documents)")
     timer = Timer("package_default")
     info = package(PackageOptions(
         a.decoder, a.tokenizer, a.vqgan, a.clip, a.bank, out=a.out, runs=a.runs,
         decoder_dtype=a.decoder_dtype, guidance=a.guidance, cfg_scale=a.cfg_scale,
-        temperature=a.temperature, top_k=a.top_k, k_docs=a.k_docs,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, k_docs=a.k_docs,
         caption_temperature=a.caption_temperature, caption_k_docs=a.caption_k_docs,
         caption_doc_sweep=a.caption_doc_sweep,
         uncond_docs=a.uncond_docs, max_doc_score=a.max_doc_score, max_mb=a.max_mb,

@@ -7,7 +7,8 @@
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
 # continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
 # Environment: THREADS (default 2), DECODER_STEPS (default 7000), FINETUNE_STEPS (1200),
-# EVAL_PROMPTS (200), K_DOCS (1), CAPTION_K_DOCS (2), CAPTION_DOC_SWEEP (1), UNCOND_DOCS (1), MAX_DOC_SCORE (none: the shipped model retrieves the
+# EVAL_PROMPTS (200), K_DOCS (1), CAPTION_K_DOCS (2), CAPTION_DOC_SWEEP (1), UNCOND_DOCS (1),
+# GUIDANCE (cfg), CFG_SCALE (1.5), TOP_P (0.6), MAX_DOC_SCORE (none: the shipped model retrieves the
 # closest documents; 0.9 is RA-CM3's rule), PACKAGE=0 to stop before writing
 # cm3rt/assets/default.
 set -euo pipefail
@@ -32,6 +33,12 @@ CAPTION_DOC_SWEEP=${CAPTION_DOC_SWEEP:-1}
 # for selection and the shipped defaults. Both chosen on the selection prompts: TRAINING.md.
 UNCOND_DOCS=${UNCOND_DOCS:-1}
 MAX_DOC_SCORE=${MAX_DOC_SCORE:-none}
+# The shipped text -> image sampler: CFG 1.5 with nucleus sampling at top-p 0.6 (session 11:
+# chosen on the selection prompts, seed 1, over top-p {1, 0.9, 0.8, 0.6, 0.4} x {none, cdk,
+# cfg 1.25 / 1.5 / 2}; TRAINING.md). Selection of the decoder's checkpoint still uses CD-K.
+GUIDANCE=${GUIDANCE:-cfg}
+CFG_SCALE=${CFG_SCALE:-1.5}
+TOP_P=${TOP_P:-0.6}
 SELECT_UNCOND=() PACKAGE_UNCOND=() PACKAGE_SWEEP=()
 if [[ $CAPTION_DOC_SWEEP == 1 ]]; then PACKAGE_SWEEP=(--caption-doc-sweep); fi
 if [[ $UNCOND_DOCS == 1 ]]; then SELECT_UNCOND=(--eval-uncond-docs); PACKAGE_UNCOND=(--uncond-docs); fi
@@ -83,7 +90,8 @@ step finetune_decoder python $T/train_decoder.py --data "$DATA" --codes "$RUNS/c
 if [[ ${PACKAGE:-1} == 0 ]]; then echo "PACKAGE=0: stopping before packaging" | tee -a "$LOG"; exit 0; fi
 step package_default python $T/package_default.py --decoder "$RUNS/decoder_ft/model" \
     --tokenizer "$RUNS/tokenizer" --vqgan "$RUNS/vqgan/vqgan" --clip "$RUNS/clip/clip" \
-    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance cdk --k-docs "$K_DOCS" \
+    --bank "$RUNS/banks/bank" --runs "$RUNS" --decoder-dtype fp32 --guidance "$GUIDANCE" \
+    --cfg-scale "$CFG_SCALE" --top-p "$TOP_P" --k-docs "$K_DOCS" \
     --caption-k-docs "$CAPTION_K_DOCS" --max-doc-score "$MAX_DOC_SCORE" "${PACKAGE_UNCOND[@]}" \
     "${PACKAGE_SWEEP[@]}"
 step eval python -c "import sys; from cm3rt.cli import main; sys.exit(main())" eval --prompts "$EVAL_PROMPTS" --captions 200 --no-progress \
