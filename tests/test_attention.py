@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +76,85 @@ def test_long_prefill_split(device, causal):
     # still 10 query tiles over 19 key tiles, at a ninth of the cost)
     S, Q = (300, 150) if emulated(device) else (1025, 513)
     run_case(device, torch.float32, [S], [Q], H=2, Hkv=1, D=128, BS=32, causal=causal, seed=3)
+
+
+# ---- prefill regimes of the CPU tile kernel (csrc/attention/prefill_cpu_avx512.cpp) ----------
+# Items of 64 query rows (tokens x the query heads of one kv head, 16 rows a vector) over
+# blocks of 64 keys, the causal mask only on blocks that reach past a tile's first row, bf16
+# in pairs (VDPBF16PS); items of fewer than 10 rows, and groups above 64 heads, stay on the
+# portable path. The same cases check the CUDA kernels on a GPU / under the emulator.
+
+@pytest.mark.parametrize("q_len", [10, 13, 64, 77, 130])
+def test_prefill_query_tiles_ending_mid_block(device, q_len):
+    # 1 kv head of 1 query head: tiles of 64 tokens. 77 = 64 + 13 (a partial row vector),
+    # 130 = 2 x 64 + 2 (a 2-row item on the portable path). Sequence 0 has a 45-key cached
+    # prefix, so its causal diagonal is not aligned to the key blocks; sequence 1 starts at 0.
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [q_len + 45, q_len], [q_len, q_len], H=1, Hkv=1, D=64, BS=16,
+                 seed=q_len)
+
+
+@pytest.mark.parametrize("H,Hkv", [(6, 3), (12, 4), (16, 2), (64, 1), (80, 1)])
+def test_prefill_gqa_groups(device, H, Hkv):
+    # groups 2, 3 (21 tokens = 63 rows per tile), 8, 64 (one token per tile) and 80 (more
+    # heads than a tile holds: the portable path)
+    seq_lens, q_lens = ([90, 40], [90, 25]) if emulated(device) else ([150, 90], [150, 40])
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, seq_lens, q_lens, H=H, Hkv=Hkv, D=64, BS=16, seed=H + Hkv)
+
+
+@pytest.mark.parametrize("D", [32, 80, 96, 256])
+def test_prefill_head_dims_over_key_blocks(device, D):
+    # 200 queries after a 100-key prefix: 5 key blocks, the diagonal ones masked per row;
+    # D = 80 is 40 bf16 pairs (a masked tail in the tile's transpose of q)
+    S, Q = (150, 90) if emulated(device) else (300, 200)
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [S], [Q], H=2, Hkv=1, D=D, BS=32, seed=D + 1)
+
+
+@pytest.mark.parametrize("BS", [1, 7, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_page_sizes_and_masking(device, BS, causal):
+    # key blocks gathered across many pages (1, 7) or inside one (128); non-causal: every
+    # row sees every key, the cached prefix included
+    seq_lens, q_lens = [181, 70], [120, 70]
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, seq_lens, q_lens, H=4, Hkv=2, D=64, BS=BS, causal=causal,
+                 seed=BS + 10 * causal)
+
+
+def test_prefill_float16_cache(device):
+    # float16 on every device (the CPU tile kernel widens it to fp32)
+    run_case(device, torch.float16, [200, 70, 9], [200, 20, 9], H=4, Hkv=2, D=128, BS=16,
+             seed=16)
+
+
+def test_cpu_prefill_key_splits_merge():
+    # The CPU kernel splits the key range when its items cannot keep 4x the OpenMP threads
+    # busy (a few long sequences on a many-core machine). 24 threads make those splits on any
+    # machine: [1025] x [513] with 2 heads on 1 kv head is 17 items, so 4 splits of 257 keys
+    # (the last tiles' splits straddle the diagonal, the first tiles' last splits are empty);
+    # [2000, 300] x [64, 300] with 4 heads per kv head is 46 items, 3 splits of the first
+    # sequence after its cached prefix. torch sets the OpenMP threads when imported (to the
+    # cores), so the script sets them after the import; cm3rt shares torch's libgomp.
+    package_root = Path(ops.__file__).resolve().parents[1]  # the cm3rt this run imported
+    script = textwrap.dedent("""
+        import torch
+        torch.set_num_threads(24)
+        from test_attention import run_case
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for causal in (True, False):
+                run_case("cpu", dtype, [1025], [513], H=2, Hkv=1, D=128, BS=32,
+                         causal=causal, seed=3)
+            run_case("cpu", dtype, [2000, 300], [64, 300], H=8, Hkv=2, D=64, BS=16, seed=4)
+        print("SPLITS OK")
+    """)
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(package_root)])}
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, check=False,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SPLITS OK" in out.stdout
 
 
 def test_zero_length_query_sequence(device):
