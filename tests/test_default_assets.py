@@ -225,6 +225,16 @@ def test_cli_caption_no_flags(default_dir, tmp_path, capsys):
     assert greedy.samples[0].token_ids == out.samples[0].token_ids
 
 
+def install_as_default(root, monkeypatch, tmp_path):
+    """Make the packaged ``root`` the embedded default; -> (a PNG's path, its RGB image)."""
+    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
+    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
+    png = tmp_path / "in.png"
+    random_image(np.random.default_rng(9), (16, 16)).save(png)
+    with Image.open(png) as im:
+        return png, im.convert("RGB")
+
+
 def test_caption_k_docs_retrieves_by_the_image(parts, monkeypatch, tmp_path, capsys):
     """defaults.json's caption.k_docs: a caption with no flags retrieves that many documents
     with the image as the query; k_docs=0 / -k 0 turns it off; text -> image keeps k_docs."""
@@ -236,12 +246,7 @@ def test_caption_k_docs_retrieves_by_the_image(parts, monkeypatch, tmp_path, cap
     d = json.loads((root / "defaults.json").read_text())
     assert d["caption"]["k_docs"] == 1 and d["k_docs"] == K_DOCS
     assert dflt.load_defaults(root).k_docs_for("image_to_text") == 1
-    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
-    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
-    png = tmp_path / "in.png"
-    random_image(np.random.default_rng(9), (16, 16)).save(png)
-    with Image.open(png) as im:
-        image = im.convert("RGB")
+    png, image = install_as_default(root, monkeypatch, tmp_path)
     out = generate([image], seed=0, max_new_tokens=8)
     with MemoryBank.open(root / "bank", encoder=ClipEncoder(f"local-dir:{root / 'clip'}")) as b:
         chosen = b.search(image=[image], k=1)
@@ -269,12 +274,7 @@ def test_caption_doc_sweep_from_defaults(parts, monkeypatch, tmp_path, capsys):
     d = json.loads((root / "defaults.json").read_text())
     assert d["caption"]["doc_sweep"] is True and d["caption"]["k_docs"] == 2
     assert dflt.load_defaults(root).caption_doc_sweep is True
-    monkeypatch.setattr(dflt, "DEFAULT_DIR", root)
-    monkeypatch.setattr(clip_mod, "EMBEDDED_CLIP_DIR", root / "clip")
-    png = tmp_path / "in.png"
-    random_image(np.random.default_rng(9), (16, 16)).save(png)
-    with Image.open(png) as im:
-        image = im.convert("RGB")
+    png, image = install_as_default(root, monkeypatch, tmp_path)
     _, req = resolve_request([image])
     assert req.doc_sweep is True and req.k_docs == 2 and req.task == "image_to_text"
     assert resolve_request([image], k_docs=0)[1].doc_sweep is False
