@@ -111,9 +111,13 @@ def test_tower_matches_open_clip(clip_dir):
     # the identity a bank records is exactly open_clip's, computed without it
     assert fast.identity == ref.identity
     assert fast._open_clip is None
-    # images load open_clip lazily (and re-check the identity)
+    # images: ClipImageTower for a ModifiedResNet vision tower (open_clip stays unloaded),
+    # else open_clip, loaded lazily (and re-checking the identity)
     assert fast.encode_image([]).shape == (0, 16)
-    assert fast._open_clip is not None
+    cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
+    resnet = isinstance(cfg["vision_cfg"].get("layers"), list)
+    assert (fast._image_tower is not None) == resnet
+    assert (fast._open_clip is None) == resnet
 
 
 def test_unsupported_configs_are_refused():
@@ -137,10 +141,11 @@ def test_unsupported_tower_falls_back_to_open_clip(tmp_path):
     assert not tt.supports(clip) and "canonicalize" in tt.unsupported_reason(clip)
     enc = ClipEncoder.for_queries(f"local-dir:{clip}")
     assert enc._tower is None and "canonicalize" in enc.text_tower_refusal
-    assert enc._open_clip is not None
+    assert enc._open_clip is None  # the image tower still applies; texts load open_clip
     ref = ClipEncoder(f"local-dir:{clip}")
     assert enc.identity == ref.identity
     assert torch.equal(enc.encode_text(CAPTIONS[:2]), ref.encode_text(CAPTIONS[:2]))
+    assert enc._open_clip is not None
 
 
 def test_text_query_through_default_bank_imports_no_open_clip(tmp_path):

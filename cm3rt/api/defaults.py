@@ -142,8 +142,9 @@ def _check_k_docs(k: Any, where: str) -> int:
 def open_default_bank(assets: DefaultAssets):
     """The default bank (opened once per process, :func:`cm3rt.retrieval.bank.open_cached`)
     with the directory's own CLIP (``clip/``) for queries, so it never depends on where the
-    bank was built. Text queries go through the CLIP text tower, so a text -> image generate
-    never imports open_clip / torchvision / transformers (start-up time)."""
+    bank was built. Queries go through the CLIP text and image towers, so neither a text ->
+    image generate nor a caption imports open_clip / torchvision / transformers (start-up
+    time)."""
     from cm3rt.retrieval.bank import open_cached
 
     bank_dir = assets.bank_dir

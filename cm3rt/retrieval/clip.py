@@ -1,5 +1,8 @@
 """Frozen CLIP bi-encoder on open_clip: any architecture, weights from a local file only.
 
+:meth:`ClipEncoder.for_queries` embeds queries without importing open_clip where
+:mod:`~cm3rt.retrieval.text_tower` and :mod:`~cm3rt.retrieval.image_tower` reproduce the model.
+
 Embeddings are L2-normalised float32. A document (or query) made of text and images is
 embedded as the average of its L2-normalised text embedding and image embedding,
 renormalised (docs/DESIGN.md, "Retrieval"); several images count as one image part (their
@@ -18,6 +21,11 @@ import torch
 from PIL import Image
 
 from cm3rt.devices import resolve_device
+
+# open_clip's preprocess defaults live with the code that reproduces the preprocessing; the
+# identity of a folder computed without open_clip hashes this merged config, and
+# _load_open_clip checks it against open_clip's.
+from .image_tower import preprocess_cfg_of as _preprocess_cfg_of
 
 _PRECISIONS = ("fp32", "fp16", "bf16")
 _LOCAL_DIR = "local-dir:"
@@ -63,29 +71,6 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
 
 
-# open_clip's PreprocessCfg defaults (open_clip/transform.py), for the identity of a folder
-# computed without importing open_clip; _load_open_clip checks it against open_clip's.
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-_PREPROCESS_DEFAULTS = {"size": 224, "mode": "RGB", "mean": _OPENAI_MEAN, "std": _OPENAI_STD,
-                        "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
-
-
-def _preprocess_cfg_of(config: dict) -> dict:
-    """``model.visual.preprocess_cfg`` that open_clip sets for a local-dir config file."""
-    cfg = dict(_PREPROCESS_DEFAULTS)
-    cfg.update({k: v for k, v in (config.get("preprocess_cfg") or {}).items()
-                if k in _PREPROCESS_DEFAULTS and v is not None})
-    vision = config["model_cfg"].get("vision_cfg", {})
-    size = vision.get("image_size", 224)
-    # ModifiedResNet keeps image_size as given; ViT and timm towers make it a pair.
-    if isinstance(vision.get("layers", 12), (list, tuple)) and not vision.get("timm_model_name"):
-        cfg["size"] = size
-    else:
-        cfg["size"] = size if isinstance(size, (list, tuple)) else (size, size)
-    return cfg
-
-
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise rows in float32 (a zero row stays zero rather than becoming NaN)."""
     x = x.float()
@@ -126,29 +111,40 @@ class ClipEncoder:
     def for_queries(cls, arch: str, weights: str | Path | None = None,
                     device: str | torch.device = "cpu", precision: str | None = None,
                     batch_size: int = 64) -> ClipEncoder:
-        """An encoder whose text path does not import open_clip when it can avoid it.
+        """An encoder that embeds queries without importing open_clip where it can.
 
-        For a local-dir (or the embedded) CLIP in fp32 whose text tower
-        :mod:`cm3rt.retrieval.text_tower` reproduces, texts are embedded by
-        :class:`~cm3rt.retrieval.text_tower.ClipTextTower` and open_clip is loaded only when
-        images are encoded; the identity (digest) is the one ``ClipEncoder(...)`` records.
-        Otherwise this is ``ClipEncoder(...)``; ``text_tower_refusal`` says why.
+        For a local-dir (or the embedded) CLIP in fp32, texts are embedded by
+        :class:`~cm3rt.retrieval.text_tower.ClipTextTower` and images by
+        :class:`~cm3rt.retrieval.image_tower.ClipImageTower` when each reproduces its side of
+        the model; open_clip is loaded only when a side without a tower is encoded (or
+        :attr:`model` / :attr:`preprocess` / :attr:`tokenizer` are read). The identity
+        (digest) is the one ``ClipEncoder(...)`` records. ``text_tower_refusal`` and
+        ``image_tower_refusal`` say why a side has no tower; with neither tower this is
+        ``ClipEncoder(...)``.
         """
-        from . import text_tower
+        from . import image_tower, text_tower
 
         self = cls.__new__(cls)
         self._setup(arch, weights, device, precision, batch_size)
         folder = self._local_folder(arch, weights)
+        refusal = None
         if folder is None:
-            self.text_tower_refusal = f"arch {arch!r} is not a local-dir CLIP"
+            refusal = f"arch {arch!r} is not a local-dir CLIP"
         elif self.precision != "fp32":
-            self.text_tower_refusal = f"precision {self.precision!r} (the tower runs fp32)"
+            refusal = f"precision {self.precision!r} (the towers run fp32)"
+        if refusal is not None:
+            self.text_tower_refusal = self.image_tower_refusal = refusal
         else:
             try:
                 self._tower = text_tower.ClipTextTower.from_dir(folder, device=self.device)
             except text_tower.UnsupportedTower as e:
                 self.text_tower_refusal = str(e)
-        if self._tower is None:
+            try:
+                self._image_tower = image_tower.ClipImageTower.from_dir(folder,
+                                                                        device=self.device)
+            except image_tower.UnsupportedTower as e:
+                self.image_tower_refusal = str(e)
+        if self._tower is None and self._image_tower is None:
             self._load_open_clip()
             return self
         config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
@@ -173,8 +169,10 @@ class ClipEncoder:
         self.batch_size = batch_size
         self._arch, self._weights = arch, weights
         self._tower = None  # ClipTextTower of for_queries(), when it applies
+        self._image_tower = None  # ClipImageTower of for_queries(), when it applies
         self._open_clip = None  # (model, preprocess, tokenizer), loaded on first need
         self.text_tower_refusal: str | None = None
+        self.image_tower_refusal: str | None = None
 
     @staticmethod
     def _local_folder(arch: str, weights) -> Path | None:
@@ -324,10 +322,15 @@ class ClipEncoder:
             if not isinstance(im, Image.Image):
                 raise TypeError(f"images[{i}]: expected a PIL.Image.Image, got "
                                 f"{type(im).__name__}")
-        dtype = self._input_dtype(self.model.visual)
+        # without the image tower open_clip loads here, as before (even for no images)
+        dtype = None if self._image_tower is not None else self._input_dtype(self.model.visual)
         out = [torch.empty(0, self.embed_dim)]
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
+            chunk = list(images[start:start + self.batch_size])
+            if self._image_tower is not None:
+                out.append(self._image_tower.encode(chunk))
+                continue
+            batch = torch.stack([self.preprocess(im) for im in chunk])
             feats = self.model.encode_image(batch.to(self.device, dtype))
             out.append(normalize(feats).cpu())
         return torch.cat(out)
