@@ -157,6 +157,83 @@ def test_cpu_prefill_key_splits_merge():
     assert "SPLITS OK" in out.stdout
 
 
+# ---- decode regime of the CPU decode kernel (csrc/attention/decode_cpu_avx512.cpp) ---------
+# Sequences of q_len <= 4 (decode, speculative verify): one item for all kv heads, keys in
+# blocks of 64 (gathered across pages, scored 16 at a time), query rows in register blocks
+# of 4 (then 3, 2 or 1) per kv head, bf16 in pairs (VDPBF16PS). Items of more than 64 rows
+# per kv head (q_len x group) stay on the portable path. The same cases check the CUDA
+# kernels on a GPU / under the emulator.
+
+# Context lengths: one key; a page block and a key block ending mid-way (15, 63, 200 =
+# 3 x 64 + 8); exactly one key block (64); one past (65); 5 x 64 + 13 (333).
+DECODE_SEQ_LENS = [4, 15, 63, 64, 65, 200, 333]
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 3, 4])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 4), (16, 4), (16, 2), (40, 5), (80, 1)])
+def test_decode_query_lengths_and_groups(device, q_len, H, Hkv):
+    # groups 1, 2, 4, 8 (q_len x group rows per kv head: 1 to 32, every register block
+    # size), 8 over 5 kv heads, and 80 (80 to 320 rows: the portable path); each row's
+    # causal limit ends at a different key of the last block
+    seq_lens = DECODE_SEQ_LENS
+    if emulated(device):  # trimmed
+        seq_lens = [15, 65] if H >= 40 else DECODE_SEQ_LENS[::2]
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, seq_lens, [q_len] * len(seq_lens), H=H, Hkv=Hkv, D=64, BS=16,
+                 seed=q_len * 100 + H + Hkv)
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256])
+def test_decode_head_dims(device, D):
+    # every supported head dim runs on the decode kernel; D = 80 and 96 are not whole
+    # 32-element bf16 vectors (80: a half-vector tail in both products), D = 256 runs P V in
+    # two passes over the keys
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [200, 65, 7], [1, 3, 4], H=8, Hkv=2, D=D, BS=16, seed=D + 7)
+
+
+@pytest.mark.parametrize("BS", [1, 7, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_page_sizes_and_masking(device, BS, causal):
+    # key blocks gathered from 64 pages (1), across page boundaries (7), or inside one page
+    # (128); non-causal: the verify rows see every key
+    for dtype in dtypes_for(device):
+        run_case(device, dtype, [333, 130, 9], [4, 1, 2], H=8, Hkv=2, D=64, BS=BS,
+                 causal=causal, seed=BS + 10 * causal)
+
+
+def test_decode_float16_cache(device):
+    # float16 on every device (the CPU decode kernel widens it to fp32)
+    run_case(device, torch.float16, DECODE_SEQ_LENS, [1, 2, 3, 4, 1, 2, 3], H=16, Hkv=4, D=128,
+             BS=16, seed=17)
+
+
+def test_cpu_decode_key_splits_merge():
+    # Decode items split their key range when they cannot keep 4x the OpenMP threads busy;
+    # 24 threads make those splits on any machine: 3 items (one per sequence) against a
+    # target of 96 give 4, 11 and 1 splits of [1025, 3000, 70], the q_len-4 sequence's
+    # splits clipped to its last row's causal limit, with rows of every register block size
+    # (groups 4 and 3). See test_cpu_prefill_key_splits_merge for the thread setup.
+    package_root = Path(ops.__file__).resolve().parents[1]
+    script = textwrap.dedent("""
+        import torch
+        torch.set_num_threads(24)
+        from test_attention import run_case
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for causal in (True, False):
+                run_case("cpu", dtype, [1025, 3000, 70], [1, 4, 2], H=8, Hkv=2, D=128, BS=16,
+                         causal=causal, seed=5)
+            run_case("cpu", dtype, [2000, 777], [3, 1], H=6, Hkv=2, D=80, BS=32, seed=6)
+        print("SPLITS OK")
+    """)
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(package_root)])}
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, check=False,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SPLITS OK" in out.stdout
+
+
 def test_zero_length_query_sequence(device):
     # a sequence with no query rows this step contributes nothing and breaks nothing
     run_case(device, torch.float32, [10, 20, 5], [3, 0, 5], H=4, Hkv=2, D=64, BS=16, seed=11)

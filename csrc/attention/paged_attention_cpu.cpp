@@ -15,13 +15,19 @@
 // run instead on the AVX-512 tile kernel where the build has one (prefill_cpu_avx512.cpp:
 // FlashAttention-2 style, 64-row query tiles x 64-key blocks, GEMM-like micro-kernels, bf16
 // pairs with VDPBF16PS); the planning, the key splits and their merge stay here, and so does
-// everything else (decode, speculative verify, short prefills, builds without AVX-512).
+// everything else (short prefills, builds without AVX-512).
+//
+// Decode-shaped items (q_len <= kAllHeadsMaxQLen: decode, speculative verify) run likewise on
+// the AVX-512 decode kernel where the build has one (decode_cpu_avx512.cpp: 16-lane dot
+// products along the head dim over blocks of 64 keys, bf16 pairs with VDPBF16PS), unless an
+// item holds more than kDecodeMaxRowsPerKvHead rows per kv head.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "attention/decode_cpu_avx512.h"
 #include "attention/online_softmax.h"
 #include "attention/paged_attention.h"
 #include "attention/prefill_cpu_avx512.h"
@@ -216,7 +222,10 @@ template <typename T, int D>
 class CpuAttention {
  public:
   explicit CpuAttention(const PagedAttentionParams& p)
-      : p_(p), group_(p.H / p.Hkv), tile_kernel_(prefill_tile_avx512_available(p)) {
+      : p_(p),
+        group_(p.H / p.Hkv),
+        tile_kernel_(prefill_tile_avx512_available(p)),
+        decode_kernel_(decode_avx512_available(p)) {
     q_tile_ = std::max(1, std::min(kRowsPerTile / group_, 64));
     prefill_q_tile_ = tile_kernel_ ? std::max(1, kPrefillTileMaxRows / group_) : q_tile_;
   }
@@ -232,6 +241,7 @@ class CpuAttention {
 #pragma omp for schedule(dynamic, 1)
       for (size_t i = 0; i < items_.size(); ++i) {
         if (on_tile_kernel(items_[i])) process_on_tile_kernel(items_[i]);
+        else if (on_decode_kernel(items_[i])) process_on_decode_kernel(items_[i]);
         else process(items_[i], sc);
       }
     }
@@ -268,7 +278,8 @@ class CpuAttention {
           for (int sp = 0; sp < splits; ++sp) {
             WorkItem it{b, g, g + heads_per_item, q0, std::min(ql, q0 + tile), sp, splits, -1};
             const int rows = rows_of(it, group_);
-            if (!on_tile_kernel(it)) max_rows_ = std::max(max_rows_, rows);
+            if (!on_tile_kernel(it) && !on_decode_kernel(it))  // the portable path's scratch
+              max_rows_ = std::max(max_rows_, rows);
             if (splits > 1) { it.partial = partial_rows_; partial_rows_ += rows; }
             items_.push_back(it);
           }
@@ -290,6 +301,12 @@ class CpuAttention {
            rows_of(it, group_) >= kTileKernelMinRows;
   }
 
+  // Decode-shaped items go to the AVX-512 decode kernel where the build has it.
+  bool on_decode_kernel(const WorkItem& it) const {
+    return decode_kernel_ && q_len(it.b) <= kAllHeadsMaxQLen &&
+           (it.q_end - it.q_begin) * group_ <= kDecodeMaxRowsPerKvHead;
+  }
+
   // Keys [k_begin, k_end) of the item: its split's range, without the keys past the last
   // query token's causal limit (never needed).
   void key_range(const WorkItem& it, int& k_begin, int& k_end) const {
@@ -308,6 +325,16 @@ class CpuAttention {
       tile.partial_lse = partial_lse_.data() + it.partial;
     }
     prefill_tile_avx512(p_, tile);
+  }
+
+  void process_on_decode_kernel(const WorkItem& it) {
+    DecodeItem item{it.b, it.g0, it.g1, it.q_begin, it.q_end, 0, 0, nullptr, nullptr};
+    key_range(it, item.k_begin, item.k_end);
+    if (it.n_splits > 1) {
+      item.partial_out = partial_out_.data() + size_t(it.partial) * D;
+      item.partial_lse = partial_lse_.data() + it.partial;
+    }
+    decode_avx512(p_, item);
   }
 
   void process(const WorkItem& it, Scratch& sc) {
@@ -434,7 +461,8 @@ class CpuAttention {
 
   const PagedAttentionParams& p_;
   const int group_;
-  const bool tile_kernel_;  // prefill_tile_avx512 is built and takes this shape
+  const bool tile_kernel_;    // prefill_tile_avx512 is built and takes this shape
+  const bool decode_kernel_;  // decode_avx512 is built and takes this shape
   int q_tile_;              // query tokens per item of the portable path
   int prefill_q_tile_;      // query tokens per prefill item
   int max_rows_ = 0;

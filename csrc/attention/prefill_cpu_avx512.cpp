@@ -47,6 +47,7 @@
 #include "attention/online_softmax.h"
 #include "common/dispatch.h"
 #include "cpu/scratch.h"
+#include "cpu/vec512.h"
 
 namespace cm3rt {
 
@@ -64,36 +65,6 @@ template <> struct Blocking<3> { static constexpr int kScoreKeys = 8, kValueDims
 template <> struct Blocking<2> { static constexpr int kScoreKeys = 12, kValueDims = 12; };
 template <> struct Blocking<1> { static constexpr int kScoreKeys = 16, kValueDims = 16; };
 
-// exp(x) for x <= 0 (softmax weights): 2^n exp(r), |r| <= ln2 / 2, degree-6 polynomial (the
-// coefficients of cpu::exp8_nonpositive), relative error ~2e-7; lanes below -87 give 0, NaN
-// stays NaN.
-inline __m512 exp16_nonpositive(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(lo, x);  // the second operand is returned for NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(~underflow, _mm512_scalef_ps(p, n));
-}
-
-// 16 elements of a cache dtype widened to fp32.
-inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen16(const bf16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 widen16(const half_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // In-place transpose of a 16 x 16 block of 32-bit elements (v[i] = row i): 64 shuffles
 // instead of 256 strided scalar moves. After 32- and 64-bit interleaves, v[4i + c] holds in
@@ -338,14 +309,14 @@ inline void softmax_block(float* st, uint32_t* pp, int n_keys, int j0, bool mask
     // exp(m_old - m_new): 0 from an empty state (-inf underflows), 1 while still empty
     // (m_new = -inf, where the subtraction would give NaN).
     const __mmask16 empty = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ);
-    const __m512 a = _mm512_mask_mov_ps(exp16_nonpositive(_mm512_sub_ps(rs.m[i], m_new)), empty,
-                                        _mm512_set1_ps(1.0f));
+    const __m512 a = _mm512_mask_mov_ps(cpu::exp16_nonpositive(_mm512_sub_ps(rs.m[i], m_new)),
+                                        empty, _mm512_set1_ps(1.0f));
     _mm512_storeu_ps(alpha + i * kLanes, a);
     // A row with no valid key in the block has all its lanes masked, so the NaN or inf of
     // scale s - m_new (m_new = -inf) never reaches a weight.
     auto weight = [&](int n) {
-      return _mm512_maskz_mov_ps(
-          keep(n), exp16_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(col + n * M), vscale, m_new)));
+      const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(col + n * M), vscale, m_new);
+      return _mm512_maskz_mov_ps(keep(n), cpu::exp16_nonpositive(x));
     };
     __m512 sum = _mm512_setzero_ps();
     if constexpr (kPairs) {
@@ -427,7 +398,7 @@ void run_tile(const PagedAttentionParams& p, const PrefillTile& t) {
         } else if constexpr (kPairs) {  // D = 80 has 40 pair columns: a masked tail
           block[r] = _mm512_maskz_loadu_epi32(columns_left, q_rows[row] + c0 * kElemsPerColumn);
         } else {
-          block[r] = _mm512_castps_si512(widen16(q_rows[row] + c0));
+          block[r] = _mm512_castps_si512(cpu::load16(q_rows[row] + c0));
         }
       }
       transpose16x16(block);
@@ -466,7 +437,7 @@ void run_tile(const PagedAttentionParams& p, const PrefillTile& t) {
       if constexpr (std::is_same_v<T, KeyRow>) {
         std::memcpy(kb, kc + off, sizeof(T) * D);
       } else {
-        for (int d = 0; d < D; d += kLanes) _mm512_storeu_ps(kb + d, widen16(kc + off + d));
+        for (int d = 0; d < D; d += kLanes) _mm512_storeu_ps(kb + d, cpu::load16(kc + off + d));
       }
       k_rows[n] = kb;
       // V likewise (P V reads the whole block once per run of DR head-dim elements); the
@@ -478,7 +449,7 @@ void run_tile(const PagedAttentionParams& p, const PrefillTile& t) {
         if constexpr (std::is_same_v<T, float>) {
           std::memcpy(vw, vc + off, sizeof(float) * D);
         } else {
-          for (int d = 0; d < D; d += kLanes) _mm512_storeu_ps(vw + d, widen16(vc + off + d));
+          for (int d = 0; d < D; d += kLanes) _mm512_storeu_ps(vw + d, cpu::load16(vc + off + d));
         }
         v_rows[n] = vw;
       }
