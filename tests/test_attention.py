@@ -129,6 +129,21 @@ def test_prefill_float16_cache(device):
              seed=16)
 
 
+def run_with_24_threads(cases: str) -> None:
+    """Run ``cases`` (code calling run_case) in a fresh interpreter with 24 OpenMP threads, so
+    that the CPU kernel plans key splits on any machine. torch sets the threads when
+    imported, so they are set after the import; cm3rt shares torch's libgomp."""
+    package_root = Path(ops.__file__).resolve().parents[1]  # the cm3rt this run imported
+    script = ("import torch\ntorch.set_num_threads(24)\nfrom test_attention import run_case\n"
+              + cases + "print('SPLITS OK')\n")
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(package_root)])}
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, check=False,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SPLITS OK" in out.stdout
+
+
 def test_cpu_prefill_key_splits_merge():
     # The CPU kernel splits the key range when its items cannot keep 4x the OpenMP threads
     # busy (a few long sequences on a many-core machine). 24 threads make those splits on any
@@ -137,24 +152,14 @@ def test_cpu_prefill_key_splits_merge():
     # [2000, 300] x [64, 300] with 4 heads per kv head is 46 items, 3 splits of the first
     # sequence after its cached prefix. torch sets the OpenMP threads when imported (to the
     # cores), so the script sets them after the import; cm3rt shares torch's libgomp.
-    package_root = Path(ops.__file__).resolve().parents[1]  # the cm3rt this run imported
-    script = textwrap.dedent("""
-        import torch
-        torch.set_num_threads(24)
-        from test_attention import run_case
+    cases = textwrap.dedent("""
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for causal in (True, False):
                 run_case("cpu", dtype, [1025], [513], H=2, Hkv=1, D=128, BS=32,
                          causal=causal, seed=3)
             run_case("cpu", dtype, [2000, 300], [64, 300], H=8, Hkv=2, D=64, BS=16, seed=4)
-        print("SPLITS OK")
     """)
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(package_root)])}
-    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, check=False,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SPLITS OK" in out.stdout
+    run_with_24_threads(cases)
 
 
 # ---- decode regime of the CPU decode kernel (csrc/attention/decode_cpu_avx512.cpp) ---------
@@ -214,24 +219,14 @@ def test_cpu_decode_key_splits_merge():
     # target of 96 give 4, 11 and 1 splits of [1025, 3000, 70], the q_len-4 sequence's
     # splits clipped to its last row's causal limit, with rows of every register block size
     # (groups 4 and 3). See test_cpu_prefill_key_splits_merge for the thread setup.
-    package_root = Path(ops.__file__).resolve().parents[1]
-    script = textwrap.dedent("""
-        import torch
-        torch.set_num_threads(24)
-        from test_attention import run_case
+    cases = textwrap.dedent("""
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for causal in (True, False):
                 run_case("cpu", dtype, [1025, 3000, 70], [1, 4, 2], H=8, Hkv=2, D=128, BS=16,
                          causal=causal, seed=5)
             run_case("cpu", dtype, [2000, 777], [3, 1], H=6, Hkv=2, D=80, BS=32, seed=6)
-        print("SPLITS OK")
     """)
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(package_root)])}
-    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, check=False,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SPLITS OK" in out.stdout
+    run_with_24_threads(cases)
 
 
 def test_zero_length_query_sequence(device):

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .text_tower import CONFIG_FILE, find_checkpoint
+# One refusal type for both towers (text_tower.UnsupportedTower): the model or its files are
+# not what the tower reproduces, and the caller uses open_clip.
+from .text_tower import (
+    CONFIG_FILE,
+    UnsupportedTower,
+    check_safetensors_checkpoint,
+    find_checkpoint,
+)
 
 # open_clip's PreprocessCfg defaults (open_clip/transform.py). clip.py uses them too, for the
 # identity of a folder computed without open_clip (checked against open_clip's when loaded).
@@ -57,11 +64,6 @@ _VISION_IGNORED = {"mlp_ratio", "patch_size", "ls_init_value", "patch_dropout",
 _MODEL_HANDLED = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
                   "init_logit_bias", "nonscalar_logit_scale", "custom_text"}
 _BN_EPS = 1e-5  # nn.BatchNorm2d's default, which ModifiedResNet uses
-
-
-class UnsupportedTower(ValueError):
-    """The model's vision tower or preprocessing is not one :class:`ClipImageTower`
-    reproduces."""
 
 
 @dataclass(frozen=True)
@@ -241,10 +243,7 @@ def unsupported_reason(folder: str | Path) -> str | None:
     folder = Path(folder)
     try:
         _configs(folder)
-        ckpt = find_checkpoint(folder)
-        if ckpt is None or ckpt.suffix != ".safetensors":
-            raise UnsupportedTower(f"weights: expected open_clip to load a .safetensors file "
-                                   f"from {folder}, got {ckpt}")
+        check_safetensors_checkpoint(folder)
     except UnsupportedTower as e:
         return str(e)
     return None

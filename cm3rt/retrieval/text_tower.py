@@ -204,13 +204,20 @@ def unsupported_reason(folder: str | Path) -> str | None:
             raise UnsupportedTower(f"{folder / CONFIG_FILE} has no model_cfg")
         tower_config(raw["model_cfg"])
         _check_tokenizer_files(folder)
-        ckpt = find_checkpoint(folder)
-        if ckpt is None or ckpt.suffix != ".safetensors":
-            raise UnsupportedTower(f"weights: expected open_clip to load a .safetensors file "
-                                   f"from {folder}, got {ckpt}")
+        check_safetensors_checkpoint(folder)
     except UnsupportedTower as e:
         return str(e)
     return None
+
+
+def check_safetensors_checkpoint(folder: Path) -> Path:
+    """The weights file open_clip would load from ``folder``; UnsupportedTower unless it is a
+    .safetensors file (the towers never unpickle)."""
+    ckpt = find_checkpoint(folder)
+    if ckpt is None or ckpt.suffix != ".safetensors":
+        raise UnsupportedTower(f"weights: expected open_clip to load a .safetensors file "
+                               f"from {folder}, got {ckpt}")
+    return ckpt
 
 
 def supports(folder: str | Path) -> bool:
