@@ -35,6 +35,10 @@ from cm3rt.model.tensor_parallel import TensorParallel
 # Collective timeout (seconds): a dead or stuck peer becomes an error after this long. An
 # idle driver sends heartbeats well inside it (cm3rt.engine.tensor_parallel).
 DEFAULT_TIMEOUT_S = float(os.environ.get("CM3RT_TP_TIMEOUT_S", "1800"))
+# Rendezvous timeout (seconds), at least the collective one: the ranks are starting up
+# (Python and torch imports take several seconds on a loaded machine), and a rank that dies
+# on the way is caught at once by watching(), not by this timeout.
+RENDEZVOUS_TIMEOUT_S = 300.0
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -67,8 +71,9 @@ def join_group(rank: int, size: int, device: torch.device, init_method: str,
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timeout)
+    rendezvous = timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
+    store, rank, size = next(dist.rendezvous(init_method, rank, size, timeout=rendezvous))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return TensorParallel(rank, size, group=None, control=control, timeout_s=timeout_s)
 
