@@ -34,7 +34,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import (
@@ -266,6 +266,27 @@ class Front:
 
     def __init__(self, engines) -> None:
         self.engines = engines.options(stream=True)
+        self.app_name = serve.get_replica_context().app_name
+        self.all_started = False
+
+    async def _all_replicas_started(self) -> bool:
+        """Whether Ray has the application RUNNING, i.e. every engine replica started.
+        Checked until it first holds (a controller call), then remembered: a replica that
+        dies later is restarted by Ray while the others keep serving."""
+        if not self.all_started:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name)
+            self.all_started = app is not None and app.status == "RUNNING"
+        return self.all_started
+
+    @_front.get("/ready")
+    async def ready(self, request: Request):
+        # Ray's proxy takes requests while serve.run still waits for the other replicas,
+        # and /ready from the first replica up would call a half-started server ready (a
+        # client that then sends a burst finds one replica; seen in CI).
+        if not await self._all_replicas_started():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return await self.forward(request, "ready")
 
     @_front.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def forward(self, request: Request, path: str):
