@@ -77,7 +77,9 @@ def parts(tmp_path_factory):
                      ImageTokenizer.from_pretrained(decoder), progress=False).close()
     runs = tmp / "runs"
     (runs / "clip").mkdir(parents=True)
-    (runs / "clip.log").write_text("step 3/3 loss 1.0\ntrain_clip: wall time 123.4 s\n")
+    (runs / "run_all.log").write_text(  # as run_all.sh writes it, train_clip resumed once
+        "== train_clip: python train_clip.py\n== train_clip: resumed after 100 s in earlier runs\n"
+        "== train_clip: 123 s\n== build_banks: python build_banks.py\n== build_banks: 9 s\n")
     (runs / "clip" / "options.json").write_text(json.dumps({"seed": 7}))
     return tmp, decoder, clip, other_clip, tmp / "bank", runs
 
@@ -135,7 +137,8 @@ def test_package_layout_and_manifest(parts, packaged):
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
     assert info["total_mb"] == pytest.approx(size) and info["bank_docs"] == 5
     md = (root / "TRAINING.md").read_text()
-    assert "| train_clip | 123.4 s |" in md and "`clip`: seed 7" in md
+    assert "| train_clip | 123 s (resumed after 100 s) |\n| build_banks | 9 s |" in md
+    assert "`clip`: seed 7" in md
 
 
 def test_package_refuses_a_bank_of_another_clip(parts, tmp_path):

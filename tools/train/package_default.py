@@ -42,9 +42,9 @@ from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
 MAX_MB = 40.0
 _DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Logs whose "<script>: wall time X s" lines TRAINING.md collects, in pipeline order.
-_STEPS = ("make_dataset", "train_tokenizer", "train_vqgan", "encode_images", "train_clip",
-          "build_banks", "train_decoder")
+# run_all.sh's per-step wall times, "== <step>: <seconds> s" lines.
+_WALL_LINE = re.compile(r"^== (\w+): ([0-9]+) s$", re.MULTILINE)
+_RESUMED_LINE = re.compile(r"^== (\w+): resumed after ([0-9]+) s", re.MULTILINE)
 
 
 @dataclass
@@ -163,23 +163,27 @@ def check_sizes(dst: Path, max_mb: float) -> float:
     return total
 
 
-def wall_times(runs: Path | None) -> list[tuple[str, str, str]]:
-    """(step, wall time, log file) of each "<step>: wall time X s" line under ``runs``."""
-    if runs is None or not runs.is_dir():
+def wall_times(runs: Path | None) -> list[tuple[str, str]]:
+    """(step, wall time) of each finished step in ``runs``/run_all.log, in pipeline order.
+
+    A step resumed after an interruption counts its earlier runs (run_all.sh keeps them);
+    a step run again after finishing keeps its last time.
+    """
+    log = runs / "run_all.log" if runs is not None else None
+    if log is None or not log.is_file():
         return []
-    found: dict[str, tuple[str, str]] = {}
-    pattern = re.compile(r"^(\w+): wall time ([0-9.]+) s", re.MULTILINE)
-    for log in sorted(runs.rglob("*.log")):
-        for step, secs in pattern.findall(log.read_text(errors="replace")):
-            found[step] = (secs, str(log.relative_to(runs)))  # the last run of a step wins
-    return [(s, *found[s]) for s in (*_STEPS, *sorted(set(found) - set(_STEPS))) if s in found]
+    text = log.read_text(errors="replace")
+    resumed = {step: int(secs) for step, secs in _RESUMED_LINE.findall(text)}
+    found: dict[str, str] = {}
+    for step, secs in _WALL_LINE.findall(text):
+        found[step] = f"{secs} s" + (f" (resumed after {resumed[step]} s)" if step in resumed else "")
+    return list(found.items())
 
 
 def write_training_md(opts: PackageOptions, dst: Path, info: dict) -> None:
     """TRAINING.md: how the assets were made (the lead fills the evaluation table)."""
     rows = wall_times(opts.runs)
-    times = "\n".join(f"| {s} | {t} s | `{log}` |" for s, t, log in rows) or \
-        "| (no run logs found) | | |"
+    times = "\n".join(f"| {s} | {t} |" for s, t in rows) or "| (no run_all.log in the runs folder) | |"
     seeds = []
     if opts.runs is not None:
         for f in sorted(opts.runs.glob("*/options.json")):
@@ -191,7 +195,7 @@ def write_training_md(opts: PackageOptions, dst: Path, info: dict) -> None:
                 continue
             if seed is not None:
                 seeds.append(f"- `{f.parent.name}`: seed {seed}")
-    evaluation = ("Not evaluated when packaged: run `cm3rt eval` (about 15 minutes on 2 cores)."
+    evaluation = ("Not evaluated when packaged: run `cm3rt eval` (about 2-3 minutes on 2 cores)."
                   if opts.eval_report is None else opts.eval_report.read_text().strip())
     text = f"""# Embedded default model: how it was trained
 
@@ -212,10 +216,10 @@ which runs `make_dataset.py` (30,000 train / 4,000 bank / 400 eval / 12,000 nove
 
 {chr(10).join(seeds) or "- (no options.json found under the runs folder)"}
 
-## Wall times (read from the run logs)
+## Wall times (`run_all.log`)
 
-| step | wall time | log |
-| --- | --- | --- |
+| step | wall time |
+| --- | --- |
 {times}
 
 ## Contents
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", type=Path, default=Path("data/runs/clip/clip"))
     p.add_argument("--bank", type=Path, default=Path("data/runs/banks/bank"))
     p.add_argument("--runs", type=Path, default=Path("data/runs"),
-                   help="folder of the run logs (wall times for TRAINING.md)")
+                   help="run_all.sh's runs folder (TRAINING.md: run_all.log's wall times, the seeds)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--decoder-dtype", choices=list(_DTYPES), default="bf16")
     p.add_argument("--guidance", choices=("none", "cfg", "cdk"), default="cfg")

@@ -5,7 +5,8 @@
 #
 # Both cores for every heavy step (THREADS); seeded; resumable: a finished
 # step leaves RUNS_DIR/done.<step> and is skipped on a rerun, an unfinished training step
-# continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log.
+# continues from its checkpoint. Each step's wall time goes to RUNS_DIR/run_all.log (a resumed
+# step's counts its earlier runs too); its output is appended to RUNS_DIR/<step>.log.
 # Environment: THREADS (default 2), DECODER_STEPS (default 7000), FINETUNE_STEPS (1200),
 # EVAL_PROMPTS (200), K_DOCS (1), CAPTION_K_DOCS (2), CAPTION_DOC_SWEEP (1), UNCOND_DOCS (1),
 # GUIDANCE (cfg), CFG_SCALE (1.5), TOP_P (0.6), MAX_DOC_SCORE (none: the shipped model retrieves the
@@ -49,10 +50,20 @@ LOG=$RUNS/run_all.log
 step() {  # step NAME COMMAND...
     local name=$1; shift
     if [[ -f $RUNS/done.$name ]]; then echo "skip $name (done)" | tee -a "$LOG"; return; fi
-    local t0=$SECONDS
+    # A killed step leaves elapsed.<name> (its seconds so far, rewritten every 10 s), so a
+    # resumed step reports its whole wall time, not only the last segment's.
+    local before=0 t0=$SECONDS
+    if [[ -f $RUNS/elapsed.$name ]]; then before=$(<"$RUNS/elapsed.$name"); fi
     echo "== $name: $*" | tee -a "$LOG"
-    "$@" 2>&1 | tee "$RUNS/$name.log"
-    echo "== $name: $((SECONDS - t0)) s" | tee -a "$LOG"
+    if ((before > 0)); then echo "== $name: resumed after $before s in earlier runs" | tee -a "$LOG"; fi
+    # (the ticker stops with this script, however it ends)
+    (while sleep 10 && kill -0 $$ 2>/dev/null; do
+        echo $((before + SECONDS - t0)) > "$RUNS/elapsed.$name"; done) &
+    local ticker=$!
+    if ! "$@" 2>&1 | tee -a "$RUNS/$name.log"; then kill "$ticker"; return 1; fi
+    kill "$ticker"
+    echo "== $name: $((before + SECONDS - t0)) s" | tee -a "$LOG"
+    rm -f "$RUNS/elapsed.$name"
     touch "$RUNS/done.$name"
 }
 
