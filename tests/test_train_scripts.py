@@ -22,6 +22,7 @@ sys.path.insert(0, str(TRAIN_DIR))
 
 import encode_images
 import make_dataset
+import measure_autocast
 import train_clip
 import train_tokenizer
 import train_vqgan
@@ -183,3 +184,22 @@ def test_clip_trains_on_the_bank_split_too(runs):
         for line in (runs / "shapes" / "bank.jsonl").open()]
     with pytest.raises(ValueError, match="splits must be a non-empty subset"):
         train_clip.ClipOptions(runs / "shapes", runs / "tok", runs / "unused", splits=("eval",))
+
+
+def test_measure_autocast_times_both_dtypes(capsys):
+    """measure_autocast.py (the bf16-vs-fp32 decision in tools/train/README.md) times the
+    real decoder and both VQGAN phases in bf16 and fp32; a malformed shape is refused."""
+    assert measure_autocast.main(["--reps", "1", "--steps", "1", "--decoder-shapes", "2x8",
+                                  "--vqgan-batch", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line[2:3] in "dV"]
+    assert [r[0].strip() for r in rows] == ["decoder, 2 x 8 tokens",
+                                            "VQGAN phase 1 (joint), batch 1",
+                                            "VQGAN phase 2 (decoder), batch 1"]
+    for _, bf16, fp32, ratio in rows:
+        assert float(bf16) > 0 and float(fp32) > 0
+        # the ratio is printed to 2 decimals, the times to 4 significant digits
+        assert abs(float(ratio) - float(bf16) / float(fp32)) <= 0.005 + 0.002 * float(ratio)
+    with pytest.raises(SystemExit) as e:
+        measure_autocast.main(["--decoder-shapes", "64by64"])
+    assert e.value.code == 2
