@@ -60,8 +60,8 @@ step() {  # step NAME COMMAND...
     (while sleep 10 && kill -0 $$ 2>/dev/null; do
         echo $((before + SECONDS - t0)) > "$RUNS/elapsed.$name"; done) &
     local ticker=$!
-    if ! "$@" 2>&1 | tee -a "$RUNS/$name.log"; then kill "$ticker"; return 1; fi
-    kill "$ticker"
+    if ! "$@" 2>&1 | tee -a "$RUNS/$name.log"; then kill "$ticker" 2>/dev/null || true; return 1; fi
+    kill "$ticker" 2>/dev/null || true
     echo "== $name: $((before + SECONDS - t0)) s" | tee -a "$LOG"
     rm -f "$RUNS/elapsed.$name"
     touch "$RUNS/done.$name"
