@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: robust timing, the machine's copy bandwidth, result table."""
+"""Shared benchmark helpers: robust timing, the machine's copy and read bandwidths, result table."""
 
 from __future__ import annotations
 
@@ -41,6 +41,24 @@ def copy_bandwidth(device="cpu", nbytes: int = 256 << 20) -> float:
         t = time_fn(lambda: dst.copy_(src), device, min_time=0.5)
         _COPY_BW[key] = 2 * nbytes / t
     return _COPY_BW[key]
+
+
+_READ_BW: dict[tuple[str, int], float] = {}
+
+
+def read_bandwidth(device="cpu", nbytes: int = 512 << 20) -> float:
+    """Bytes/s of reading a buffer far larger than the caches once (a sum), measured once per
+    device and thread count. A decode step's weights are read, not copied: a copy's read
+    rate (half its bytes/s) is lower than a pure read's, because the copy's writes share the
+    memory bus, so a floor taken from it is not a floor."""
+    key = (str(torch.device(device)), torch.get_num_threads())
+    if key not in _READ_BW:
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+        # the faster of two reading kernels: the floor must not be slowed by either's compute
+        t = min(time_fn(lambda: src.sum(), device, min_time=0.5),
+                time_fn(lambda: torch.dot(src, src), device, min_time=0.5))
+        _READ_BW[key] = nbytes / t
+    return _READ_BW[key]
 
 
 RESULTS: list[dict] = []
