@@ -47,8 +47,8 @@ _READ_BW: dict[tuple[str, int], float] = {}
 
 
 def read_bandwidth(device="cpu", nbytes: int = 512 << 20) -> float:
-    """Bytes/s of reading a buffer far larger than the caches once (a sum), measured once per
-    device and thread count. A decode step's weights are read, not copied: a copy's read
+    """Bytes/s of reading a buffer far larger than the caches once (a sum or a dot), measured
+    once per device and thread count. A decode step's weights are read, not copied: a copy's read
     rate (half its bytes/s) is lower than a pure read's, because the copy's writes share the
     memory bus, so a floor taken from it is not a floor."""
     key = (str(torch.device(device)), torch.get_num_threads())

@@ -42,9 +42,9 @@ from cm3rt.retrieval.select import DEFAULT_MAX_SCORE
 DEFAULT_OUT = REPO / "cm3rt" / "assets" / "default"
 MAX_MB = 40.0
 _DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# run_all.sh's per-step wall times, "== <step>: <seconds> s" lines.
-_WALL_LINE = re.compile(r"^== (\w+): ([0-9]+) s$", re.MULTILINE)
-_RESUMED_LINE = re.compile(r"^== (\w+): resumed after ([0-9]+) s", re.MULTILINE)
+# run_all.sh's log lines of a step: "== <step>: resumed after <s> s ..." when it continues an
+# interrupted run, "== <step>: <s> s" when it finishes (its whole time, earlier runs included).
+_LOG_LINE = re.compile(r"^== (\w+): (?:(resumed after )?([0-9]+) s\b.*|.*)$", re.MULTILINE)
 
 
 @dataclass
@@ -172,11 +172,17 @@ def wall_times(runs: Path | None) -> list[tuple[str, str]]:
     log = runs / "run_all.log" if runs is not None else None
     if log is None or not log.is_file():
         return []
-    text = log.read_text(errors="replace")
-    resumed = {step: int(secs) for step, secs in _RESUMED_LINE.findall(text)}
     found: dict[str, str] = {}
-    for step, secs in _WALL_LINE.findall(text):
-        found[step] = f"{secs} s" + (f" (resumed after {resumed[step]} s)" if step in resumed else "")
+    resumed: dict[str, str] = {}  # of the step's current run only
+    for m in _LOG_LINE.finditer(log.read_text(errors="replace")):
+        step, is_resume, secs = m.groups()
+        if secs is None:  # "== <step>: <command>": a run starts
+            resumed.pop(step, None)
+        elif is_resume:
+            resumed[step] = secs
+        else:
+            found[step] = f"{secs} s" + (f" (resumed after {resumed[step]} s)"
+                                         if step in resumed else "")
     return list(found.items())
 
 
