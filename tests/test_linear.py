@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cm3rt import ops
+from cm3rt import devices, ops
 
 SHAPES = [(1, 1, 1), (1, 7, 9), (2, 97, 1025), (7, 33, 100), (9, 13, 1100), (64, 5, 257),
           (65, 9, 31)]
@@ -135,6 +135,17 @@ def test_linear_rejects_bad_arguments():
         ops.linear(x, w, out=torch.empty(2, 4))
 
 
+def test_int8_activations_are_bf16_where_the_cpu_multiplies_bf16(monkeypatch):
+    # An fp32 KV cache would be ~40% of an int8 decode step's bytes (bench_engine's model).
+    assert devices.resolve_weight_dtype("int8", "cpu") == (devices.int8_activation_dtype(),
+                                                            True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_weight_dtype("INT8", "cpu") == (torch.bfloat16, True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_weight_dtype("int8", "cpu") == (torch.float32, True)
+    assert devices.int8_activation_dtype("cuda") == torch.bfloat16
+
+
 def test_model_with_int8_and_bf16_weights_tracks_fp32(tmp_path):
     from model_fixtures import make_tiny_model_dir
 
@@ -145,6 +156,7 @@ def test_model_with_int8_and_bf16_weights_tracks_fp32(tmp_path):
     ref = load_model(path).logits(ids)
     int8 = load_model(path, dtype="int8")
     assert int8.weights_int8 and int8.layers[0].qkv_proj.dtype == torch.int8
+    assert int8.dtype == devices.int8_activation_dtype("cpu")  # activations and KV cache
     assert int8.layers[0].qkv_proj_scales.dtype == torch.float32
     head = int8.lm_head_rows(torch.arange(10, 20))  # the image-span head is int8 as well
     assert head.weight.dtype == torch.int8 and head.scales.shape == (10,)

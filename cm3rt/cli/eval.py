@@ -103,7 +103,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="default bfloat16 on CUDA, float32 on the CPU; int8: weight-only int8 "
-                        "projections, quantised at load")
+                        "projections, quantised at load, activations bfloat16 (float32 on "
+                        "CPUs without AVX512_BF16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_eval)
 

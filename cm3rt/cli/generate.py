@@ -130,7 +130,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                                                   "usable)")
     p.add_argument("--dtype", default=None,
                    help=f"one of {', '.join(DTYPE_CHOICES)}, or int8 (weight-only, quantised at "
-                        "load) (default bfloat16 on CUDA, float32 on the CPU)")
+                        "load; activations bfloat16, float32 on CPUs without AVX512_BF16) "
+                        "(default bfloat16 on CUDA, float32 on the CPU)")
     add_tensor_parallel_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

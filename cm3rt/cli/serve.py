@@ -25,7 +25,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $CM3RT_API_KEY; none: open)")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
-    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or int8 (weight-only, "
+                   "quantised at load; activations bfloat16, float32 on CPUs without "
+                   "AVX512_BF16)")
     add_tensor_parallel_argument(s)
     s.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="N engines as Ray Serve replicas behind Ray's HTTP proxy, routed by "

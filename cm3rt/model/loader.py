@@ -117,7 +117,9 @@ def load_model(
         path: directory with ``config.json`` and ``model.safetensors`` (or
             ``model.safetensors.index.json`` + shards), HF weight names.
         dtype: weight / activation dtype (float32, bfloat16 or float16, or their names), or
-            "int8": weight-only int8 projections with per-channel scales, quantised here;
+            "int8": weight-only int8 projections with per-channel scales, quantised here,
+            activations in :func:`cm3rt.devices.int8_activation_dtype` (bfloat16 where the
+            device multiplies it natively);
             checkpoint tensors are converted one at a time while copying.
         device: ``"cpu"`` or ``"cuda[:N]"``.
         tp: this process's rank in a tensor-parallel group: only its share of every tensor
