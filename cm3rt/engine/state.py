@@ -10,6 +10,7 @@ import torch
 from cm3rt.engine.kv_cache import KVSeq
 from cm3rt.engine.params import SamplingParams, group_seed
 from cm3rt.engine.request import Request, RequestOutput, TokenPrompt
+from cm3rt.ops import SAMPLE_MODES
 from cm3rt.tokenizer.processor import Processor
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ class Group:
         self.images_done = 0
         self.finished = False
         self.finish_reason: str | None = None
+        self._sampler_args: dict[bool, tuple[tuple[int, ...], tuple[float, ...]]] = {}
 
     @property
     def active(self) -> bool:
@@ -194,6 +196,21 @@ class Group:
     def guided(self) -> bool:
         """CFG / CD-K applies: inside an image span and the group has guidance streams."""
         return self.in_image and len(self.streams) > 1
+
+    def sampler_args(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """This sample's arguments to the sampler, as a step packs them (``step_inputs``):
+        (streams, mode, top_k, cd_k, mask_kind) and (temperature, top_p, cfg_scale,
+        cfg_image_scale, cd_alpha). They change only when the sample enters or leaves an
+        image span, so they are built once per state: every decode step packs them."""
+        args = self._sampler_args.get(self.in_image)
+        if args is None:
+            p, guided = self.req.params, self.guided()
+            ints = (len(self.streams) if guided else 1,
+                    SAMPLE_MODES[p.guidance] if guided else 0, p.top_k, p.cd_k,
+                    self.mask_kind())
+            floats = (p.temperature, p.top_p, p.cfg_scale, p.cfg_image_scale, p.cd_alpha)
+            args = self._sampler_args[self.in_image] = (ints, floats)
+        return args
 
     def _push(self, token: int, logprob: float) -> None:
         for s in self.streams:

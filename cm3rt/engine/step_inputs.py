@@ -16,7 +16,6 @@ import torch
 
 from cm3rt.engine.scheduler import SchedulerOutput
 from cm3rt.model.step import StepMetadata
-from cm3rt.ops import SAMPLE_MODES
 
 
 @dataclass
@@ -87,47 +86,48 @@ def pack_step(out: SchedulerOutput, block_size: int) -> PackedStep:
     row_of: dict[int, int] = {}
     mb = max(len(c.stream.blocks) for c in chunks)
     tables: list[int] = []
+    total = 0  # tokens packed so far
     for c in chunks:
         s, start, n = c.stream, c.start, c.n
         end = start + n
-        ids.extend(s.tokens[start:end])
-        pos.extend(range(start, end))
         blocks = s.blocks
-        if n == 1:
+        if n == 1:  # a decode step's chunk: the fast path of every step
+            ids.append(s.tokens[start])
+            pos.append(start)
             slots.append(blocks[start // bs] * bs + start % bs)
         else:
+            ids.extend(s.tokens[start:end])
+            pos.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
         seq_lens.append(end)
-        cu.append(cu[-1] + n)
-        row_of[id(s)] = cu[-1] - 1  # the stream's last token this step
+        total += n
+        cu.append(total)
+        row_of[id(s)] = total - 1  # the stream's last token this step
         tables.extend(blocks)
-        tables.extend([0] * (mb - len(blocks)))
+        if len(blocks) < mb:
+            tables.extend([0] * (mb - len(blocks)))
 
     rows: list[int] = []
-    g_i32: list[list[int]] = [[], [], [], [], []]  # streams, mode, top_k, cd_k, mask_kind
-    g_i64: list[list[int]] = [[], []]  # seed, step
-    g_f32: list[list[float]] = [[], [], [], [], []]
+    seeds: list[int] = []
+    steps: list[int] = []
+    g_ints: list[tuple[int, ...]] = []  # per group: streams, mode, top_k, cd_k, mask_kind
+    g_floats: list[tuple[float, ...]] = []
     for g in out.samples:
-        src = g.leader if g.leader is not None else g
-        guided = g.guided()
-        use = src.streams if guided else src.streams[:1]
-        rows.extend(row_of[id(s)] for s in use)
-        p = g.req.params
-        for lst, v in zip(g_i32, (len(use), SAMPLE_MODES[p.guidance] if guided else 0, p.top_k,
-                                  p.cd_k, g.mask_kind())):
-            lst.append(v)
-        g_i64[0].append(g.seed)
-        g_i64[1].append(len(g.generated))
-        for lst, v in zip(g_f32, (p.temperature, p.top_p, p.cfg_scale, p.cfg_image_scale,
-                                  p.cd_alpha)):
-            lst.append(v)
+        ints, floats = g.sampler_args()
+        src = g.leader if g.leader is not None else g  # a fork samples its leader's rows
+        rows.extend(row_of[id(s)] for s in src.streams[:ints[0]])
+        seeds.append(g.seed)
+        steps.append(len(g.generated))
+        g_ints.append(ints)
+        g_floats.append(floats)
 
     dims = (len(ids), len(seq_lens), len(rows), len(out.samples), mb,
             max(c.n for c in chunks), max(seq_lens))
+    # The group arguments field by field ([G] each): the transposes of g_ints and g_floats.
     return PackedStep(
-        i64=_host_tensor("q", chain(ids, pos, rows, g_i64[0], g_i64[1]), torch.int64),
-        i32=_host_tensor("i", chain(slots, seq_lens, cu, tables, *g_i32), torch.int32),
-        f32=_host_tensor("f", chain(*g_f32), torch.float32),
+        i64=_host_tensor("q", chain(ids, pos, rows, seeds, steps), torch.int64),
+        i32=_host_tensor("i", chain(slots, seq_lens, cu, tables, *zip(*g_ints)), torch.int32),
+        f32=_host_tensor("f", chain(*zip(*g_floats)), torch.float32),
         dims=dims)
 
 
