@@ -58,13 +58,33 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_permutexvar_ps(lane_of, u);
 }
 
+// Each weight line is read with a prefetch of the line `ahead` elements on (the next
+// block's rows): the hardware prefetcher alone left the weight stream latency-bound.
+// Measured on 48 matrices of 2816 x 1024 (past the L3), M = 8, one thread: bf16 1386 ->
+// 746 us, int8 805 -> 486 us, fp32 1203 -> 967 us; 2 KB ahead in the same rows or into L2
+// only were slower there. Where the lines go depends on the CPU: on AMD Zen 4, prefetches
+// into L1 hold the core's few L1 miss buffers, and the weight stream stalled at ~8 GB/s of
+// its ~27; prefetched into L2 only (PREFETCHT1), 40 DRAM-resident 2816 x 1024 matrices,
+// M = 8, one thread, ran bf16 664-676 -> 374-416 us, fp32 1098-1273 -> 879-937 us, int8
+// 489-548 -> 457 us (two threads: bf16 428-495 -> 264-269 us). Other CPUs keep L1.
+enum class PrefetchTo { kL1, kL2 };
+
+template <PrefetchTo kTo>
+inline void prefetch_weights(const void* line) {
+  const char* p = static_cast<const char*>(line);
+  if constexpr (kTo == PrefetchTo::kL1) _mm_prefetch(p, _MM_HINT_T0);
+  else _mm_prefetch(p, _MM_HINT_T1);
+}
+
+// Where this CPU's weight lines are prefetched to (above).
+PrefetchTo weights_prefetch_target() {
+  static const PrefetchTo to = __builtin_cpu_is("amd") ? PrefetchTo::kL2 : PrefetchTo::kL1;
+  return to;
+}
+
 // Dot products of R rows of x (row r at x + r * xs) with C weight rows w[c] over all of K,
-// by widening to fp32 and FMA: dots[r * C + c]. Each weight line is read with a prefetch of
-// the line `ahead` elements on (the next block's rows): the hardware prefetcher alone left
-// the weight stream latency-bound. Measured on 48 matrices of 2816 x 1024 (past the L3),
-// M = 8, one thread: bf16 1386 -> 746 us, int8 805 -> 486 us, fp32 1203 -> 967 us; 2 KB
-// ahead in the same rows or into L2 only were slower.
-template <int R, int C, typename TX, typename TW>
+// by widening to fp32 and FMA: dots[r * C + c].
+template <int R, int C, PrefetchTo kTo, typename TX, typename TW>
 void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K, float* dots) {
   static_assert(R * C <= 16, "the tile's dots are reduced as one 16-lane vector");
   __m512 acc[R][C];
@@ -75,7 +95,7 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K,
     __m512 wv[C];
     for (int c = 0; c < C; ++c) {
       if ((k * int(sizeof(TW))) % 64 == 0)  // once per cache line
-        _mm_prefetch(reinterpret_cast<const char*>(w[c] + k + ahead), _MM_HINT_T0);
+        prefetch_weights<kTo>(w[c] + k + ahead);
       wv[c] = load16(w[c] + k);
     }
     for (int r = 0; r < R; ++r) {
@@ -103,7 +123,7 @@ void tile_fma(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K,
 // flushed), so nothing is widened. On AMD Zen 4 (2816 x 1024, M = 8, one thread) it takes
 // 306 us where widening + FMA took 1305; on Sapphire Rapids it runs at half the FMA rate,
 // but there the AMX kernel takes bf16 weights first.
-template <int R, int C>
+template <int R, int C, PrefetchTo kTo>
 void tile_dpbf16(const bf16_t* x, int64_t xs, const bf16_t* const* w, int64_t ahead, int K,
                  float* dots) {
   static_assert(R * C <= 16, "the tile's dots are reduced as one 16-lane vector");
@@ -116,7 +136,7 @@ void tile_dpbf16(const bf16_t* x, int64_t xs, const bf16_t* const* w, int64_t ah
   auto step = [&](int k, __mmask32 m, bool full) {
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[c] + k + ahead), _MM_HINT_T0);
+      prefetch_weights<kTo>(w[c] + k + ahead);
       wv[c] = load(w[c] + k, m, full);
     }
     for (int r = 0; r < R; ++r) {
@@ -142,7 +162,7 @@ void tile_dpbf16(const bf16_t* x, int64_t xs, const bf16_t* const* w, int64_t ah
 // kDotChunk elements (256 products, 1.07e9 < 2^31) before the sums fold into fp32.
 constexpr int kDotChunk = 4096;
 
-template <int R, int C>
+template <int R, int C, PrefetchTo kTo>
 void tile_dpwssd(const int16_t* x, int64_t xs, const int8_t* const* w, int64_t ahead, int K,
                  float* dots) {
   static_assert(R * C <= 16, "the tile's dots are reduced as one 16-lane vector");
@@ -156,7 +176,7 @@ void tile_dpwssd(const int16_t* x, int64_t xs, const int8_t* const* w, int64_t a
       __m512i wv[C];
       for (int c = 0; c < C; ++c) {
         if (k % 64 == 0)  // once per cache line
-          _mm_prefetch(reinterpret_cast<const char*>(w[c] + k + ahead), _MM_HINT_T0);
+          prefetch_weights<kTo>(w[c] + k + ahead);
         const __m256i b = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c] + k))
                                : _mm256_maskz_loadu_epi8(m, w[c] + k);
         wv[c] = _mm512_cvtepi8_epi16(b);
@@ -218,32 +238,32 @@ void quantize_rows_int16(const TX* x, int64_t xs, int M, int K, int16_t* q, floa
 // than 4 x 4 at M = 8 in fp32), 4 x 4 from 4 rows, 8 channels x 2 rows below; smaller
 // tiles for the last rows.
 
-template <typename TW, int R, int C, typename TX>
+template <typename TW, int R, int C, PrefetchTo kTo, typename TX>
 void tile_dispatch(const TX* x, int64_t xs, const TW* const* w, int64_t ahead, int K, int nr,
                    float* dots) {
   // nr (< R for the last rows of x) picks a smaller instance, so no lane is wasted on rows
   // that do not exist.
   if constexpr (R > 1) {
-    if (nr < R) return tile_dispatch<TW, R / 2, C>(x, xs, w, ahead, K, nr, dots);
+    if (nr < R) return tile_dispatch<TW, R / 2, C, kTo>(x, xs, w, ahead, K, nr, dots);
   }
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<TX, bf16_t>) {
     static_assert(std::is_same_v<TW, bf16_t>, "bf16 x goes to the tile with bf16 weights");
-    return tile_dpbf16<R, C>(x, xs, w, ahead, K, dots);
+    return tile_dpbf16<R, C, kTo>(x, xs, w, ahead, K, dots);
   }
 #endif
 #if defined(__AVX512VNNI__)
   if constexpr (std::is_same_v<TX, int16_t>) {
     static_assert(std::is_same_v<TW, int8_t>, "int16 x goes to the tile with int8 weights");
-    return tile_dpwssd<R, C>(x, xs, w, ahead, K, dots);
+    return tile_dpwssd<R, C, kTo>(x, xs, w, ahead, K, dots);
   }
 #endif
-  if constexpr (std::is_same_v<TX, float>) tile_fma<R, C>(x, xs, w, ahead, K, dots);
+  if constexpr (std::is_same_v<TX, float>) tile_fma<R, C, kTo>(x, xs, w, ahead, K, dots);
 }
 
 // out rows [0, M) of one block of rows x (fp32, or bf16 for the VDPBF16PS tile; stride xs),
 // C output channels per block.
-template <typename TW, int C, typename TX, typename TO>
+template <typename TW, int C, PrefetchTo kTo, typename TX, typename TO>
 void linear_rows(const TX* x, int64_t xs, int M, const LinearParams& p, TO* out,
                  const float* x_scales) {
   constexpr int kRows = 16 / C;  // rows per tile: R x C = 16 accumulators
@@ -259,7 +279,7 @@ void linear_rows(const TX* x, int64_t xs, int M, const LinearParams& p, TO* out,
     for (int m0 = 0; m0 < M;) {
       int nr = kRows;  // the largest power-of-two tile the remaining rows fill
       while (nr > M - m0) nr /= 2;
-      tile_dispatch<TW, kRows, C>(x + int64_t(m0) * xs, xs, rows, C * p.w_stride, p.K, nr,
+      tile_dispatch<TW, kRows, C, kTo>(x + int64_t(m0) * xs, xs, rows, C * p.w_stride, p.K, nr,
                                   dots);
       for (int r = 0; r < nr; ++r) {
         const float xs_r = x_scales ? x_scales[m0 + r] : 1.0f;
@@ -278,9 +298,16 @@ void linear_rows(const TX* x, int64_t xs, int M, const LinearParams& p, TO* out,
 template <typename TW, typename TX, typename TO>
 void linear_rows(const TX* x, int64_t xs, int M, const LinearParams& p, TO* out,
                  const float* x_scales = nullptr) {
-  if (M >= 8) return linear_rows<TW, 2>(x, xs, M, p, out, x_scales);
-  if (M >= 4) return linear_rows<TW, 4>(x, xs, M, p, out, x_scales);
-  linear_rows<TW, 8>(x, xs, M, p, out, x_scales);
+  auto run = [&](auto to) {
+    constexpr PrefetchTo kTo = decltype(to)::value;
+    if (M >= 8) return linear_rows<TW, 2, kTo>(x, xs, M, p, out, x_scales);
+    if (M >= 4) return linear_rows<TW, 4, kTo>(x, xs, M, p, out, x_scales);
+    linear_rows<TW, 8, kTo>(x, xs, M, p, out, x_scales);
+  };
+  if (weights_prefetch_target() == PrefetchTo::kL2)
+    run(std::integral_constant<PrefetchTo, PrefetchTo::kL2>{});
+  else
+    run(std::integral_constant<PrefetchTo, PrefetchTo::kL1>{});
 }
 
 #if defined(__AVX512VNNI__)
