@@ -13,6 +13,12 @@ widen to fp32 and multiply there, so narrower weights cut the bytes but not the
 multiply-adds and from a few rows up the multiply-adds are the floor; the AMX kernel
 (bf16 and int8 weights) multiplies in tiles far above the read rate.
 One thread: the decode step of the CPU engine runs its GEMMs on the threads it has.
+
+``test_linear_dram_resident``: the same shape at M = 8 (4 CFG pairs), cycling over 40
+weight matrices (fp32 460 MB, bf16 230 MB, int8 115 MB: past any L3), as a decode step reads
+its weights: microseconds per call and the share of the read bandwidth measured in the same
+run, at 1 and 2 threads. This is where the weight prefetch matters (L1 vs L2,
+linear_cpu_avx512.cpp).
 """
 
 from __future__ import annotations
@@ -58,3 +64,32 @@ def test_linear_vs_torch():
                **{f"cm3rt_{d}_of_gemm_rate": f"{M * N * K / t[f'cm3rt_{d}'] / mac_rate:.2f}"
                   for d in ("f32", "bf16", "int8")})
     record(bench="linear", M="crossover", cm3rt_bf16=f"cm3rt bf16 faster up to M={best}")
+
+
+def sweep(weights, x, out) -> None:
+    """One call of ops.linear per weight matrix, in turn."""
+    for w, s in weights:
+        ops.linear(x, w, s, out=out)
+
+
+def test_linear_dram_resident():
+    N, K, M, copies = 2816, 1024, 8, 40
+    bw = read_bandwidth()
+    record(bench="linear_dram", dtype="kernels", us=" > ".join(ops.linear_cpu_kernels()),
+           of_read_bw=f"read {bw / 1e9:.1f} GB/s")
+    torch.manual_seed(0)
+    for dtype in ("fp32", "bf16", "int8"):
+        weights = []
+        for _ in range(copies):
+            w = torch.randn(N, K)
+            weights.append((w, None) if dtype == "fp32" else
+                           (w.bfloat16(), None) if dtype == "bf16" else ops.quantize_int8(w))
+        x = torch.randn(M, K) if dtype == "fp32" else torch.randn(M, K).bfloat16()
+        out = torch.empty(M, N, dtype=x.dtype)
+        nbytes = weights[0][0].numel() * weights[0][0].element_size()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            t = time_fn(lambda: sweep(weights, x, out)) / copies  # noqa: B023 - called here
+            record(bench="linear_dram", dtype=dtype, threads=threads, M=M, us=f"{t * 1e6:.0f}",
+                   of_read_bw=f"{nbytes / t / bw:.2f}")
+    torch.set_num_threads(1)
