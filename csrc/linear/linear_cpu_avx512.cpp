@@ -279,8 +279,8 @@ void linear_rows(const TX* x, int64_t xs, int M, const LinearParams& p, TO* out,
     for (int m0 = 0; m0 < M;) {
       int nr = kRows;  // the largest power-of-two tile the remaining rows fill
       while (nr > M - m0) nr /= 2;
-      tile_dispatch<TW, kRows, C, kTo>(x + int64_t(m0) * xs, xs, rows, C * p.w_stride, p.K, nr,
-                                  dots);
+      tile_dispatch<TW, kRows, C, kTo>(x + int64_t(m0) * xs, xs, rows, C * p.w_stride, p.K,
+                                       nr, dots);
       for (int r = 0; r < nr; ++r) {
         const float xs_r = x_scales ? x_scales[m0 + r] : 1.0f;
         for (int c = 0; c < nc; ++c) {
