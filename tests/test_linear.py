@@ -18,7 +18,7 @@ def _reference(x, w, scales=None):
     return x.double() @ wd.T
 
 
-def _check_against_float64(device, M, N, K, x_dtype, w_dtype):
+def _check_against_float64(device, M, N, K, x_dtype, w_dtype, packed=False):
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
     x = torch.randn(M, K, generator=g).to(x_dtype).to(device)
     w = torch.randn(N, K, generator=g)
@@ -28,7 +28,10 @@ def _check_against_float64(device, M, N, K, x_dtype, w_dtype):
         scales = scales.to(device)
     w = w.to(w_dtype).to(device)
     out = torch.full((M, N), float("nan"), dtype=x_dtype, device=device)  # poisoned
-    ops.linear(x, w, scales, out=out)
+    if packed:
+        ops.linear_packed(x, ops.linear_pack(w), N, scales, out=out)
+    else:
+        ops.linear(x, w, scales, out=out)
     ref = _reference(x.cpu(), w.cpu(), None if scales is None else scales.cpu())
     err = (out.cpu().double() - ref).abs().max().item()
     scale = ref.abs().max().item() + 1.0
@@ -55,11 +58,41 @@ def test_each_cpu_kernel_matches_float64(kernel, M, N, K, x_dtype, w_dtype):
         _check_against_float64("cpu", M, N, K, x_dtype, w_dtype)
 
 
+# Packed weights (panels of 16 channels): N not a multiple of 16, odd K (bf16 / int8 pair a
+# zero past K), row counts that take every tile height (8, 4, 2, 1) and more than 64 rows.
+PACKED_SHAPES = SHAPES + [(8, 48, 1024), (15, 17, 3), (3, 2816 // 8, 1024), (70, 33, 257),
+                          (8, 32, 600)]
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "portable"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M,N,K", PACKED_SHAPES)
+def test_packed_weights_match_float64(kernel, M, N, K, x_dtype, w_dtype):
+    if kernel not in ops.linear_cpu_kernels():
+        pytest.skip(f"this machine's CPU linear kernels are {ops.linear_cpu_kernels()}")
+    with ops.linear_cpu_kernel(kernel):
+        _check_against_float64("cpu", M, N, K, x_dtype, w_dtype, packed=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_linear_pack_layout(dtype):
+    w = (torch.arange(21 * 5).view(21, 5) % 100 - 50).to(dtype)
+    packed = ops.linear_pack(w)
+    g = 1 if dtype == torch.float32 else 2
+    assert packed.shape == (2, -(-5 // g), 16 * g) and packed.dtype == dtype
+    for n in range(32):
+        for k in range(packed.shape[1] * g):
+            want = w[n, k] if n < 21 and k < 5 else 0
+            assert packed[n // 16, k // g, (n % 16) * g + k % g] == want, (n, k)
+
+
 @pytest.mark.parametrize("kernel", ["amx", "avx512", "portable"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("packed", [False, True], ids=["nk", "packed"])
 def test_non_finite_x_rows_give_non_finite_outputs_and_spare_the_others(kernel, x_dtype,
-                                                                        w_dtype):
+                                                                        w_dtype, packed):
     """A NaN or infinity in a row of x makes that row's outputs non-finite, as fp32 math
     would, and leaves the other rows right (the int8 kernels that quantise x per row, to
     int16 or int8 digits, must not turn it into numbers)."""
@@ -75,7 +108,10 @@ def test_non_finite_x_rows_give_non_finite_outputs_and_spare_the_others(kernel, 
         w, scales = ops.quantize_int8(w)
     w = w.to(w_dtype)
     with ops.linear_cpu_kernel(kernel):
-        out = ops.linear(x, w, scales).double()
+        if packed:
+            out = ops.linear_packed(x, ops.linear_pack(w), 40, scales).double()
+        else:
+            out = ops.linear(x, w, scales).double()
     assert not out[1].isfinite().any() and not out[3].isfinite().any()
     ok = [0, 2, 4]
     ref = _reference(x[ok], w, scales)
@@ -133,6 +169,32 @@ def test_linear_rejects_bad_arguments():
         ops.linear(x[0], w)
     with pytest.raises(ValueError, match="'out'"):
         ops.linear(x, w, out=torch.empty(2, 4))
+
+
+def test_linear_packed_rejects_bad_arguments():
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    q, s = ops.quantize_int8(w)
+    pw, pq = ops.linear_pack(w), ops.linear_pack(q)
+    with pytest.raises(ValueError, match="'scales' is required"):
+        ops.linear_packed(x, pq, 3)
+    with pytest.raises(ValueError, match="'scales' goes with int8"):
+        ops.linear_packed(x, pw, 3, s)
+    with pytest.raises(ValueError, match="linear_pack"):  # K of x does not match
+        ops.linear_packed(torch.randn(2, 9), pw, 3)
+    with pytest.raises(ValueError, match="linear_pack"):  # n past the panels
+        ops.linear_packed(x, pw, 17)
+    with pytest.raises(ValueError, match="linear_pack"):  # an [N, K] weight
+        ops.linear_packed(x, w, 3)
+    with pytest.raises(ValueError, match="'packed'.*contiguous"):
+        ops.linear_packed(x, torch.zeros(1, 16, 8).transpose(1, 2), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.linear_packed(x, pw, -1)
+    with pytest.raises(ValueError, match="'out'"):
+        ops.linear_packed(x, pw, 3, out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="linear_pack: argument 'weight'"):
+        ops.linear_pack(torch.randn(3, 8).double())
+    out = ops.linear_packed(torch.randn(0, 8), pw, 3)  # no rows: nothing to do
+    assert out.shape == (0, 3)
 
 
 def test_int8_activations_are_bf16_where_the_cpu_multiplies_bf16(monkeypatch):

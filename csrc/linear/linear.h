@@ -17,12 +17,26 @@ namespace cm3rt {
 
 constexpr int kLinearRowBlock = 64;  // rows of x one pass over the weights serves
 
+// Packed weights ("panels", linear_pack in cm3rt/ops.py): [N, K] regrouped once at load
+// into ceil(N / 16) panels of 16 output channels, each [ceil(K / g), 16, g]:
+//   packed[p][kk][c * g + i] = w[16 p + c][g kk + i]   (zero past N and past K)
+// with g = 1 for float32 and 2 for bfloat16 and int8 (the element pairs VDPBF16PS and
+// VPDPWSSD multiply). One vector load then holds 16 channels' next g elements of K, and x
+// is broadcast a row at a time: every weight byte feeds 8 rows of multiply-adds while x
+// stays in L1, where the [N, K] layout has to stream 16 x values per 16 multiply-adds
+// (on AMD Zen 4, M = 8, one thread, 2816 x 1024: fp32 ~1100 -> ~440 us, bf16 ~400 -> ~230,
+// int8 ~460 -> ~220; bench/bench_linear.py).
+constexpr int kPanelChannels = 16;
+inline int panel_group(DType w_dtype) { return w_dtype == DType::kFloat32 ? 1 : 2; }
+
 struct LinearParams {
   const void* x;          // [M, K] activations, last dim contiguous
   int64_t x_stride;       // elements between rows of x
   DType x_dtype;          // float32 or bfloat16 (out has the same dtype)
-  const void* w;          // [N, K] weights (out-features first), last dim contiguous
-  int64_t w_stride;       // elements between rows of w
+  const void* w;          // [N, K] weights (out-features first), last dim contiguous,
+                          // or panels (w_packed, above; contiguous)
+  int64_t w_stride;       // elements between rows of w (unused for panels)
+  bool w_packed = false;  // w holds panels
   DType w_dtype;          // float32, bfloat16 or int8
   const float* scales;    // [N] per-output-channel scales (int8 weights), else nullptr
   void* out;              // [M, N], last dim contiguous

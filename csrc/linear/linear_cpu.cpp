@@ -1,5 +1,6 @@
 // CPU weight-streaming linear (see linear.h): the dispatch to the AMX and AVX-512 kernels
-// (linear_cpu_amx.cpp, linear_cpu_avx512.cpp) and the portable 8-lane kernel, used where
+// (linear_cpu_amx.cpp, linear_cpu_avx512.cpp, linear_cpu_panels_avx512.cpp) and the portable
+// loops (the 8-lane [N, K] kernel and panels_impl for packed weights), used where
 // the build has neither or set_linear_cpu_kernel caps it. Portable: OpenMP over blocks of 4
 // output channels; each block streams its 4 weight rows through L1 in chunks of kChunk
 // elements while every row of x is multiplied against them (8 fp32 accumulators: 4 channels
@@ -97,8 +98,52 @@ void linear_impl(const LinearParams& p) {
   }
 }
 
+// Packed weights (panels, linear.h), portable: each panel of 16 channels is read once and
+// every row of x is multiplied against it, 16 fp32 accumulators per row, in the order the
+// panel stores K (so the compiler vectorises over the 16 channels).
+template <typename TX, typename TW>
+void panels_impl(const LinearParams& p) {
+  const TX* x = static_cast<const TX*>(p.x);
+  const TW* w = static_cast<const TW*>(p.w);
+  TX* out = static_cast<TX*>(p.out);
+  const int g = panel_group(p.w_dtype), Kg = (p.K + g - 1) / g;
+  const int panels = (p.N + kPanelChannels - 1) / kPanelChannels;
+  const int64_t panel_elems = int64_t(Kg) * kPanelChannels * g;
+#pragma omp parallel for schedule(static)
+  for (int pi = 0; pi < panels; ++pi) {
+    const TW* panel = w + pi * panel_elems;
+    const int n0 = pi * kPanelChannels, nc = std::min(kPanelChannels, p.N - n0);
+    for (int m = 0; m < p.M; ++m) {
+      const TX* row = x + int64_t(m) * p.x_stride;
+      float acc[kPanelChannels] = {};
+      for (int kk = 0; kk < Kg; ++kk) {
+        const TW* step = panel + int64_t(kk) * kPanelChannels * g;
+        for (int i = 0; i < g; ++i) {
+          const int k = g * kk + i;
+          if (k >= p.K) break;
+          const float xv = loadx(row + k);
+          for (int c = 0; c < kPanelChannels; ++c) acc[c] += xv * loadw(step + c * g + i);
+        }
+      }
+      for (int c = 0; c < nc; ++c) {
+        const float s = p.scales ? p.scales[n0 + c] : 1.0f;
+        store_out(out + int64_t(m) * p.out_stride + n0 + c, acc[c] * s);
+      }
+    }
+  }
+}
+
 template <typename TX>
 void dispatch_weights(const LinearParams& p) {
+  if (p.w_packed) {
+    switch (p.w_dtype) {
+      case DType::kFloat32: return panels_impl<TX, float>(p);
+      case DType::kBFloat16: return panels_impl<TX, bf16_t>(p);
+      case DType::kInt8: return panels_impl<TX, int8_t>(p);
+      default: break;
+    }
+    throw std::invalid_argument("linear_cpu: unsupported weight dtype");
+  }
   switch (p.w_dtype) {
     case DType::kFloat32: return linear_impl<TX, float>(p);
     case DType::kBFloat16: return linear_impl<TX, bf16_t>(p);
@@ -138,8 +183,12 @@ void set_linear_cpu_kernel(const std::string& name) {
 void linear_cpu(const LinearParams& p) {
   if (p.M == 0 || p.N == 0) return;
   const int best = g_best_allowed;
-  if (best <= kAmx && linear_cpu_amx(p)) return;
-  if (best <= kAvx512 && linear_cpu_avx512(p)) return;
+  if (p.w_packed) {  // AMX tiles want their own layout: panels go to AVX-512 or portable
+    if (best <= kAvx512 && linear_cpu_panels_avx512(p)) return;
+  } else {
+    if (best <= kAmx && linear_cpu_amx(p)) return;
+    if (best <= kAvx512 && linear_cpu_avx512(p)) return;
+  }
   if (p.x_dtype == DType::kFloat32) return dispatch_weights<float>(p);
   if (p.x_dtype == DType::kBFloat16) return dispatch_weights<bf16_t>(p);
   throw std::invalid_argument("linear_cpu: unsupported activation dtype");

@@ -30,6 +30,7 @@
 
 #include "cpu/scratch.h"
 #include "cpu/vec512.h"
+#include "linear/weights_prefetch.h"
 
 namespace cm3rt {
 
@@ -58,29 +59,9 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_permutexvar_ps(lane_of, u);
 }
 
-// Each weight line is read with a prefetch of the line `ahead` elements on (the next
-// block's rows): the hardware prefetcher alone left the weight stream latency-bound.
-// Measured on 48 matrices of 2816 x 1024 (past the L3), M = 8, one thread: bf16 1386 ->
-// 746 us, int8 805 -> 486 us, fp32 1203 -> 967 us; 2 KB ahead in the same rows or into L2
-// only were slower there. Where the lines go depends on the CPU: on AMD Zen 4, prefetches
-// into L1 hold the core's few L1 miss buffers, and the weight stream stalled at ~8 GB/s of
-// its ~27; prefetched into L2 only (PREFETCHT1), 40 DRAM-resident 2816 x 1024 matrices,
-// M = 8, one thread, ran bf16 664-676 -> 374-416 us, fp32 1098-1273 -> 879-937 us, int8
-// 489-548 -> 457 us (two threads: bf16 428-495 -> 264-269 us). Other CPUs keep L1.
-enum class PrefetchTo { kL1, kL2 };
-
-template <PrefetchTo kTo>
-inline void prefetch_weights(const void* line) {
-  const char* p = static_cast<const char*>(line);
-  if constexpr (kTo == PrefetchTo::kL1) _mm_prefetch(p, _MM_HINT_T0);
-  else _mm_prefetch(p, _MM_HINT_T1);
-}
-
-// Where this CPU's weight lines are prefetched to (above).
-PrefetchTo weights_prefetch_target() {
-  static const PrefetchTo to = __builtin_cpu_is("amd") ? PrefetchTo::kL2 : PrefetchTo::kL1;
-  return to;
-}
+using cpu::PrefetchTo;
+using cpu::prefetch_weights;
+using cpu::weights_prefetch_target;
 
 // Dot products of R rows of x (row r at x + r * xs) with C weight rows w[c] over all of K,
 // by widening to fp32 and FMA: dots[r * C + c].

@@ -77,6 +77,8 @@ void dispatch_weights(const LinearParams& p, cudaStream_t stream) {
 
 void linear_cuda(const LinearParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
+  // Panels are a CPU layout (linear.h); the bindings refuse them on CUDA before this.
+  if (p.w_packed) throw std::invalid_argument("linear_cuda: packed weights are CPU-only");
   auto s = static_cast<cudaStream_t>(stream);
   if (p.x_dtype == DType::kFloat32) return dispatch_weights<float>(p, s);
   if (p.x_dtype == DType::kBFloat16) return dispatch_weights<bf16_t>(p, s);
