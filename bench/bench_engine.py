@@ -136,7 +136,8 @@ def run_cm3rt(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
     from cm3rt.engine import Engine, Request, SamplingParams, TokenPrompt, VocabInfo
     from cm3rt.model import load_model
 
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=device,
+                       pack_weights=os.environ.get("CM3RT_BENCH_PACK", "1") == "1")
     vocab = VocabInfo.from_model_config(model.config, tokens_per_image=NEW_TOKENS)
     ctx = PROMPT_LEN + NEW_TOKENS + 8
     bs = 16
@@ -172,11 +173,14 @@ def run_cm3rt(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
     assert n == PROMPTS * NEW_TOKENS, n
     # The step's floor: every weight byte a decode step reads (the image-span lm_head rows,
     # not the full head; the embedding only for 8 ids) and the KV bytes of 8 streams at the
-    # mean context, read once at the read bandwidth.
+    # mean context, read once at the read bandwidth. A packed projection (pack_weights_) is
+    # read as its panels instead of its [N, K] weight: the same bytes, counted once.
     c = model.config
     row_bytes = c.hidden_size * model.lm_head.element_size()
     weight_bytes = sum(t.numel() * t.element_size()
-                       for t in (*model.parameters(), *model.buffers())) \
+                       for t in (*model.parameters(),
+                                 *(b for name, b in model.named_buffers()
+                                   if not name.endswith("_packed")))) \
         - (c.vocab_size - len(vocab.image_token_ids)) * row_bytes \
         - (0 if c.tie_word_embeddings else c.vocab_size * row_bytes)
     kv_bytes = 2 * PROMPTS * (PROMPT_LEN + NEW_TOKENS // 2) \

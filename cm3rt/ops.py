@@ -582,6 +582,15 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
     return out
 
 
+def linear_packed_is_fast(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether this CPU runs :func:`linear_packed` on (activation, weight) dtypes with its
+    vector kernel (AVX-512: fp32 x fp32; bf16 x bf16 with AVX512_BF16; int8 weights with
+    AVX512_VNNI); elsewhere it takes a portable loop that is right but slow."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+    pair = f"{name.get(x_dtype)}/{name.get(weight_dtype)}"
+    return pair in _C.linear_cpu_packed_fast_pairs()
+
+
 def linear_cpu_kernels() -> list[str]:
     """The CPU kernels :func:`linear` can run on this machine, best first: ``"amx"`` (bf16
     and int8 weights; AMX tiles), ``"avx512"``, ``"portable"`` (always)."""
@@ -633,10 +642,12 @@ class CpuDecoder:
         layers: per layer a dict of ``input_layernorm``, ``post_attention_layernorm``,
             ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` (``[N, K]``, the
             activation dtype or int8) with ``<name>_scales`` (float32 ``[N]`` for int8,
-            else None), ``q_norm_weight`` / ``q_norm_bias`` ``[Hq, D]``, ``k_norm_weight``
+            else None) and optionally ``<name>_packed`` (:func:`linear_pack` of the weight,
+            which the step then multiplies: as :func:`linear_packed`), ``q_norm_weight`` / ``q_norm_bias`` ``[Hq, D]``, ``k_norm_weight``
             / ``k_norm_bias`` ``[Hkv, D]``.
         caches: per layer ``(k_cache, v_cache)`` ``[NB, BS, Hkv, D]`` (written by steps).
-        heads: logit heads ``(weight [N_h, H], scales or None)``; a step names one.
+        heads: logit heads ``(weight [N_h, H], scales or None, packed or None)``; a step
+            names one.
 
     Every tensor must be a contiguous CPU tensor; the object keeps them alive, and the
     caller must not resize or replace them while it exists. Not thread-safe (one scratch).
@@ -645,7 +656,8 @@ class CpuDecoder:
     def __init__(self, config: dict, embed: torch.Tensor, final_norm: torch.Tensor,
                  inv_freq: torch.Tensor, layers: Sequence[dict],
                  caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 heads: Sequence[tuple[torch.Tensor, torch.Tensor | None]]):
+                 heads: Sequence[tuple[torch.Tensor, torch.Tensor | None,
+                                       torch.Tensor | None]]):
         for name, t in (("embed", embed), ("final_norm", final_norm), ("inv_freq", inv_freq)):
             _require_tensor(name, t)
         layer_args = []
@@ -656,13 +668,17 @@ class CpuDecoder:
                     _require_tensor(f"layers[{i}].{name}", t)
                 args[name] = _dl_opt(t)
             layer_args.append(args)
+        heads = [tuple(h) for h in heads]
+        if any(len(h) != 3 for h in heads):
+            raise ValueError("CpuDecoder: argument 'heads' must hold (weight, scales or None, "
+                             "packed or None) triples")
         self.head_rows = [int(_require_tensor(f"heads[{i}]", w).shape[0])
-                          for i, (w, _) in enumerate(heads)]
+                          for i, (w, _, _) in enumerate(heads)]
         # The native module only (the emulator copies a tensor per call; this keeps them).
         self._impl = _ext._C.CpuDecoder(
             dict(config), _dl(embed), _dl(final_norm), _dl(inv_freq), layer_args,
             [(_dl(k), _dl(v)) for k, v in caches],
-            [(_dl(w), _dl_opt(sc)) for w, sc in heads])
+            [(_dl(w), _dl_opt(sc), _dl_opt(pk)) for w, sc, pk in heads])
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,

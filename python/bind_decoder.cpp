@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "linear/linear.h"
 #include "model/decoder_cpu.h"
 #include "sample_groups.h"
 #include "sampling/sample_logits.h"
@@ -60,7 +61,10 @@ class CpuDecoder {
     w_.inv_freq = f.ptr<const float>();
     for (size_t i = 0; i < heads.size(); ++i) {
       const py::tuple h = heads[i].cast<py::tuple>();
-      w_.heads.push_back(projection(h[0], h[1], "heads[" + std::to_string(i) + "]", -1, w_.H));
+      if (h.size() != 3) fail_value(kOp, "heads[" + std::to_string(i) + "] must be (weight, "
+                                         "scales or None, packed or None)");
+      w_.heads.push_back(projection(h[0], h[1], h[2], "heads[" + std::to_string(i) + "]", -1,
+                                    w_.H));
     }
   }
 
@@ -271,9 +275,10 @@ class CpuDecoder {
     return t.data;
   }
 
-  // A projection weight [N, K] (N = -1: any) in the activation dtype, or int8 with scales.
-  ProjectionWeight projection(py::handle w_obj, py::handle scales_obj, const std::string& name,
-                              int64_t N, int64_t K) {
+  // A projection weight [N, K] (N = -1: any) in the activation dtype, or int8 with scales,
+  // and its panels (ops.linear_pack of it; None: not packed).
+  ProjectionWeight projection(py::handle w_obj, py::handle scales_obj, py::handle packed_obj,
+                              const std::string& name, int64_t N, int64_t K) {
     TensorArg& t = keep(w_obj, name);
     check_dtype(kOp, t, {w_.dtype, DType::kInt8});
     check_shape(kOp, t, {N, K}, "[N, K]");
@@ -292,6 +297,15 @@ class CpuDecoder {
       check_shape(kOp, s, {p.N}, "[N]");
       p.scales = s.ptr<const float>();
     }
+    if (!packed_obj.is_none()) {
+      TensorArg& pk = keep(packed_obj, name + "_packed");
+      check_dtype(kOp, pk, {t.dtype});
+      const int64_t g = panel_group(t.dtype);
+      check_shape(kOp, pk, {(p.N + kPanelChannels - 1) / kPanelChannels, (K + g - 1) / g,
+                            kPanelChannels * g},
+                  "[ceil(N / 16), ceil(K / g), 16 g] (linear_pack of the weight)");
+      p.packed = pk.data;
+    }
     return p;
   }
 
@@ -300,6 +314,10 @@ class CpuDecoder {
     auto get = [&](const char* name) -> py::handle {
       if (!l.contains(name)) fail_value(kOp, at + name + " is missing");
       return l[name];
+    };
+    auto packed = [&](const std::string& name) -> py::handle {  // optional: None if absent
+      const std::string key = name + "_packed";
+      return l.contains(key.c_str()) ? py::handle(l[key.c_str()]) : py::handle(py::none());
     };
     DecoderLayerWeights d{};
     TensorArg& qw = keep(get("q_norm_weight"), at + "q_norm_weight");
@@ -326,15 +344,17 @@ class CpuDecoder {
     d.input_norm = param(get("input_layernorm"), at + "input_layernorm", {w_.H}, "[H]");
     d.post_norm = param(get("post_attention_layernorm"), at + "post_attention_layernorm",
                         {w_.H}, "[H]");
-    d.qkv = projection(get("qkv_proj"), get("qkv_proj_scales"), at + "qkv_proj",
-                       int64_t(Hq + 2 * Hkv) * D, w_.H);
-    d.o = projection(get("o_proj"), get("o_proj_scales"), at + "o_proj", w_.H, int64_t(Hq) * D);
+    d.qkv = projection(get("qkv_proj"), get("qkv_proj_scales"), packed("qkv_proj"),
+                       at + "qkv_proj", int64_t(Hq + 2 * Hkv) * D, w_.H);
+    d.o = projection(get("o_proj"), get("o_proj_scales"), packed("o_proj"), at + "o_proj", w_.H,
+                     int64_t(Hq) * D);
     d.gate_up = projection(get("gate_up_proj"), get("gate_up_proj_scales"),
-                           at + "gate_up_proj", -1, w_.H);
+                           packed("gate_up_proj"), at + "gate_up_proj", -1, w_.H);
     if (d.gate_up.N % 2) fail_value(kOp, at + "gate_up_proj must have an even row count");
     if (i == 0) w_.I = d.gate_up.N / 2;
     else if (d.gate_up.N != 2 * w_.I) fail_value(kOp, at + "MLP width differs from layer 0's");
-    d.down = projection(get("down_proj"), get("down_proj_scales"), at + "down_proj", w_.H, w_.I);
+    d.down = projection(get("down_proj"), get("down_proj_scales"), packed("down_proj"),
+                        at + "down_proj", w_.H, w_.I);
     if (cache.size() != 2) fail_value(kOp, "caches[" + std::to_string(i) + "] must be (k, v)");
     TensorArg& kc = keep(cache[0], "caches[" + std::to_string(i) + "][0]");
     TensorArg& vc = keep(cache[1], "caches[" + std::to_string(i) + "][1]");

@@ -114,6 +114,8 @@ void bind_linear(py::module_& m) {
   m.def("linear_packed", &linear_packed, py::arg("x"), py::arg("packed"), py::arg("n"),
         py::arg("scales"), py::arg("out"),
         "linear on packed weights (CPU): packed = linear_pack(weight[N, K]), n = N.");
+  m.def("linear_cpu_packed_fast_pairs", &linear_cpu_packed_fast_pairs,
+        "The 'x/weight' dtype pairs linear_packed runs with a vector kernel on this CPU.");
   m.def("linear_cpu_kernels", &linear_cpu_kernels,
         "The CPU linear kernels this build and machine have, best first.");
   m.def("set_linear_cpu_kernel", &set_linear_cpu_kernel, py::arg("name"),

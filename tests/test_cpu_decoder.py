@@ -11,6 +11,7 @@ import torch
 
 from cm3rt import ops
 from cm3rt.model import ChameleonConfig, ChameleonModel
+from cm3rt.model.chameleon import packs_weights
 from cm3rt.model.step import StepMetadata
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB, BS = 512, 4
 
 
-def _model(dtype: torch.dtype, int8: bool, swin: bool, seed: int = 0) -> ChameleonModel:
+def _model(dtype: torch.dtype, int8: bool, swin: bool, seed: int = 0,
+           packed: bool = False) -> ChameleonModel:
     cfg = ChameleonConfig.from_hf_dict({
         "model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"],
         "hidden_size": 128, "intermediate_size": 200, "num_hidden_layers": 2,
@@ -34,7 +36,8 @@ def _model(dtype: torch.dtype, int8: bool, swin: bool, seed: int = 0) -> Chamele
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
             else:  # norm weights near 1, qk-norm biases near 0
                 p.copy_((0.0 if "bias" in name else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model.quantize_int8_() if int8 else model
+    model = model.quantize_int8_() if int8 else model
+    return model.pack_weights_() if packed else model
 
 
 def _prefill(model, caches, prompts: list[list[int]]) -> None:
@@ -88,8 +91,13 @@ def _call(dec, ids, pos, meta, rows, head):
                                         (torch.float32, True), (torch.bfloat16, True)],
                          ids=["fp32", "bf16", "int8-fp32", "int8-bf16"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1, 1, 1, 1], [2, 1, 3]], ids=["decode", "chunked"])
-def test_logits_and_caches_equal_the_per_op_path(dtype, int8, swin, q_lens):
-    model = _model(dtype, int8, swin)
+@pytest.mark.parametrize("packed", [False, True], ids=["nk", "packed"])
+def test_logits_and_caches_equal_the_per_op_path(dtype, int8, swin, q_lens, packed):
+    model = _model(dtype, int8, swin, packed=packed)
+    if packed:
+        want = packs_weights(model.dtype, model.layers[0].qkv_proj.dtype)
+        assert model.weights_packed == want
+        assert (model.layers[0].qkv_proj_packed is not None) == want
     B = len(q_lens)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in range(5, 5 + 3 * B, 3)]
@@ -213,8 +221,12 @@ def test_bad_construction_names_the_argument():
         model.cpu_decoder(small, [None])
     with pytest.raises(TypeError, match=r"heads\[0\]"):
         ops.CpuDecoder({"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False},
-                       model.embed_tokens, model.norm, model.inv_freq, [], [], [("x", None)])
+                       model.embed_tokens, model.norm, model.inv_freq, [], [], [("x", None, None)])
     with pytest.raises(ValueError, match="no layers"):
+        ops.CpuDecoder({"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False},
+                       model.embed_tokens, model.norm, model.inv_freq, [], [],
+                       [(model.lm_head, None, None)])
+    with pytest.raises(ValueError, match="triples"):
         ops.CpuDecoder({"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False},
                        model.embed_tokens, model.norm, model.inv_freq, [], [],
                        [(model.lm_head, None)])

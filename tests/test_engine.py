@@ -291,7 +291,9 @@ def test_bad_input_is_rejected_clearly_and_others_are_served(model):
 
 
 def test_sampler_failure_fails_only_that_request(model, monkeypatch):
-    eng = make_engine(model)
+    # The per-op step samples with ops.sample_logits, poisoned below (the whole-step CPU
+    # decoder, which a packed model takes at every step, samples inside C++).
+    eng = make_engine(model, cpu_decoder=False)
     poisoned_seed = group_seed(666, 0)
     real = ops.sample_logits
 

@@ -229,3 +229,36 @@ def test_model_with_int8_and_bf16_weights_tracks_fp32(tmp_path):
     assert (bf16.float() - ref).norm() / ref.norm() < 0.03
     with pytest.raises(ValueError, match="int8"):
         load_model(path, dtype="int4")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_load_model_packs_on_request_where_the_cpu_runs_panels(tmp_path, dtype):
+    """load_model(pack_weights=True) packs the projections (and the image-span heads) where
+    packs_weights says; the packed model's logits are the [N, K] model's up to summation
+    order; without it nothing is packed."""
+    from model_fixtures import make_tiny_model_dir
+
+    from cm3rt.model import load_model
+    from cm3rt.model.chameleon import PROJECTIONS, packs_weights
+
+    path = make_tiny_model_dir(tmp_path, use_hf=False, seed=5)
+    assert not load_model(path, dtype=dtype).weights_packed
+    model = load_model(path, dtype=dtype, pack_weights=True)
+    layer = model.layers[0]
+    want = packs_weights(model.dtype, layer.qkv_proj.dtype)
+    assert model.weights_packed == want
+    for name in PROJECTIONS:
+        packed = getattr(layer, f"{name}_packed")
+        assert (packed is not None) == want
+        if want:
+            assert torch.equal(packed, ops.linear_pack(getattr(layer, name)))
+    assert (model.lm_head_rows(torch.arange(10, 30)).packed is not None) == want
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    got = model.logits(ids)
+    for lyr in model.layers:  # back to the [N, K] weights
+        for name in PROJECTIONS:
+            setattr(lyr, f"{name}_packed", None)
+    model.weights_packed = False
+    ref = model.logits(ids)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert (got - ref).norm() / ref.norm() < tol

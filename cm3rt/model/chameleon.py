@@ -74,17 +74,38 @@ KERNEL_ROWS = {torch.bfloat16: (1, _BF16_MOST_ROWS), torch.float32: (2, _FP32_MO
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def uses_linear_kernel(rows: int, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
-    """Whether :func:`project` sends ``rows`` rows times ``weight`` to :func:`ops.linear`:
-    int8 weights (``scales`` per output channel) always, CPU bfloat16 / float32 weights for
-    few rows (:data:`KERNEL_ROWS`); everything else goes to torch."""
+def packs_weights(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether a CPU model with activations ``x_dtype`` packs its ``weight_dtype`` projections
+    at load (:meth:`ChameleonModel.pack_weights_`): where the CPU runs the pair on the panel
+    kernel (:func:`ops.linear_packed_is_fast`), except bf16 / int8 weights on AMX machines,
+    whose AMX kernel takes the [N, K] layout (not compared with panels there: no AMX machine
+    measured). On AMD Zen 4 (2816 x 1024, one thread) panels beat the [N, K] kernel at every
+    M from 2 to 512 (M = 8: fp32 722 -> 415 us, bf16 304 -> 211, int8 382 -> 225; level at
+    M = 1) and torch at every M (fp32 M = 512: 26.5 vs MKL 31.7 ms; bf16 M = 1024: 26.5 vs
+    27.9 ms), so packed projections take every row count."""
+    if "amx" in _KERNELS and weight_dtype in (torch.bfloat16, torch.int8):
+        return False
+    return ops.linear_packed_is_fast(x_dtype, weight_dtype)
+
+
+def uses_linear_kernel(rows: int, weight: torch.Tensor, scales: torch.Tensor | None,
+                       packed: torch.Tensor | None = None) -> bool:
+    """Whether :func:`project` sends ``rows`` rows times ``weight`` to cm3rt's kernels
+    (:func:`ops.linear` or, with panels, :func:`ops.linear_packed`): packed and int8 weights
+    (``scales`` per output channel) always, other CPU bfloat16 / float32 weights for few rows
+    (:data:`KERNEL_ROWS`); everything else goes to torch."""
+    if packed is not None or scales is not None:
+        return True
     fewest, most = KERNEL_ROWS.get(weight.dtype, (1, 0))
-    return scales is not None or (not weight.is_cuda and fewest <= rows <= most)
+    return not weight.is_cuda and fewest <= rows <= most
 
 
-def project(x: torch.Tensor, weight: torch.Tensor,
-            scales: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T``, through :func:`ops.linear` or torch (:func:`uses_linear_kernel`)."""
+def project(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+            packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T`` (``weight [N, K]``; ``packed``: its panels, :func:`ops.linear_pack`,
+    used instead where given), through cm3rt's kernels or torch (:func:`uses_linear_kernel`)."""
+    if packed is not None:
+        return ops.linear_packed(x, packed, weight.shape[0], scales)
     if uses_linear_kernel(x.shape[0], weight, scales):
         return ops.linear(x, weight, scales)
     return F.linear(x, weight)
@@ -93,24 +114,33 @@ def project(x: torch.Tensor, weight: torch.Tensor,
 @dataclass(frozen=True)
 class LogitHead:
     """Some rows of lm_head (:meth:`ChameleonModel.lm_head_rows`): ``weight [K, hidden]``,
-    int8 ``scales [K]`` on int8 models, and under tensor parallelism the ``columns`` of the
-    gathered logits that hold the requested ids, in their order."""
+    int8 ``scales [K]`` on int8 models, under tensor parallelism the ``columns`` of the
+    gathered logits that hold the requested ids, in their order, and the weight's panels
+    (``packed``) on models that pack (:meth:`ChameleonModel.pack_weights_`)."""
 
     weight: torch.Tensor
     scales: torch.Tensor | None = None
     columns: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, rows: torch.Tensor, int8: bool, columns: torch.Tensor | None = None):
+    def of(cls, rows: torch.Tensor, int8: bool, columns: torch.Tensor | None = None,
+           pack_for: torch.dtype | None = None):
+        """``pack_for``: the activation dtype of a model that packs its weights (None:
+        it does not)."""
         weight, scales = ops.quantize_int8(rows) if int8 else (rows, None)
-        return cls(weight, scales, columns)
+        packed = None
+        if pack_for is not None and not weight.is_cuda and packs_weights(pack_for, weight.dtype):
+            packed = ops.linear_pack(weight)
+        return cls(weight, scales, columns, packed)
 
 
 class ChameleonDecoderLayer(nn.Module):
     """Weights of one decoder layer (fused QKV and gate/up projections): this rank's share
     of the heads and MLP channels under tensor parallelism (:mod:`.tensor_parallel`). With
     int8 weights (:meth:`ChameleonModel.quantize_int8_`) each projection has a
-    ``<name>_scales`` buffer."""
+    ``<name>_scales`` buffer, and packed (:meth:`ChameleonModel.pack_weights_`) a
+    ``<name>_packed`` one."""
 
     def __init__(self, cfg: ChameleonConfig, dtype: torch.dtype, device: torch.device,
                  tp: TensorParallel = SINGLE_PROCESS) -> None:
@@ -133,9 +163,11 @@ class ChameleonDecoderLayer(nn.Module):
         self.down_proj = _weight((h, inter), dtype, device)
         for name in PROJECTIONS:
             self.register_buffer(f"{name}_scales", None, persistent=False)
+            self.register_buffer(f"{name}_packed", None, persistent=False)
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return project(x, getattr(self, name), getattr(self, f"{name}_scales"))
+        return project(x, getattr(self, name), getattr(self, f"{name}_scales"),
+                       getattr(self, f"{name}_packed"))
 
     def attention(
         self,
@@ -280,6 +312,7 @@ class ChameleonModel(nn.Module):
                           id(self.lm_head): self.lm_head}.values():
                     w[self.vocab_end - self.vocab_start:].zero_()
         self.weights_int8 = False  # see quantize_int8_
+        self.weights_packed = False  # see pack_weights_
         self.register_buffer(
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta).to(device),
             persistent=False,
@@ -436,6 +469,28 @@ class ChameleonModel(nn.Module):
                 setattr(layer, name, nn.Parameter(q, requires_grad=False))
                 setattr(layer, f"{name}_scales", scales)
         self.weights_int8 = True
+        return self.pack_weights_() if self.weights_packed else self
+
+    @torch.inference_mode()
+    def pack_weights_(self) -> ChameleonModel:
+        """On the CPU, give every layer projection a ``<name>_packed`` copy in panels
+        (:func:`ops.linear_pack`), which :func:`project` then multiplies at every row count,
+        where :func:`packs_weights` says the CPU's kernel runs them (no-op elsewhere; the
+        image-span heads of :meth:`lm_head_rows` are packed too); ``load_model(...,
+        pack_weights=True)`` calls it. The [N, K] weights stay (checkpoint layout, CUDA, tensor-parallel slicing), so
+        packed projections take twice their memory. Call again after changing weights
+        (:meth:`quantize_int8_` does). In place; returns ``self``."""
+        if self.device.type != "cpu":
+            return self
+        packed_any = False
+        for layer in self.layers:
+            for name in PROJECTIONS:
+                weight = getattr(layer, name)
+                packed = ops.linear_pack(weight) if packs_weights(self.dtype, weight.dtype) \
+                    else None
+                setattr(layer, f"{name}_packed", packed)
+                packed_any |= packed is not None
+        self.weights_packed = packed_any
         return self
 
     def compute_logits(self, hidden: torch.Tensor, head: LogitHead | None = None) -> torch.Tensor:
@@ -450,7 +505,8 @@ class ChameleonModel(nn.Module):
         if head is None:
             logits = self.tp.all_gather_columns(project(h, self.lm_head).float())
             return logits[:, :self.config.vocab_size] if self.tp.enabled else logits
-        logits = self.tp.all_gather_columns(project(h, head.weight, head.scales).float())
+        logits = self.tp.all_gather_columns(
+            project(h, head.weight, head.scales, head.packed).float())
         return logits if head.columns is None else logits.index_select(1, head.columns)
 
     def cpu_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -459,16 +515,17 @@ class ChameleonModel(nn.Module):
         logit ``heads`` (None: the whole lm_head); None where it does not apply: not on the
         CPU, tensor-parallel, or activations neither float32 nor bfloat16. A step may use it
         when :meth:`cpu_decoder_takes` says so; its logits are then :meth:`forward_step` +
-        :meth:`compute_logits`'s, bit for bit. Rebuild it after :meth:`quantize_int8_`."""
+        :meth:`compute_logits`'s, bit for bit. Rebuild it after :meth:`quantize_int8_` or
+        :meth:`pack_weights_`."""
         if self.device.type != "cpu" or self.tp.enabled or \
                 self.dtype not in (torch.float32, torch.bfloat16):
             return None
         c = self.config
         names = ("input_layernorm", "post_attention_layernorm", "q_norm_weight", "q_norm_bias",
                  "k_norm_weight", "k_norm_bias") + PROJECTIONS + tuple(
-                     f"{n}_scales" for n in PROJECTIONS)
+                     f"{n}_{what}" for n in PROJECTIONS for what in ("scales", "packed"))
         layers = [{n: getattr(layer, n) for n in names} for layer in self.layers]
-        head_args = [(self.lm_head, None) if h is None else (h.weight, h.scales)
+        head_args = [(self.lm_head, None, None) if h is None else (h.weight, h.scales, h.packed)
                      for h in heads]
         return ops.CpuDecoder(
             {"rms_norm_eps": c.rms_norm_eps, "qk_norm_eps": c.qk_norm_eps,
@@ -481,12 +538,14 @@ class ChameleonModel(nn.Module):
         ``head`` runs every projection on :func:`ops.linear` (:func:`uses_linear_kernel`),
         so that :meth:`cpu_decoder`'s step equals the per-op path bit for bit."""
         layer = self.layers[0]
-        if not uses_linear_kernel(num_tokens, layer.qkv_proj, layer.qkv_proj_scales):
+        if not uses_linear_kernel(num_tokens, layer.qkv_proj, layer.qkv_proj_scales,
+                                  layer.qkv_proj_packed):
             return False
         if num_rows == 0:
             return True
-        weight, scales = (self.lm_head, None) if head is None else (head.weight, head.scales)
-        return uses_linear_kernel(num_rows, weight, scales)
+        if head is None:
+            return uses_linear_kernel(num_rows, self.lm_head, None)
+        return uses_linear_kernel(num_rows, head.weight, head.scales, head.packed)
 
     def lm_head_rows(self, token_ids: torch.Tensor) -> LogitHead:
         """A contiguous copy of the lm_head rows of ``token_ids`` (e.g. the image codes:
@@ -496,7 +555,8 @@ class ChameleonModel(nn.Module):
         token_ids = token_ids.to(torch.int64).cpu()
         if not self.tp.enabled:
             rows = self.lm_head.index_select(0, token_ids.to(self.lm_head.device))
-            return LogitHead.of(rows.contiguous(), self.weights_int8)
+            return LogitHead.of(rows.contiguous(), self.weights_int8,
+                                pack_for=self.dtype if self.weights_packed else None)
         # Rank r's shard holds ids [r*P, (r+1)*P): it computes its ids' logits, padded to
         # the largest share, and `columns` picks token_ids' order out of the gathered block.
         padded = self.lm_head.shape[0]
@@ -514,7 +574,8 @@ class ChameleonModel(nn.Module):
             columns.append(r * width + seen[r])
             seen[r] += 1
         return LogitHead.of(rows, self.weights_int8,
-                            torch.tensor(columns, dtype=torch.int64, device=self.device))
+                            torch.tensor(columns, dtype=torch.int64, device=self.device),
+                            pack_for=self.dtype if self.weights_packed else None)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,7 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE_PROCESS,
+    pack_weights: bool = False,
 ) -> ChameleonModel:
     """Load a Chameleon model from an HF-layout directory.
 
@@ -124,6 +125,9 @@ def load_model(
         device: ``"cpu"`` or ``"cuda[:N]"``.
         tp: this process's rank in a tensor-parallel group: only its share of every tensor
             is read (see :mod:`cm3rt.model.tensor_parallel`).
+        pack_weights: on the CPU, also keep every projection in panels
+            (:meth:`ChameleonModel.pack_weights_`): faster decode, twice the projections'
+            memory (the [N, K] copy stays), so off unless asked for.
 
     Raises:
         FileNotFoundError: the directory, config.json or a weight file is missing.
@@ -149,6 +153,8 @@ def load_model(
         ckpt.copy_into(weight_specs(model, prefix))
     if int8:
         model.quantize_int8_()
+    if pack_weights:
+        model.pack_weights_()
     return model.eval()
 
 
@@ -157,11 +163,13 @@ def load_pretrained(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE_PROCESS,
+    pack_weights: bool = False,
 ):
-    """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN."""
+    """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN
+    (``pack_weights``: see :func:`load_model`)."""
     from cm3rt.tokenizer import ImageTokenizer, Processor, TextTokenizer
 
-    model = load_model(path, dtype, device, tp)
+    model = load_model(path, dtype, device, tp, pack_weights)
     text = TextTokenizer.from_file(path)
     image = ImageTokenizer.from_pretrained(path, device=device)
     return model, Processor(text, image)

@@ -52,6 +52,9 @@ void linear_cpu(const LinearParams& p);
 // compare them; "" restores the best). Throws std::invalid_argument for another name.
 std::vector<std::string> linear_cpu_kernels();
 void set_linear_cpu_kernel(const std::string& name);
+// The "x/weight" dtype pairs (e.g. "bfloat16/int8") linear_cpu runs on packed weights with a
+// vector kernel here; other pairs take the portable panel loop (correct, not fast).
+std::vector<std::string> linear_cpu_packed_fast_pairs();
 void linear_cuda(const LinearParams& p, void* stream);
 
 }  // namespace cm3rt

@@ -168,6 +168,15 @@ std::vector<std::string> linear_cpu_kernels() {
   return names;
 }
 
+std::vector<std::string> linear_cpu_packed_fast_pairs() {
+  std::vector<std::string> pairs;
+  for (DType x : {DType::kFloat32, DType::kBFloat16})
+    for (DType w : {DType::kFloat32, DType::kBFloat16, DType::kInt8})
+      if (linear_cpu_panels_avx512_takes(x, w))
+        pairs.push_back(std::string(dtype_name(x)) + "/" + dtype_name(w));
+  return pairs;
+}
+
 void set_linear_cpu_kernel(const std::string& name) {
   if (name.empty()) { g_best_allowed = kAmx; return; }
   const auto names = linear_cpu_kernels();

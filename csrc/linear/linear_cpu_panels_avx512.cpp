@@ -223,6 +223,17 @@ bool run_prefetching(const LinearParams& p) {
 
 }  // namespace
 
+bool linear_cpu_panels_avx512_takes(DType x, DType w) {
+  if (x == DType::kFloat32 && w == DType::kFloat32) return true;
+#if defined(__AVX512BF16__)
+  if (x == DType::kBFloat16 && w == DType::kBFloat16) return true;
+#endif
+#if defined(__AVX512VNNI__)
+  if (w == DType::kInt8 && (x == DType::kFloat32 || x == DType::kBFloat16)) return true;
+#endif
+  return false;
+}
+
 bool linear_cpu_panels_avx512(const LinearParams& p) {
   const DType x = p.x_dtype, w = p.w_dtype;
   if (x == DType::kFloat32 && w == DType::kFloat32) return run_prefetching<Pair::kFp32, float>(p);
@@ -243,6 +254,7 @@ bool linear_cpu_panels_avx512(const LinearParams& p) {
 #else  // no AVX-512 at build time
 
 namespace cm3rt {
+bool linear_cpu_panels_avx512_takes(DType, DType) { return false; }
 bool linear_cpu_panels_avx512(const LinearParams&) { return false; }
 }  // namespace cm3rt
 

@@ -66,8 +66,9 @@ void project(const ProjectionWeight& p, const void* x, int M, void* out, DType a
   lp.x = x;
   lp.x_stride = p.K;
   lp.x_dtype = act;
-  lp.w = p.w;
+  lp.w = p.packed ? p.packed : p.w;
   lp.w_stride = p.K;
+  lp.w_packed = p.packed != nullptr;
   lp.w_dtype = p.dtype;
   lp.scales = p.scales;
   lp.out = out;

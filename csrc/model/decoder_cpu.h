@@ -23,11 +23,13 @@
 namespace cm3rt {
 
 // A projection's weight [N, K] (contiguous) in float32 / bfloat16, or int8 with float32
-// per-output-channel scales [N].
+// per-output-channel scales [N]; with its panels (linear.h) where the model packed it, which
+// the step then multiplies instead.
 struct ProjectionWeight {
   const void* w = nullptr;
   DType dtype = DType::kFloat32;
   const float* scales = nullptr;  // int8 only
+  const void* packed = nullptr;   // [ceil(N / 16), ceil(K / g), 16 g] or nullptr
   int N = 0, K = 0;
 };
 
