@@ -585,7 +585,8 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
 def linear_packed_is_fast(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
     """Whether this CPU runs :func:`linear_packed` on (activation, weight) dtypes with its
     vector kernel (AVX-512: fp32 x fp32; bf16 x bf16 with AVX512_BF16; int8 weights with
-    AVX512_VNNI); elsewhere it takes a portable loop that is right but slow."""
+    AVX512_VNNI; AVX2 + FMA: every pair, in fp32); elsewhere it takes a portable loop that
+    is right but slow."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}
     pair = f"{name.get(x_dtype)}/{name.get(weight_dtype)}"
     return pair in _C.linear_cpu_packed_fast_pairs()
@@ -593,7 +594,8 @@ def linear_packed_is_fast(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bo
 
 def linear_cpu_kernels() -> list[str]:
     """The CPU kernels :func:`linear` can run on this machine, best first: ``"amx"`` (bf16
-    and int8 weights; AMX tiles), ``"avx512"``, ``"portable"`` (always)."""
+    and int8 weights; AMX tiles), ``"avx512"``, ``"avx2"`` (packed weights; on ``[N, K]``
+    weights the same loop as ``"portable"``), ``"portable"`` (always)."""
     return list(_C.linear_cpu_kernels())
 
 

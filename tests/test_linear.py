@@ -47,7 +47,7 @@ def test_linear_matches_float64(device, M, N, K, x_dtype, w_dtype):
 
 # Every CPU kernel the machine has (the best one serves the test above): odd shapes, plus
 # whole AMX tiles (16 channels) with an odd tile count, and more than 16 rows.
-@pytest.mark.parametrize("kernel", ["amx", "avx512", "portable"])
+@pytest.mark.parametrize("kernel", ["amx", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("M,N,K", SHAPES + [(8, 48, 1024), (17, 64, 64), (3, 16, 2816)])
@@ -64,7 +64,7 @@ PACKED_SHAPES = SHAPES + [(8, 48, 1024), (15, 17, 3), (3, 2816 // 8, 1024), (70,
                           (8, 32, 600)]
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "portable"])
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("M,N,K", PACKED_SHAPES)
@@ -87,7 +87,7 @@ def test_linear_pack_layout(dtype):
             assert packed[n // 16, k // g, (n % 16) * g + k % g] == want, (n, k)
 
 
-@pytest.mark.parametrize("kernel", ["amx", "avx512", "portable"])
+@pytest.mark.parametrize("kernel", ["amx", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("packed", [False, True], ids=["nk", "packed"])
@@ -120,7 +120,7 @@ def test_non_finite_x_rows_give_non_finite_outputs_and_spare_the_others(kernel, 
 
 def test_linear_cpu_kernel_names():
     kernels = ops.linear_cpu_kernels()
-    assert kernels[-1] == "portable" and set(kernels) <= {"amx", "avx512", "portable"}
+    assert kernels[-1] == "portable" and set(kernels) <= {"amx", "avx512", "avx2", "portable"}
     assert ops.build_info()["linear_cpu_kernels"] == kernels
     with pytest.raises(ValueError, match="no CPU kernel 'avx9000'.*portable"), \
             ops.linear_cpu_kernel("avx9000"):

@@ -47,7 +47,8 @@ struct LinearParams {
 void linear_cpu(const LinearParams& p);
 
 // The CPU kernels this build and machine have, best first: "amx" (bf16 and int8 weights),
-// "avx512", "portable" (8-lane vectors; always there). linear_cpu uses the best one that
+// "avx512", "avx2" (packed weights; on [N, K] weights the same 8-lane loop as "portable"),
+// "portable" (8-lane vectors; always there). linear_cpu uses the best one that
 // takes the dtypes, at most the one set_linear_cpu_kernel chose (tests and benchmarks
 // compare them; "" restores the best). Throws std::invalid_argument for another name.
 std::vector<std::string> linear_cpu_kernels();

@@ -1,5 +1,6 @@
-// CPU weight-streaming linear (see linear.h): the dispatch to the AMX and AVX-512 kernels
-// (linear_cpu_amx.cpp, linear_cpu_avx512.cpp, linear_cpu_panels_avx512.cpp) and the portable
+// CPU weight-streaming linear (see linear.h): the dispatch to the AMX, AVX-512 and AVX2 kernels
+// (linear_cpu_amx.cpp, linear_cpu_avx512.cpp, linear_cpu_panels_avx512.cpp,
+// linear_cpu_panels_avx2.cpp) and the portable
 // loops (the 8-lane [N, K] kernel and panels_impl for packed weights), used where
 // the build has neither or set_linear_cpu_kernel caps it. Portable: OpenMP over blocks of 4
 // output channels; each block streams its 4 weight rows through L1 in chunks of kChunk
@@ -17,6 +18,7 @@
 #include "linear/linear.h"
 #include "linear/linear_cpu_amx.h"
 #include "linear/linear_cpu_avx512.h"
+#include "linear/linear_cpu_panels_avx2.h"
 
 namespace cm3rt {
 
@@ -153,7 +155,9 @@ void dispatch_weights(const LinearParams& p) {
   throw std::invalid_argument("linear_cpu: unsupported weight dtype");
 }
 
-enum Kernel : int { kAmx = 0, kAvx512 = 1, kPortable = 2 };
+// Levels set_linear_cpu_kernel caps at. "avx2" names the AVX2 panel kernel; on [N, K]
+// weights it is the 8-lane loop, as "portable" (which -march=native compiles to AVX2).
+enum Kernel : int { kAmx = 0, kAvx512 = 1, kAvx2 = 2, kPortable = 3 };
 std::atomic<int> g_best_allowed{kAmx};
 
 }  // namespace
@@ -164,6 +168,9 @@ std::vector<std::string> linear_cpu_kernels() {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   names.push_back("avx512");
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+  names.push_back("avx2");
+#endif
   names.push_back("portable");
   return names;
 }
@@ -172,7 +179,7 @@ std::vector<std::string> linear_cpu_packed_fast_pairs() {
   std::vector<std::string> pairs;
   for (DType x : {DType::kFloat32, DType::kBFloat16})
     for (DType w : {DType::kFloat32, DType::kBFloat16, DType::kInt8})
-      if (linear_cpu_panels_avx512_takes(x, w))
+      if (linear_cpu_panels_avx512_takes(x, w) || linear_cpu_panels_avx2_takes(x, w))
         pairs.push_back(std::string(dtype_name(x)) + "/" + dtype_name(w));
   return pairs;
 }
@@ -186,14 +193,16 @@ void set_linear_cpu_kernel(const std::string& name) {
     throw std::invalid_argument("set_linear_cpu_kernel: no CPU kernel '" + name +
                                 "' here (this machine has: " + have + ")");
   }
-  g_best_allowed = name == "amx" ? kAmx : name == "avx512" ? kAvx512 : kPortable;
+  g_best_allowed = name == "amx" ? kAmx : name == "avx512" ? kAvx512
+                 : name == "avx2" ? kAvx2 : kPortable;
 }
 
 void linear_cpu(const LinearParams& p) {
   if (p.M == 0 || p.N == 0) return;
   const int best = g_best_allowed;
-  if (p.w_packed) {  // AMX tiles want their own layout: panels go to AVX-512 or portable
+  if (p.w_packed) {  // AMX tiles want their own layout: panels go to AVX-512, AVX2 or portable
     if (best <= kAvx512 && linear_cpu_panels_avx512(p)) return;
+    if (best <= kAvx2 && linear_cpu_panels_avx2(p)) return;
   } else {
     if (best <= kAmx && linear_cpu_amx(p)) return;
     if (best <= kAvx512 && linear_cpu_avx512(p)) return;
