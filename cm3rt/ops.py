@@ -33,6 +33,10 @@ __all__ = [
     "linear",
     "linear_cpu_kernel",
     "linear_cpu_kernels",
+    "linear_pack",
+    "linear_packed",
+    "linear_packed_is_fast",
+    "linear_unpack",
     "pack_allowed_bits",
     "paged_attention",
     "paged_attention_workspace",
@@ -548,7 +552,8 @@ def linear_pack(weight: torch.Tensor) -> torch.Tensor:
     ``[ceil(N / 16), ceil(K / g), 16 g]`` with ``packed[p, kk, c g + i] = weight[16 p + c,
     g kk + i]`` (zero past N and K; g = 1 for float32, 2 for bfloat16 and int8). One vector
     of a panel holds 16 output channels' next g elements of K, so the CPU kernel multiplies
-    each weight vector by a broadcast x value of up to 8 rows at once. Made once at load."""
+    each weight vector by a broadcast x value of up to 8 rows at once (6 with AVX2). Made
+    once at load; :func:`linear_unpack` inverts it."""
     _require_tensor("weight", weight)
     if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise ValueError(f"linear_pack: argument 'weight' must be a float32 / bfloat16 / int8 "
@@ -560,6 +565,23 @@ def linear_pack(weight: torch.Tensor) -> torch.Tensor:
     padded[:n, :k] = weight.detach().cpu()
     grouped = padded.view(panels, PANEL_CHANNELS, steps, g).permute(0, 2, 1, 3)
     return grouped.contiguous().view(panels, steps, PANEL_CHANNELS * g)
+
+
+def linear_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The ``[n, k]`` weight that :func:`linear_pack` regrouped into ``packed`` (a new
+    contiguous tensor)."""
+    _require_tensor("packed", packed)
+    if packed.dim() != 3 or packed.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"linear_unpack: argument 'packed' must be a float32 / bfloat16 / "
+                         f"int8 [panels, steps, 16 g] tensor, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    g = _panel_group(packed.dtype)
+    panels, steps = -(-n // PANEL_CHANNELS), -(-k // g)
+    if n < 0 or k < 0 or tuple(packed.shape) != (panels, steps, PANEL_CHANNELS * g):
+        raise ValueError(f"linear_unpack: packed {tuple(packed.shape)} is not the panels of a "
+                         f"[{n}, {k}] {packed.dtype} weight (want {(panels, steps, PANEL_CHANNELS * g)})")
+    grouped = packed.view(panels, steps, PANEL_CHANNELS, g).permute(0, 2, 1, 3)
+    return grouped.reshape(panels * PANEL_CHANNELS, steps * g)[:n, :k].contiguous()
 
 
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
@@ -645,11 +667,12 @@ class CpuDecoder:
             ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj`` (``[N, K]``, the
             activation dtype or int8) with ``<name>_scales`` (float32 ``[N]`` for int8,
             else None) and optionally ``<name>_packed`` (:func:`linear_pack` of the weight,
-            which the step then multiplies: as :func:`linear_packed`), ``q_norm_weight`` / ``q_norm_bias`` ``[Hq, D]``, ``k_norm_weight``
-            / ``k_norm_bias`` ``[Hkv, D]``.
+            which the step then multiplies: as :func:`linear_packed`; the weight may then
+            be given as its row count ``N`` alone), ``q_norm_weight`` / ``q_norm_bias``
+            ``[Hq, D]``, ``k_norm_weight`` / ``k_norm_bias`` ``[Hkv, D]``.
         caches: per layer ``(k_cache, v_cache)`` ``[NB, BS, Hkv, D]`` (written by steps).
-        heads: logit heads ``(weight [N_h, H], scales or None, packed or None)``; a step
-            names one.
+        heads: logit heads ``(weight [N_h, H] or, with panels, N_h, scales or None, packed
+            or None)``; a step names one.
 
     Every tensor must be a contiguous CPU tensor; the object keeps them alive, and the
     caller must not resize or replace them while it exists. Not thread-safe (one scratch).
@@ -666,6 +689,9 @@ class CpuDecoder:
         for i, layer in enumerate(layers):
             args = {}
             for name, t in layer.items():
+                if isinstance(t, int) and not isinstance(t, bool):  # a packed weight's N
+                    args[name] = t
+                    continue
                 if t is not None:
                     _require_tensor(f"layers[{i}].{name}", t)
                 args[name] = _dl_opt(t)
@@ -674,13 +700,18 @@ class CpuDecoder:
         if any(len(h) != 3 for h in heads):
             raise ValueError("CpuDecoder: argument 'heads' must hold (weight, scales or None, "
                              "packed or None) triples")
-        self.head_rows = [int(_require_tensor(f"heads[{i}]", w).shape[0])
-                          for i, (w, _, _) in enumerate(heads)]
+        def rows_and_arg(i, w):  # (N_h, the native argument): a weight or its row count
+            if isinstance(w, int) and not isinstance(w, bool):
+                return w, w
+            return int(_require_tensor(f"heads[{i}]", w).shape[0]), _dl(w)
+
+        head_args = [rows_and_arg(i, w) for i, (w, _, _) in enumerate(heads)]
+        self.head_rows = [n for n, _ in head_args]
         # The native module only (the emulator copies a tensor per call; this keeps them).
         self._impl = _ext._C.CpuDecoder(
             dict(config), _dl(embed), _dl(final_norm), _dl(inv_freq), layer_args,
             [(_dl(k), _dl(v)) for k, v in caches],
-            [(_dl(w), _dl_opt(sc), _dl_opt(pk)) for w, sc, pk in heads])
+            [(arg, _dl_opt(sc), _dl_opt(pk)) for (_, arg), (_, sc, pk) in zip(head_args, heads)])
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -61,8 +61,8 @@ class CpuDecoder {
     w_.inv_freq = f.ptr<const float>();
     for (size_t i = 0; i < heads.size(); ++i) {
       const py::tuple h = heads[i].cast<py::tuple>();
-      if (h.size() != 3) fail_value(kOp, "heads[" + std::to_string(i) + "] must be (weight, "
-                                         "scales or None, packed or None)");
+      if (h.size() != 3) fail_value(kOp, "heads[" + std::to_string(i) + "] must be (weight "
+                                         "or its row count, scales or None, packed or None)");
       w_.heads.push_back(projection(h[0], h[1], h[2], "heads[" + std::to_string(i) + "]", -1,
                                     w_.H));
     }
@@ -276,18 +276,43 @@ class CpuDecoder {
   }
 
   // A projection weight [N, K] (N = -1: any) in the activation dtype, or int8 with scales,
-  // and its panels (ops.linear_pack of it; None: not packed).
+  // and its panels (ops.linear_pack of it; None: not packed). A model that keeps only the
+  // panels (ChameleonModel.pack_weights_) passes the weight's row count N instead of it.
   ProjectionWeight projection(py::handle w_obj, py::handle scales_obj, py::handle packed_obj,
                               const std::string& name, int64_t N, int64_t K) {
-    TensorArg& t = keep(w_obj, name);
-    check_dtype(kOp, t, {w_.dtype, DType::kInt8});
-    check_shape(kOp, t, {N, K}, "[N, K]");
     ProjectionWeight p;
-    p.w = t.data;
-    p.dtype = t.dtype;
-    p.N = checked_int(kOp, t, 0);
     p.K = int(K);
-    const bool int8 = t.dtype == DType::kInt8;
+    if (py::isinstance<py::int_>(w_obj) && !py::isinstance<py::bool_>(w_obj)) {
+      const int64_t rows = w_obj.cast<int64_t>();
+      if (packed_obj.is_none())
+        fail_value(kOp, "argument '" + name + "': a row count in place of the weight needs "
+                        "the weight's panels (" + name + "_packed)");
+      if (rows < 1 || rows >= (int64_t(1) << 31) || (N >= 0 && rows != N))
+        fail_value(kOp, "argument '" + name + "': row count " + std::to_string(rows) +
+                        (N >= 0 ? " is not the " + std::to_string(N) + " the model needs"
+                                : " out of range"));
+      p.N = int(rows);
+      p.dtype = DType::kInt8;  // replaced by the panels' dtype below
+    } else {
+      TensorArg& t = keep(w_obj, name);
+      check_dtype(kOp, t, {w_.dtype, DType::kInt8});
+      check_shape(kOp, t, {N, K}, "[N, K]");
+      p.w = t.data;
+      p.dtype = t.dtype;
+      p.N = checked_int(kOp, t, 0);
+    }
+    if (!packed_obj.is_none()) {
+      TensorArg& pk = keep(packed_obj, name + "_packed");
+      if (p.w) check_dtype(kOp, pk, {p.dtype});
+      else check_dtype(kOp, pk, {w_.dtype, DType::kInt8});
+      p.dtype = pk.dtype;
+      const int64_t g = panel_group(p.dtype);
+      check_shape(kOp, pk, {(p.N + kPanelChannels - 1) / kPanelChannels, (K + g - 1) / g,
+                            kPanelChannels * g},
+                  "[ceil(N / 16), ceil(K / g), 16 g] (linear_pack of the weight)");
+      p.packed = pk.data;
+    }
+    const bool int8 = p.dtype == DType::kInt8;
     if (int8 != !scales_obj.is_none())
       fail_value(kOp, "argument '" + name + "': int8 weights need their [N] float32 scales, "
                       "and only int8 weights have scales");
@@ -296,15 +321,6 @@ class CpuDecoder {
       check_dtype(kOp, s, {DType::kFloat32});
       check_shape(kOp, s, {p.N}, "[N]");
       p.scales = s.ptr<const float>();
-    }
-    if (!packed_obj.is_none()) {
-      TensorArg& pk = keep(packed_obj, name + "_packed");
-      check_dtype(kOp, pk, {t.dtype});
-      const int64_t g = panel_group(t.dtype);
-      check_shape(kOp, pk, {(p.N + kPanelChannels - 1) / kPanelChannels, (K + g - 1) / g,
-                            kPanelChannels * g},
-                  "[ceil(N / 16), ceil(K / g), 16 g] (linear_pack of the weight)");
-      p.packed = pk.data;
     }
     return p;
   }

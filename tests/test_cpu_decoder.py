@@ -11,7 +11,7 @@ import torch
 
 from cm3rt import ops
 from cm3rt.model import ChameleonConfig, ChameleonModel
-from cm3rt.model.chameleon import packs_weights
+from cm3rt.model.chameleon import PROJECTIONS, packs_weights
 from cm3rt.model.step import StepMetadata
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -230,6 +230,31 @@ def test_bad_construction_names_the_argument():
         ops.CpuDecoder({"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False},
                        model.embed_tokens, model.norm, model.inv_freq, [], [],
                        [(model.lm_head, None)])
+
+
+def test_a_row_count_in_place_of_a_weight_needs_its_panels_and_the_right_count():
+    """A packed model passes a projection's row count instead of its [N, K] weight: without
+    the panels, or with a count that is not the layer's, construction is a ValueError."""
+    model = _model(torch.float32, False, False)
+    caches = model.allocate_kv_cache(16, BS)
+    names = ("input_layernorm", "post_attention_layernorm", "q_norm_weight", "q_norm_bias",
+             "k_norm_weight", "k_norm_bias") + PROJECTIONS + tuple(
+                 f"{n}_scales" for n in PROJECTIONS)
+    layers = [{n: getattr(layer, n) for n in names} for layer in model.layers]
+    config = {"rms_norm_eps": 1e-5, "qk_norm_eps": 1e-5, "swin_norm": False}
+    o_rows = model.layers[0].o_proj.shape[0]
+    layers[0]["o_proj"] = o_rows
+    with pytest.raises(ValueError, match=r"layers\[0\]\.o_proj.*needs the weight's panels"):
+        ops.CpuDecoder(config, model.embed_tokens, model.norm, model.inv_freq, layers, caches,
+                       [(model.lm_head, None, None)])
+    layers[0]["o_proj_packed"] = ops.linear_pack(model.layers[0].o_proj)
+    layers[0]["o_proj"] = o_rows + 16
+    with pytest.raises(ValueError, match=f"row count {o_rows + 16} is not the {o_rows}"):
+        ops.CpuDecoder(config, model.embed_tokens, model.norm, model.inv_freq, layers, caches,
+                       [(model.lm_head, None, None)])
+    layers[0]["o_proj"] = o_rows  # the right count builds (packed models step above)
+    ops.CpuDecoder(config, model.embed_tokens, model.norm, model.inv_freq, layers, caches,
+                   [(model.lm_head, None, None)])
 
 
 def _packed(ids, pos, meta, rows, groups):

@@ -231,34 +231,70 @@ def test_model_with_int8_and_bf16_weights_tracks_fp32(tmp_path):
         load_model(path, dtype="int4")
 
 
+def _real_bytes(model) -> int:
+    """Bytes the model's tensors hold (meta stand-ins hold none)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_meta)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_load_model_packs_on_request_where_the_cpu_runs_panels(tmp_path, dtype):
-    """load_model(pack_weights=True) packs the projections (and the image-span heads) where
-    packs_weights says; the packed model's logits are the [N, K] model's up to summation
-    order; without it nothing is packed."""
+def test_load_model_packs_by_default_where_the_cpu_runs_panels(tmp_path, dtype):
+    """On the CPU load_model packs the projections (and the image-span heads) where
+    packs_weights says, in place of the [N, K] weights (a meta stand-in keeps the shape,
+    the memory stays the same); the packed model's logits are the [N, K] model's up to
+    summation order; pack_weights=False keeps [N, K]."""
     from model_fixtures import make_tiny_model_dir
 
     from cm3rt.model import load_model
     from cm3rt.model.chameleon import PROJECTIONS, packs_weights
 
     path = make_tiny_model_dir(tmp_path, use_hf=False, seed=5)
-    assert not load_model(path, dtype=dtype).weights_packed
-    model = load_model(path, dtype=dtype, pack_weights=True)
-    layer = model.layers[0]
-    want = packs_weights(model.dtype, layer.qkv_proj.dtype)
+    plain = load_model(path, dtype=dtype, pack_weights=False)
+    assert not plain.weights_packed
+    model = load_model(path, dtype=dtype)
+    layer, plain_layer = model.layers[0], plain.layers[0]
+    want = packs_weights(model.dtype, plain_layer.qkv_proj.dtype)
     assert model.weights_packed == want
     for name in PROJECTIONS:
-        packed = getattr(layer, f"{name}_packed")
-        assert (packed is not None) == want
+        packed, weight = getattr(layer, f"{name}_packed"), getattr(layer, name)
+        assert (packed is not None) == want and weight.is_meta == want
+        assert weight.shape == getattr(plain_layer, name).shape
         if want:
-            assert torch.equal(packed, ops.linear_pack(getattr(layer, name)))
-    assert (model.lm_head_rows(torch.arange(10, 30)).packed is not None) == want
+            assert torch.equal(packed, ops.linear_pack(getattr(plain_layer, name)))
+            assert torch.equal(ops.linear_unpack(packed, *weight.shape),
+                               getattr(plain_layer, name))
+    head = model.lm_head_rows(torch.arange(10, 30))
+    assert (head.packed is not None) == want and head.weight.is_meta == want
+    # Panels pad N and K to whole panels / pairs: the tiny model's 20-row heads and odd
+    # shapes cost a little; nothing near a second copy.
+    assert _real_bytes(model) < 1.15 * _real_bytes(plain)
     ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(0))
-    got = model.logits(ids)
-    for lyr in model.layers:  # back to the [N, K] weights
-        for name in PROJECTIONS:
-            setattr(lyr, f"{name}_packed", None)
-    model.weights_packed = False
-    ref = model.logits(ids)
+    got, ref = model.logits(ids), plain.logits(ids)
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert (got - ref).norm() / ref.norm() < tol
+
+
+def test_quantizing_a_packed_model_reads_its_panels(tmp_path):
+    """quantize_int8_ on a model whose projections live only in panels quantises the
+    panels' values: the same int8 weights as quantising the [N, K] model."""
+    from model_fixtures import make_tiny_model_dir
+
+    from cm3rt.model import load_model
+    from cm3rt.model.chameleon import PROJECTIONS
+
+    path = make_tiny_model_dir(tmp_path, use_hf=False, seed=6)
+    packed = load_model(path, dtype="float32").quantize_int8_()
+    plain = load_model(path, dtype="float32", pack_weights=False).quantize_int8_()
+    for a, b in zip(packed.layers, plain.layers):
+        for name in PROJECTIONS:
+            assert torch.equal(getattr(a, f"{name}_scales"), getattr(b, f"{name}_scales"))
+            weight = getattr(a, name)
+            if getattr(a, f"{name}_packed") is not None:
+                weight = ops.linear_unpack(getattr(a, f"{name}_packed"), *weight.shape)
+            assert torch.equal(weight, getattr(b, name))
+
+
+def test_linear_unpack_rejects_a_mismatched_shape():
+    packed = ops.linear_pack(torch.randn(20, 7))
+    with pytest.raises(ValueError, match=r"not the panels of a \[40, 7\]"):
+        ops.linear_unpack(packed, 40, 7)

@@ -74,6 +74,13 @@ KERNEL_ROWS = {torch.bfloat16: (1, _BF16_MOST_ROWS), torch.float32: (2, _FP32_MO
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def panels_only(weight: torch.Tensor) -> torch.Tensor:
+    """The stand-in a packed model keeps for a ``[N, K]`` weight whose values live only in
+    its panels (:meth:`ChameleonModel.pack_weights_`): a meta tensor of the same shape and
+    dtype, so code that reads the shape works and code that reads the values fails loudly."""
+    return torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+
+
 def packs_weights(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
     """Whether a CPU model with activations ``x_dtype`` packs its ``weight_dtype`` projections
     at load (:meth:`ChameleonModel.pack_weights_`): where the CPU runs the pair on the panel
@@ -116,7 +123,8 @@ class LogitHead:
     """Some rows of lm_head (:meth:`ChameleonModel.lm_head_rows`): ``weight [K, hidden]``,
     int8 ``scales [K]`` on int8 models, under tensor parallelism the ``columns`` of the
     gathered logits that hold the requested ids, in their order, and the weight's panels
-    (``packed``) on models that pack (:meth:`ChameleonModel.pack_weights_`)."""
+    (``packed``) on models that pack (:meth:`ChameleonModel.pack_weights_`; ``weight`` is
+    then :func:`panels_only`)."""
 
     weight: torch.Tensor
     scales: torch.Tensor | None = None
@@ -132,6 +140,7 @@ class LogitHead:
         packed = None
         if pack_for is not None and not weight.is_cuda and packs_weights(pack_for, weight.dtype):
             packed = ops.linear_pack(weight)
+            weight = panels_only(weight)
         return cls(weight, scales, columns, packed)
 
 
@@ -465,7 +474,11 @@ class ChameleonModel(nn.Module):
             for name in PROJECTIONS:
                 if getattr(layer, f"{name}_scales") is not None:
                     continue
-                q, scales = ops.quantize_int8(getattr(layer, name))
+                weight, packed = getattr(layer, name), getattr(layer, f"{name}_packed")
+                if packed is not None:  # the values are in the panels only
+                    weight = ops.linear_unpack(packed, *weight.shape)
+                    setattr(layer, f"{name}_packed", None)
+                q, scales = ops.quantize_int8(weight)
                 setattr(layer, name, nn.Parameter(q, requires_grad=False))
                 setattr(layer, f"{name}_scales", scales)
         self.weights_int8 = True
@@ -473,22 +486,24 @@ class ChameleonModel(nn.Module):
 
     @torch.inference_mode()
     def pack_weights_(self) -> ChameleonModel:
-        """On the CPU, give every layer projection a ``<name>_packed`` copy in panels
-        (:func:`ops.linear_pack`), which :func:`project` then multiplies at every row count,
+        """On the CPU, keep every layer projection in panels (:func:`ops.linear_pack`, the
+        ``<name>_packed`` buffer), which :func:`project` then multiplies at every row count,
         where :func:`packs_weights` says the CPU's kernel runs them (no-op elsewhere; the
-        image-span heads of :meth:`lm_head_rows` are packed too); ``load_model(...,
-        pack_weights=True)`` calls it. The [N, K] weights stay (checkpoint layout, CUDA, tensor-parallel slicing), so
-        packed projections take twice their memory. Call again after changing weights
+        image-span heads of :meth:`lm_head_rows` are packed too). The panels replace the
+        ``[N, K]`` weight, which becomes :func:`panels_only` (its shape, no values), so
+        packing costs no memory; :func:`ops.linear_unpack` gives the values back.
+        :func:`load_model` packs by default on the CPU. Call again after changing weights
         (:meth:`quantize_int8_` does). In place; returns ``self``."""
         if self.device.type != "cpu":
             return self
         packed_any = False
         for layer in self.layers:
             for name in PROJECTIONS:
-                weight = getattr(layer, name)
-                packed = ops.linear_pack(weight) if packs_weights(self.dtype, weight.dtype) \
-                    else None
-                setattr(layer, f"{name}_packed", packed)
+                weight, packed = getattr(layer, name), getattr(layer, f"{name}_packed")
+                if packed is None and packs_weights(self.dtype, weight.dtype):
+                    packed = ops.linear_pack(weight)
+                    setattr(layer, f"{name}_packed", packed)
+                    setattr(layer, name, nn.Parameter(panels_only(weight), requires_grad=False))
                 packed_any |= packed is not None
         self.weights_packed = packed_any
         return self
@@ -524,9 +539,12 @@ class ChameleonModel(nn.Module):
         names = ("input_layernorm", "post_attention_layernorm", "q_norm_weight", "q_norm_bias",
                  "k_norm_weight", "k_norm_bias") + PROJECTIONS + tuple(
                      f"{n}_{what}" for n in PROJECTIONS for what in ("scales", "packed"))
-        layers = [{n: getattr(layer, n) for n in names} for layer in self.layers]
-        head_args = [(self.lm_head, None, None) if h is None else (h.weight, h.scales, h.packed)
-                     for h in heads]
+        def weight_arg(w):  # a weight kept only as panels goes by its row count
+            return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.is_meta else w
+
+        layers = [{n: weight_arg(getattr(layer, n)) for n in names} for layer in self.layers]
+        head_args = [(self.lm_head, None, None) if h is None else
+                     (weight_arg(h.weight), h.scales, h.packed) for h in heads]
         return ops.CpuDecoder(
             {"rms_norm_eps": c.rms_norm_eps, "qk_norm_eps": c.qk_norm_eps,
              "swin_norm": c.swin_norm},

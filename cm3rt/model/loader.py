@@ -110,7 +110,7 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE_PROCESS,
-    pack_weights: bool = False,
+    pack_weights: bool | None = None,
 ) -> ChameleonModel:
     """Load a Chameleon model from an HF-layout directory.
 
@@ -125,9 +125,10 @@ def load_model(
         device: ``"cpu"`` or ``"cuda[:N]"``.
         tp: this process's rank in a tensor-parallel group: only its share of every tensor
             is read (see :mod:`cm3rt.model.tensor_parallel`).
-        pack_weights: on the CPU, also keep every projection in panels
-            (:meth:`ChameleonModel.pack_weights_`): faster decode, twice the projections'
-            memory (the [N, K] copy stays), so off unless asked for.
+        pack_weights: on the CPU, keep every projection in panels instead of ``[N, K]``
+            (:meth:`ChameleonModel.pack_weights_`; the same memory, faster at every row
+            count where the CPU has the panel kernel). None (default): pack on the CPU
+            without tensor parallelism (whose tests compare the ``[N, K]`` shards).
 
     Raises:
         FileNotFoundError: the directory, config.json or a weight file is missing.
@@ -153,6 +154,8 @@ def load_model(
         ckpt.copy_into(weight_specs(model, prefix))
     if int8:
         model.quantize_int8_()
+    if pack_weights is None:
+        pack_weights = device.type == "cpu" and not tp.enabled
     if pack_weights:
         model.pack_weights_()
     return model.eval()
@@ -163,7 +166,7 @@ def load_pretrained(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE_PROCESS,
-    pack_weights: bool = False,
+    pack_weights: bool | None = None,
 ):
     """``(model, processor)`` from one directory: decoder, tokenizer.json and the VQGAN
     (``pack_weights``: see :func:`load_model`)."""
