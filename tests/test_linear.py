@@ -59,7 +59,8 @@ def test_each_cpu_kernel_matches_float64(kernel, M, N, K, x_dtype, w_dtype):
 
 
 # Packed weights (panels of 16 channels): N not a multiple of 16, odd K (bf16 / int8 pair a
-# zero past K), row counts that take every tile height (8, 4, 2, 1) and more than 64 rows.
+# zero past K), row counts that take every tile height (AVX-512: 8, 4, 2, 1; AVX2: 1 to 6)
+# and more than 64 rows.
 PACKED_SHAPES = SHAPES + [(8, 48, 1024), (15, 17, 3), (3, 2816 // 8, 1024), (70, 33, 257),
                           (8, 32, 600)]
 
