@@ -3,9 +3,10 @@
 // (bf16 weights without AVX512_BF16, int8 without AVX512_VNNI); compiled when the build CPU
 // has AVX2 and FMA, otherwise linear_cpu takes the portable panel loop.
 //
-// x is copied once per call into tiles of up to 6 rows laid out [K][rows], and a tile keeps
-// 6 x 2 accumulators of 8 channels (one panel) in the 16 ymm registers, with one weight
-// vector per half and the broadcast of x: each weight vector feeds every row of the tile.
+// x is copied once per call into tiles of up to 6 rows (int8: 5) laid out [K][rows], and a
+// tile keeps 6 x 2 accumulators of 8 channels (one panel) in the 16 ymm registers, with
+// one weight vector per half and the broadcast of x: each weight vector feeds every row of
+// the tile.
 // fp32 and bf16 weights multiply in fp32 (bf16 widened by a shift; x widened to fp32):
 // exact products, fp32 sums. int8 weights multiply as int16 pairs (VPMADDWD) with x
 // quantised per row to int16 (x ~= s q, 1.5e-5 of the row's largest element, as the AVX-512
@@ -64,8 +65,9 @@ __attribute__((always_inline)) inline void unrolled(F&& f) {
 }
 
 // Element i (of g) of one panel step of fp32 or bf16 weights, channels [8h, 8h + 8), as
-// fp32 (the step's size and g are the pack's, linear.h). A step is 16 floats (fp32, g = 1) or 16 channels x (even, odd) bf16 pairs as 32-bit
-// units (64 bytes). Loaded again for each i (an L1 hit): one widened vector per half is live.
+// fp32 (the step's size and g are the pack's, linear.h). A step is 16 floats (fp32, g = 1)
+// or 16 channels x (even, odd) bf16 pairs as 32-bit units (64 bytes). Loaded again for each
+// i (an L1 hit): one widened vector per half is live.
 template <typename TW> struct Step;
 
 template <> struct Step<float> {
