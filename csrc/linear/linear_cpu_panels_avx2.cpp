@@ -51,6 +51,17 @@ constexpr int kFoldPairs = 256;
 inline float widen(float v) { return v; }
 inline float widen(bf16_t v) { return to_float(v); }
 
+// The lines of the next panel a tile prefetches: line(kk) at step kk of K, `rate` lines per
+// step in 1/65536ths, so a tile of nr of the M rows spreads nr / M of the panel's lines
+// evenly over its steps and the memory stream stays busy through every tile (not only the
+// first). One prefetch a step and no branch: a branch in the step made GCC version the loop
+// and keep the accumulators in memory.
+struct Ahead {
+  const char* base;
+  int64_t rate;
+  const char* line(int kk) const { return base + ((int64_t(kk) * rate) >> 16) * 64; }
+};
+
 // Runs f(std::integral_constant<int, i>{}) for i = 0 .. N - 1. The accumulators live in
 // arrays indexed only by such constants: with a loop index instead, GCC keeps the array in
 // memory and stores every accumulator at every step of K (measured here: fp32 M = 512
@@ -95,7 +106,7 @@ template <int R> constexpr int unroll() { return R >= 4 ? 1 : 4 / R; }
 // element k of row r at xt[k R + r]) with the panel, over all Kg steps. Accumulator
 // 2 (u R + r) + h holds row r, channels [8h, 8h + 8), of copy u.
 template <typename TW, int R, PrefetchTo kTo>
-void tile(const float* __restrict xt, const char* __restrict panel, const char* ahead, int Kg,
+void tile(const float* __restrict xt, const char* __restrict panel, Ahead ahead, int Kg,
           float* __restrict res) {
   constexpr int G = Step<TW>::kG, U = unroll<R>();
   __m256 acc[2 * U * R];
@@ -104,7 +115,7 @@ void tile(const float* __restrict xt, const char* __restrict panel, const char* 
   // so keep the accumulators in memory.
   auto step = [&](int kk, auto u) __attribute__((always_inline)) {  // step kk into copy u
     const char* s = panel + int64_t(kk) * Step<TW>::kBytes;
-    cpu::prefetch_weights<kTo>(ahead + int64_t(kk) * Step<TW>::kBytes);  // a line
+    cpu::prefetch_weights<kTo>(ahead.line(kk));
     unrolled<G>([&](auto i) {
       const __m256 w0 = Step<TW>::load(s, 0, i), w1 = Step<TW>::load(s, 1, i);
       const float* xk = xt + (int64_t(kk) * G + i) * R;
@@ -133,7 +144,7 @@ void tile(const float* __restrict xt, const char* __restrict panel, const char* 
 // a panel step 16 channels x (even, odd) int8 pairs (32 bytes); res gets the sums in units
 // of (x scale) x (weight scale).
 template <int R, PrefetchTo kTo>
-void tile_int8(const uint32_t* __restrict xt, const char* __restrict panel, const char* ahead,
+void tile_int8(const uint32_t* __restrict xt, const char* __restrict panel, Ahead ahead,
                int Kg, float* __restrict res) {
   __m256 sums[2 * R];
   unrolled<2 * R>([&](auto j) { sums[j] = _mm256_setzero_ps(); });
@@ -143,7 +154,7 @@ void tile_int8(const uint32_t* __restrict xt, const char* __restrict panel, cons
     unrolled<2 * R>([&](auto j) { acc[j] = _mm256_setzero_si256(); });
     for (int kk = k0; kk < k1; ++kk) {
       const char* s = panel + int64_t(kk) * 32;
-      if (kk % 2 == 0) cpu::prefetch_weights<kTo>(ahead + int64_t(kk) * 32);
+      cpu::prefetch_weights<kTo>(ahead.line(kk));
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
       const __m256i w1 =
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16)));
@@ -159,12 +170,15 @@ void tile_int8(const uint32_t* __restrict xt, const char* __restrict panel, cons
   unrolled<2 * R>([&](auto j) { _mm256_storeu_ps(res + 8 * j, sums[j]); });
 }
 
-// ahead: the next panel, prefetched line by line while this tile reads its own, so the
-// weight stream from memory runs ahead of the multiply-adds (measured here, the GEMMs of
-// one decode step of bench_engine's model, M = 8, one thread, weights past the L3: fp32
-// 46.5 -> 39 ms, bf16 27.5 -> 23.5, int8 17.4 -> 15.5; into L1 or L2 alike).
+// ahead: this tile's share of the next panel's cache lines, prefetched while it reads its
+// own panel, so that the weight stream from memory runs under the multiply-adds. Measured
+// here (AMD Zen 3, the GEMMs of one decode step of bench_engine's model, M = 8, one thread,
+// weights past the L3), with 4 + 4-row tiles: no prefetch fp32 46.5 ms, bf16 27.5, int8
+// 17.4; the first tile prefetching the whole next panel 39 / 23.5 / 15.5 (into L1 or L2
+// alike). With 6 + 2-row tiles: the first tile prefetching all 30.1 / 21.6 / 15.0 (the
+// memory stream idles through the other tiles), every tile its share 25.5 / 20.8 / 14.7.
 template <typename TW, PrefetchTo kTo, int R = max_tile_rows<TW>()>
-void tile_rows(int nr, const void* xt, const char* panel, const char* ahead, int Kg,
+void tile_rows(int nr, const void* xt, const char* panel, Ahead ahead, int Kg,
                float* res) {
   if constexpr (R > 1) {
     if (nr < R) return tile_rows<TW, kTo, R - 1>(nr, xt, panel, ahead, Kg, res);
@@ -228,7 +242,7 @@ bool run(const LinearParams& p) {
   constexpr int G = Step<TW>::kG, kStepBytes = Step<TW>::kBytes;
   const int Kg = (p.K + G - 1) / G;
   const int P = (p.N + kPanelChannels - 1) / kPanelChannels;
-  const int64_t panel_bytes = int64_t(Kg) * kStepBytes;
+  const int64_t panel_bytes = int64_t(Kg) * kStepBytes, lines = (panel_bytes + 63) / 64;
   const int64_t x_units = int64_t(p.M) * Kg * (kInt8 ? 1 : G);  // 4 bytes each
   void* xt = cpu::thread_scratch<float>(size_t(x_units));
   float* x_scales = cpu::thread_scratch<float, 1>(size_t(p.M));
@@ -243,10 +257,10 @@ bool run(const LinearParams& p) {
     for (int m0 = 0; m0 < p.M;) {
       const int nr = tile_height<TW>(p.M - m0);
       const void* xb = static_cast<const float*>(xt) + int64_t(m0) * Kg * (kInt8 ? 1 : G);
-      // The first tile reads the panel from memory and prefetches the next; later tiles
-      // find it in L2 and "prefetch" their own panel's lines (no branch in the step: with
-      // one, GCC's loop versioning put the accumulators back in memory).
-      const char* ahead = m0 == 0 && pi + 1 < P ? panel + panel_bytes : panel;
+      // The last panel has no next one: it "prefetches" its own lines (already in cache).
+      const char* next = pi + 1 < P ? panel + panel_bytes : panel;
+      const int64_t l0 = lines * m0 / p.M, l1 = lines * (m0 + nr) / p.M;
+      const Ahead ahead{next + 64 * l0, Kg > 0 ? ((l1 - l0) << 16) / Kg : 0};
       tile_rows<TW, kTo>(nr, xb, panel, ahead, Kg, res);
       for (int r = 0; r < nr; ++r) {
         const float xs = kInt8 ? x_scales[m0 + r] : 1.0f;
