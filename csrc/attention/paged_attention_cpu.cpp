@@ -80,12 +80,15 @@ struct Scratch {
   }
 };
 
-// Software prefetch of n rows of row_bytes each, `stride` elements apart.
+// Software prefetch of n rows of row_bytes each, `stride` elements apart, into L2
+// (PREFETCHT1): a chunk's burst of prefetches into L1 held the core's L1 miss buffers and
+// stalled it (AMD Zen 3, one thread, 8 sequences x 1024 keys, 16 heads of 64, bf16:
+// 3.08 -> 2.41 ms; fp32 5.89 -> 4.77 ms), as the AVX-512 decode kernel found.
 template <typename T>
 inline void prefetch_rows(const T* rows, int64_t stride, int n, int row_bytes) {
   for (int j = 0; j < n; ++j) {
     const char* row = reinterpret_cast<const char*>(rows + j * stride);
-    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
   }
 }
 
@@ -167,13 +170,31 @@ void score_chunk(const float* q, int rows, const T* k, int64_t k_stride, int n, 
       s1[j] = cpu::hsum8(a1);
     }
   }
-  for (; r < rows; ++r) {
+  for (; r < rows; ++r) {  // one row (decode without GQA): 8 keys, 8 independent chains
     const float* q0 = q + size_t(r) * D;
-    for (int j = 0; j < n; ++j) {
+    float* s0 = s + size_t(r) * kKeyChunk;
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+      v8f a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+      const T* k0 = k + j * k_stride;
+      for (int d = 0; d < D; d += 8) {
+        const v8f x = load8(q0 + d);
+        a0 += x * load8(k0 + d);
+        a1 += x * load8(k0 + k_stride + d);
+        a2 += x * load8(k0 + 2 * k_stride + d);
+        a3 += x * load8(k0 + 3 * k_stride + d);
+        a4 += x * load8(k0 + 4 * k_stride + d);
+        a5 += x * load8(k0 + 5 * k_stride + d);
+        a6 += x * load8(k0 + 6 * k_stride + d);
+        a7 += x * load8(k0 + 7 * k_stride + d);
+      }
+      store8(s0 + j, cpu::reduce8x8(a0, a1, a2, a3, a4, a5, a6, a7));
+    }
+    for (; j < n; ++j) {
       v8f a0{};
       const T* kj = k + j * k_stride;
       for (int d = 0; d < D; d += 8) a0 += load8(q0 + d) * load8(kj + d);
-      s[size_t(r) * kKeyChunk + j] = cpu::hsum8(a0);
+      s0[j] = cpu::hsum8(a0);
     }
   }
 }
@@ -208,12 +229,21 @@ void accumulate_chunk(float* acc, int rows, const float* alpha, const float* p, 
       }
     }
   }
-  for (; r < rows; ++r) {
+  for (; r < rows; ++r) {  // one row: 4 chains over the keys per 8 columns, summed at the end
     float* a = acc + size_t(r) * D;
+    const float* pr = p + size_t(r) * kKeyChunk;
     for (int d = 0; d < D; d += 8) {
-      v8f c = load8(a + d) * splat8(alpha[r]);
-      for (int j = 0; j < n; ++j) c += splat8(p[size_t(r) * kKeyChunk + j]) * load8(v + j * v_stride + d);
-      store8(a + d, c);
+      v8f c0 = load8(a + d) * splat8(alpha[r]), c1{}, c2{}, c3{};
+      const T* vd = v + d;
+      int j = 0;
+      for (; j + 4 <= n; j += 4) {
+        c0 += splat8(pr[j]) * load8(vd + j * v_stride);
+        c1 += splat8(pr[j + 1]) * load8(vd + (j + 1) * v_stride);
+        c2 += splat8(pr[j + 2]) * load8(vd + (j + 2) * v_stride);
+        c3 += splat8(pr[j + 3]) * load8(vd + (j + 3) * v_stride);
+      }
+      for (; j < n; ++j) c0 += splat8(pr[j]) * load8(vd + j * v_stride);
+      store8(a + d, (c0 + c1) + (c2 + c3));
     }
   }
 }
